@@ -1,0 +1,3 @@
+from qcowrs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+//! Compressed clusters: raw deflate (compression_type 0) and zstd (1), decoded the way QEMU
+//! does: the output must fill the whole cluster; trailing sector padding in the input is
+//! ignored.
+
+use crate::format::COMPRESSION_ZSTD;
+
+/// Decompresses `input` into exactly `out.len()` bytes. Returns a reason on failure.
+pub fn decompress(compression_type: u8, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    if compression_type == COMPRESSION_ZSTD {
+        zstd_decompress(input, out)
+    } else {
+        deflate_decompress(input, out)
+    }
+}
+
+fn deflate_decompress(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    // QEMU writes raw deflate (window bits -12) and accepts Z_STREAM_END or Z_BUF_ERROR as long
+    // as the output buffer is full.
+    let mut d = flate2::Decompress::new(false);
+    match d.decompress(input, out, flate2::FlushDecompress::Finish) {
+        Ok(_) if d.total_out() == out.len() as u64 => Ok(()),
+        Ok(status) => Err(format!("deflate stream ended after {} of {} bytes ({status:?})", d.total_out(), out.len())),
+        Err(e) => Err(format!("deflate error: {e}")),
+    }
+}
+
+fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    let mut dec = Decoder::new().map_err(|e| format!("zstd init: {e}"))?;
+    let mut inb = InBuffer::around(input);
+    let mut outb = OutBuffer::around(out);
+    // Streaming decode as QEMU's qcow2_zstd_decompress: stop once the cluster is full, so the
+    // sector padding after the frame is never parsed.
+    loop {
+        let before = (inb.pos(), outb.pos());
+        match dec.run(&mut inb, &mut outb) {
+            Ok(_) => {}
+            Err(e) => return Err(format!("zstd error: {e}")),
+        }
+        if outb.pos() == outb.capacity() {
+            return Ok(());
+        }
+        if (inb.pos(), outb.pos()) == before || inb.pos() == input.len() {
+            return Err(format!("zstd stream ended after {} of {} bytes", outb.pos(), outb.capacity()));
+        }
+    }
+}
+
+/// Compresses `data` (for tests and writers). Returns `None` if it does not shrink.
+pub fn compress(compression_type: u8, data: &[u8]) -> Option<Vec<u8>> {
+    if compression_type == COMPRESSION_ZSTD {
+        let v = zstd::bulk::compress(data, 0).ok()?;
+        (v.len() < data.len()).then_some(v)
+    } else {
+        use std::io::Write;
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).ok()?;
+        let v = e.finish().ok()?;
+        (v.len() < data.len()).then_some(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_with_padding() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+        for t in [0u8, 1] {
+            let mut c = compress(t, &data).unwrap();
+            c.extend_from_slice(&[0xee; 300]); // sector padding / neighbouring data
+            let mut out = vec![0u8; data.len()];
+            decompress(t, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+            let mut short = vec![0u8; data.len()];
+            assert!(decompress(t, &c[..c.len() / 3], &mut short).is_err());
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! `QcowFile` for Python: the native object under `qcowrs.QcowFile`. Positioning lives in the
+//! Python façade; every call here takes an explicit offset and runs with the GIL released.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::buffer::with_writable_buffer;
+use super::types::PyQcowHeader;
+use crate::error::Error;
+use crate::qcow_file::{OpenOptions, QcowFile};
+
+/// A qcow2 image (native layer; use `qcowrs.QcowFile`).
+#[pyclass(name = "QcowFile", module = "qcowrs._qcowrs", frozen)]
+pub struct PyQcowFile {
+    inner: Mutex<Option<QcowFile>>,
+}
+
+impl PyQcowFile {
+    fn with<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut QcowFile) -> Result<R, Error> + Send) -> PyResult<R> {
+        py.detach(|| {
+            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match g.as_mut() {
+                Some(q) => f(q).map_err(PyErr::from),
+                None => Err(PyValueError::new_err("I/O operation on closed file")),
+            }
+        })
+    }
+}
+
+#[pymethods]
+impl PyQcowFile {
+    /// Opens the image at `path`.
+    #[staticmethod]
+    #[pyo3(signature = (path, writable = false, rebuild = false))]
+    fn open(py: Python<'_>, path: PathBuf, writable: bool, rebuild: bool) -> PyResult<Self> {
+        let q = py.detach(|| QcowFile::open(&path, OpenOptions { writable, rebuild }))?;
+        Ok(PyQcowFile { inner: Mutex::new(Some(q)) })
+    }
+
+    /// Guest-visible size in bytes.
+    #[getter]
+    fn virtual_size(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |q| Ok(q.virtual_size()))
+    }
+
+    /// Bytes per cluster.
+    #[getter]
+    fn cluster_size(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |q| Ok(q.cluster_size()))
+    }
+
+    /// A snapshot of the parsed header.
+    #[getter]
+    fn header(&self, py: Python<'_>) -> PyResult<PyQcowHeader> {
+        let h = self.with(py, |q| Ok(q.header().clone()))?;
+        Ok(PyQcowHeader::from(&h))
+    }
+
+    /// Reads guest data at `offset` straight into the writable buffer `buf`; returns the bytes
+    /// read (short only at the end of the disk).
+    fn readinto_at(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: u64) -> PyResult<usize> {
+        with_writable_buffer(py, buf, |slice| {
+            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match g.as_mut() {
+                Some(q) => q.read_at(slice, offset).map_err(PyErr::from),
+                None => Err(PyValueError::new_err("I/O operation on closed file")),
+            }
+        })?
+    }
+
+    /// Reads up to `length` bytes of guest data at `offset`.
+    fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let v = self.with(py, |q| {
+            let n = usize::try_from(q.virtual_size().saturating_sub(offset)).unwrap_or(usize::MAX).min(length);
+            let mut v = vec![0u8; n];
+            let got = q.read_at(&mut v, offset)?;
+            v.truncate(got);
+            Ok(v)
+        })?;
+        Ok(PyBytes::new(py, &v))
+    }
+
+    /// `[(guest_offset, length, kind)]` of what this image itself holds; kind is "data",
+    /// "zero" or "compressed".
+    fn allocated_ranges(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64, &'static str)>> {
+        self.with(py, QcowFile::allocated_ranges)
+    }
+
+    /// Closes the image (idempotent).
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| {
+            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            g.take();
+        });
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none()
+    }
+}
