@@ -186,10 +186,7 @@ pub fn decode_refcounts(buf: &[u8], order: u32) -> Vec<u64> {
         }
         3 => buf.iter().map(|&b| u64::from(b)).collect(),
         4 => buf.chunks_exact(2).map(|c| u64::from(u16::from_be_bytes([c[0], c[1]]))).collect(),
-        5 => buf
-            .chunks_exact(4)
-            .map(|c| u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
+        5 => buf.chunks_exact(4).map(|c| u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))).collect(),
         _ => buf.chunks_exact(8).map(be_u64).collect(),
     }
 }

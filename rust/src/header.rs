@@ -8,12 +8,11 @@ use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
-    align_up, be_u32_at, be_u64_at, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB,
-    COMPRESSION_ZSTD, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END,
-    EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
-    INCOMPAT_EXTENDED_L2, INCOMPAT_KNOWN, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES,
-    MAX_REFCOUNT_ORDER, MAX_SNAPSHOTS, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS, QCOW_MAGIC,
-    V2_HEADER_LEN, V3_MIN_HEADER_LEN,
+    align_up, be_u32_at, be_u64_at, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
+    EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, INCOMPAT_KNOWN, MAX_BACKING_FILE_NAME,
+    MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MAX_SNAPSHOTS, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
+    QCOW_MAGIC, V2_HEADER_LEN, V3_MIN_HEADER_LEN,
 };
 
 /// Byte offsets of the header fields (for error messages and in-place updates).
@@ -182,9 +181,7 @@ impl QcowHeader {
     /// checks the values against the file.
     pub fn parse(buf: &[u8]) -> Result<Self> {
         if buf.len() < 8 || be_u32_at(buf, 0) != QCOW_MAGIC {
-            return Err(Error::InvalidMagic(
-                "not a qcow2 image: field 'magic' at 0x0 is not \"QFI\\xfb\"".to_string(),
-            ));
+            return Err(Error::InvalidMagic("not a qcow2 image: field 'magic' at 0x0 is not \"QFI\\xfb\"".to_string()));
         }
         let version = be_u32_at(buf, 4);
         if version != 2 && version != 3 {
@@ -221,7 +218,8 @@ impl QcowHeader {
             (0, 0, 0)
         };
         let compression_type = if header_length > V3_MIN_HEADER_LEN { buf[fo::COMPRESSION_TYPE as usize] } else { 0 };
-        let extra_start = if header_length > V3_MIN_HEADER_LEN { V3_MIN_HEADER_LEN as usize + 1 } else { header_length as usize };
+        let extra_start =
+            if header_length > V3_MIN_HEADER_LEN { V3_MIN_HEADER_LEN as usize + 1 } else { header_length as usize };
         let extra_header_bytes = buf[extra_start..header_length as usize].to_vec();
 
         let mut h = QcowHeader {
@@ -253,7 +251,10 @@ impl QcowHeader {
         let ext_end = if h.backing_file_offset != 0 {
             if h.backing_file_size > MAX_BACKING_FILE_NAME {
                 return Err(Error::corrupt(
-                    format!("field 'backing_file_size' is {}, above the limit of {MAX_BACKING_FILE_NAME} bytes", h.backing_file_size),
+                    format!(
+                        "field 'backing_file_size' is {}, above the limit of {MAX_BACKING_FILE_NAME} bytes",
+                        h.backing_file_size
+                    ),
                     fo::BACKING_FILE_SIZE,
                 ));
             }
@@ -396,7 +397,11 @@ impl QcowHeader {
         // L1 table.
         let check_table = |field: &str, offset: u64, bytes: u64, limit: u64| -> Result<()> {
             if offset % cluster_size != 0 {
-                return Err(Error::offset(field, offset, format!("is not aligned to the cluster size 0x{cluster_size:x}")));
+                return Err(Error::offset(
+                    field,
+                    offset,
+                    format!("is not aligned to the cluster size 0x{cluster_size:x}"),
+                ));
             }
             let end = offset.checked_add(bytes);
             match end {
@@ -411,7 +416,11 @@ impl QcowHeader {
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
             return Err(Error::corrupt(
-                format!("field 'l1_size' is {} entries, above QEMU's limit of {} (32 MiB)", self.l1_size, MAX_L1_BYTES / 8),
+                format!(
+                    "field 'l1_size' is {} entries, above QEMU's limit of {} (32 MiB)",
+                    self.l1_size,
+                    MAX_L1_BYTES / 8
+                ),
                 fo::L1_SIZE,
             ));
         }
@@ -454,7 +463,11 @@ impl QcowHeader {
         }
         check_table("refcount_table_offset", self.refcount_table_offset, reftable_bytes, reftable_limit)?;
         if self.refcount_table_offset >= file_len {
-            return Err(Error::offset("refcount_table_offset", self.refcount_table_offset, format!("lies past the end of the file (0x{file_len:x})")));
+            return Err(Error::offset(
+                "refcount_table_offset",
+                self.refcount_table_offset,
+                format!("lies past the end of the file (0x{file_len:x})"),
+            ));
         }
 
         // Snapshot table.
@@ -469,11 +482,16 @@ impl QcowHeader {
             check_table("snapshots_offset", self.snapshots_offset, u64::from(self.nb_snapshots) * 40, file_len)?;
         }
         if let Some(b) = self.bitmaps() {
-            if b.bitmap_directory_offset % cluster_size != 0 || b.bitmap_directory_offset.checked_add(b.bitmap_directory_size).is_none_or(|e| e > file_len) {
+            if b.bitmap_directory_offset % cluster_size != 0
+                || b.bitmap_directory_offset.checked_add(b.bitmap_directory_size).is_none_or(|e| e > file_len)
+            {
                 return Err(Error::offset(
                     "bitmap_directory_offset",
                     b.bitmap_directory_offset,
-                    format!("(bitmaps extension, size 0x{:x}) is misaligned or past the end of the file", b.bitmap_directory_size),
+                    format!(
+                        "(bitmaps extension, size 0x{:x}) is misaligned or past the end of the file",
+                        b.bitmap_directory_size
+                    ),
                 ));
             }
         }
@@ -563,9 +581,7 @@ impl QcowHeader {
     pub fn feature_names(&self) -> Vec<FeatureName> {
         self.extension(EXT_FEATURE_TABLE)
             .map(|d| {
-                d.chunks_exact(48)
-                    .map(|c| FeatureName { kind: c[0], bit: c[1], name: ext_string(&c[2..]) })
-                    .collect()
+                d.chunks_exact(48).map(|c| FeatureName { kind: c[0], bit: c[1], name: ext_string(&c[2..]) }).collect()
             })
             .unwrap_or_default()
     }
@@ -598,11 +614,16 @@ impl QcowHeader {
             h.backing_file_offset = u64::from(h.header_length) + exts.len() as u64;
             h.backing_file_size = u32::try_from(backing.len()).unwrap_or(u32::MAX);
             if h.backing_file_size > MAX_BACKING_FILE_NAME {
-                return Err(Error::corrupt(format!("backing file name is {} bytes, above 1023", backing.len()), fo::BACKING_FILE_SIZE));
+                return Err(Error::corrupt(
+                    format!("backing file name is {} bytes, above 1023", backing.len()),
+                    fo::BACKING_FILE_SIZE,
+                ));
             }
         }
-        let put32 = |out: &mut Vec<u8>, o: u64, v: u32| out[o as usize..o as usize + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 = |out: &mut Vec<u8>, o: u64, v: u64| out[o as usize..o as usize + 8].copy_from_slice(&v.to_be_bytes());
+        let put32 =
+            |out: &mut Vec<u8>, o: u64, v: u32| out[o as usize..o as usize + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |out: &mut Vec<u8>, o: u64, v: u64| out[o as usize..o as usize + 8].copy_from_slice(&v.to_be_bytes());
         put32(&mut out, fo::MAGIC, h.magic);
         put32(&mut out, fo::VERSION, h.version);
         put64(&mut out, fo::BACKING_FILE_OFFSET, h.backing_file_offset);
@@ -697,13 +718,25 @@ mod tests {
         assert!(matches!(patched(4, &4u32.to_be_bytes()), Err(Error::UnsupportedVersion(4))));
         assert!(matches!(patched(20, &8u32.to_be_bytes()), Err(Error::InvalidClusterSize(_))));
         assert!(matches!(patched(20, &22u32.to_be_bytes()), Err(Error::InvalidClusterSize(_))));
-        assert!(matches!(patched(32, &2u32.to_be_bytes()), Err(Error::UnsupportedFeature(m)) if m.contains("crypt_method")));
-        assert!(matches!(patched(36, &0u32.to_be_bytes()), Err(Error::CorruptImage { what, .. }) if what.contains("l1_size")));
-        assert!(matches!(patched(40, &0x30200u64.to_be_bytes()), Err(Error::InvalidOffset { field, .. }) if field == "l1_table_offset"));
-        assert!(matches!(patched(48, &0x10200u64.to_be_bytes()), Err(Error::InvalidOffset { field, .. }) if field == "refcount_table_offset"));
+        assert!(
+            matches!(patched(32, &2u32.to_be_bytes()), Err(Error::UnsupportedFeature(m)) if m.contains("crypt_method"))
+        );
+        assert!(
+            matches!(patched(36, &0u32.to_be_bytes()), Err(Error::CorruptImage { what, .. }) if what.contains("l1_size"))
+        );
+        assert!(
+            matches!(patched(40, &0x30200u64.to_be_bytes()), Err(Error::InvalidOffset { field, .. }) if field == "l1_table_offset")
+        );
+        assert!(
+            matches!(patched(48, &0x10200u64.to_be_bytes()), Err(Error::InvalidOffset { field, .. }) if field == "refcount_table_offset")
+        );
         assert!(matches!(patched(56, &0u32.to_be_bytes()), Err(Error::InvalidRefcountTableSize(_))));
-        assert!(matches!(patched(72, &(1u64 << 40).to_be_bytes()), Err(Error::UnsupportedFeature(m)) if m.contains("incompatible_features")));
-        assert!(matches!(patched(96, &7u32.to_be_bytes()), Err(Error::CorruptImage { what, .. }) if what.contains("refcount_order")));
+        assert!(
+            matches!(patched(72, &(1u64 << 40).to_be_bytes()), Err(Error::UnsupportedFeature(m)) if m.contains("incompatible_features"))
+        );
+        assert!(
+            matches!(patched(96, &7u32.to_be_bytes()), Err(Error::CorruptImage { what, .. }) if what.contains("refcount_order"))
+        );
         assert!(matches!(patched(100, &20u32.to_be_bytes()), Err(Error::CorruptImage { .. })));
     }
 }

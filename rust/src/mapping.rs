@@ -2,9 +2,7 @@
 //! I/O is done by `QcowFile`.
 
 use crate::error::{Error, Result};
-use crate::format::{
-    CompressedLayout, L2E_COMPRESSED, L2E_COPIED, L2E_OFFSET_MASK, L2E_ZERO, SUBCLUSTERS,
-};
+use crate::format::{CompressedLayout, L2E_COMPRESSED, L2E_COPIED, L2E_OFFSET_MASK, L2E_ZERO, SUBCLUSTERS};
 
 /// What one guest range (inside one cluster) maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,13 +58,22 @@ pub struct L2Geometry {
 /// Maps the byte at `in_cluster` of a cluster whose L2 entry is `entry` (and subcluster bitmap
 /// `bitmap`, 0 for standard entries). Returns the mapping and how many bytes from `in_cluster`
 /// on (up to the end of the cluster) share it. `where_` names the entry for error messages.
-pub fn map_entry(geo: &L2Geometry, entry: u64, bitmap: u64, in_cluster: u64, where_: &dyn Fn() -> (String, u64)) -> Result<(ClusterMapping, u64)> {
+pub fn map_entry(
+    geo: &L2Geometry,
+    entry: u64,
+    bitmap: u64,
+    in_cluster: u64,
+    where_: &dyn Fn() -> (String, u64),
+) -> Result<(ClusterMapping, u64)> {
     let cluster_size = 1u64 << geo.cluster_bits;
     let to_end = cluster_size - in_cluster;
     if entry & L2E_COMPRESSED != 0 {
         if geo.extended && bitmap != 0 {
             let (w, o) = where_();
-            return Err(Error::corrupt(format!("{w}: compressed cluster with a non-zero subcluster bitmap 0x{bitmap:x}"), o));
+            return Err(Error::corrupt(
+                format!("{w}: compressed cluster with a non-zero subcluster bitmap 0x{bitmap:x}"),
+                o,
+            ));
         }
         let (host, len) = geo.compressed.decode(entry & !(L2E_COPIED | L2E_COMPRESSED));
         return Ok((ClusterMapping::Compressed { host, len }, to_end));
@@ -92,11 +99,17 @@ pub fn map_entry(geo: &L2Geometry, entry: u64, bitmap: u64, in_cluster: u64, whe
     let zero_bits = bitmap >> 32;
     if alloc_bits & zero_bits != 0 {
         let (w, o) = where_();
-        return Err(Error::corrupt(format!("{w}: subcluster bitmap 0x{bitmap:016x} marks subclusters both allocated and zero"), o));
+        return Err(Error::corrupt(
+            format!("{w}: subcluster bitmap 0x{bitmap:016x} marks subclusters both allocated and zero"),
+            o,
+        ));
     }
     if !allocated && alloc_bits != 0 {
         let (w, o) = where_();
-        return Err(Error::corrupt(format!("{w}: unallocated cluster with allocated subclusters (bitmap 0x{bitmap:016x})"), o));
+        return Err(Error::corrupt(
+            format!("{w}: unallocated cluster with allocated subclusters (bitmap 0x{bitmap:016x})"),
+            o,
+        ));
     }
     let sc_bits = geo.cluster_bits - SUBCLUSTERS.trailing_zeros();
     let sc = in_cluster >> sc_bits;
@@ -130,7 +143,10 @@ mod tests {
     fn standard_entries() {
         let g = geo(false);
         assert_eq!(map_entry(&g, 0, 0, 0, &nowhere).unwrap(), (ClusterMapping::Unallocated, 65536));
-        assert_eq!(map_entry(&g, L2E_COPIED | 0x50000, 0, 100, &nowhere).unwrap(), (ClusterMapping::Data { host: 0x50064 }, 65436));
+        assert_eq!(
+            map_entry(&g, L2E_COPIED | 0x50000, 0, 100, &nowhere).unwrap(),
+            (ClusterMapping::Data { host: 0x50064 }, 65436)
+        );
         assert_eq!(map_entry(&g, 1, 0, 0, &nowhere).unwrap().0, ClusterMapping::Zero { host: 0 });
         // Offset 0 with COPIED and no data file is unallocated (QEMU's classification).
         assert_eq!(map_entry(&g, L2E_COPIED, 0, 0, &nowhere).unwrap().0, ClusterMapping::Unallocated);
@@ -142,9 +158,18 @@ mod tests {
         let g = geo(true);
         // Subclusters 0-1 allocated, 2 zero, rest unallocated; subcluster size 2 KiB.
         let bitmap = 0b11 | (0b100u64 << 32);
-        assert_eq!(map_entry(&g, 0x50000, bitmap, 0, &nowhere).unwrap(), (ClusterMapping::Data { host: 0x50000 }, 4096));
-        assert_eq!(map_entry(&g, 0x50000, bitmap, 4096, &nowhere).unwrap(), (ClusterMapping::Zero { host: 0x50000 }, 2048));
-        assert_eq!(map_entry(&g, 0x50000, bitmap, 6144, &nowhere).unwrap(), (ClusterMapping::Unallocated, 65536 - 6144));
+        assert_eq!(
+            map_entry(&g, 0x50000, bitmap, 0, &nowhere).unwrap(),
+            (ClusterMapping::Data { host: 0x50000 }, 4096)
+        );
+        assert_eq!(
+            map_entry(&g, 0x50000, bitmap, 4096, &nowhere).unwrap(),
+            (ClusterMapping::Zero { host: 0x50000 }, 2048)
+        );
+        assert_eq!(
+            map_entry(&g, 0x50000, bitmap, 6144, &nowhere).unwrap(),
+            (ClusterMapping::Unallocated, 65536 - 6144)
+        );
         assert!(map_entry(&g, 0x50000, 1 | (1 << 32), 0, &nowhere).is_err());
         assert!(map_entry(&g, 0, 1, 0, &nowhere).is_err());
     }

@@ -86,7 +86,10 @@ pub struct QcowFile {
 
 impl std::fmt::Debug for QcowFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QcowFile").field("path", &self.path).field("virtual_size", &self.header.size).finish_non_exhaustive()
+        f.debug_struct("QcowFile")
+            .field("path", &self.path)
+            .field("virtual_size", &self.header.size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,7 +104,9 @@ fn resolve_relative(image: &Path, name: &str) -> PathBuf {
 
 fn check_plain_file_name(name: &str, field: &str) -> Result<()> {
     if name.starts_with("json:") || name.contains("://") {
-        return Err(Error::UnsupportedFeature(format!("{field} '{name}' is a protocol or JSON name; only plain file names are supported")));
+        return Err(Error::UnsupportedFeature(format!(
+            "{field} '{name}' is a protocol or JSON name; only plain file names are supported"
+        )));
     }
     Ok(())
 }
@@ -151,7 +156,9 @@ impl QcowFile {
         };
 
         let backing = match &header.backing_file {
-            Some(name) if !name.is_empty() => Some(Self::open_backing(path, name, header.backing_format().as_deref(), depth)?),
+            Some(name) if !name.is_empty() => {
+                Some(Self::open_backing(path, name, header.backing_format().as_deref(), depth)?)
+            }
             _ => None,
         };
 
@@ -286,7 +293,12 @@ impl QcowFile {
             let entry = table[i];
             let bitmap = if stride == 2 { table[i + 1] } else { 0 };
             let in_cluster = off & (cluster_size - 1);
-            let where_ = || (format!("L2 entry {l2_index} (L2 table at 0x{l2_offset:x}) = 0x{entry:x}"), l2_offset + l2_index * 8 * stride);
+            let where_ = || {
+                (
+                    format!("L2 entry {l2_index} (L2 table at 0x{l2_offset:x}) = 0x{entry:x}"),
+                    l2_offset + l2_index * 8 * stride,
+                )
+            };
             let (m, run) = map_entry(&self.geo, entry, bitmap, in_cluster, &where_)?;
             let continues = match (first, m) {
                 (None, _) => true,
@@ -375,7 +387,11 @@ impl QcowFile {
         let mut off = 0u64;
         while off < size {
             let l1_index = off / l2_span;
-            if self.l1_table.get(usize::try_from(l1_index).unwrap_or(usize::MAX)).is_none_or(|e| e & L1E_OFFSET_MASK == 0) {
+            if self
+                .l1_table
+                .get(usize::try_from(l1_index).unwrap_or(usize::MAX))
+                .is_none_or(|e| e & L1E_OFFSET_MASK == 0)
+            {
                 off = (l1_index + 1).saturating_mul(l2_span);
                 continue;
             }

@@ -24,7 +24,9 @@ impl QcowRawFile {
     /// `refcount_order` at most 6; returns `None` otherwise (as the seed's `from`).
     pub fn from(file: File, cluster_size: u64, refcount_order: u32, writable: bool) -> Result<Self> {
         if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
-            return Err(Error::InvalidClusterSize(format!("cluster size {cluster_size} is not a power of two in 512..2M")));
+            return Err(Error::InvalidClusterSize(format!(
+                "cluster size {cluster_size} is not a power of two in 512..2M"
+            )));
         }
         if refcount_order > 6 {
             return Err(Error::corrupt(format!("refcount_order {refcount_order} above 6"), 96));
@@ -75,7 +77,10 @@ impl QcowRawFile {
                 return Err(Error::offset(
                     what,
                     offset,
-                    format!("(0x{len:x} bytes) lies past the end of the file (0x{:x}); the image is truncated", self.file_len),
+                    format!(
+                        "(0x{len:x} bytes) lies past the end of the file (0x{:x}); the image is truncated",
+                        self.file_len
+                    ),
                 ))
             }
         }
@@ -90,7 +95,11 @@ impl QcowRawFile {
     pub fn read_pointer_table(&self, offset: u64, count: u64, mask: Option<u64>) -> Result<Vec<u64>> {
         let bytes = count.checked_mul(8).filter(|&b| b <= self.file_len.saturating_add(self.cluster_size()));
         let bytes = bytes.ok_or_else(|| {
-            Error::offset("pointer table", offset, format!("with {count} entries is larger than the file (0x{:x})", self.file_len))
+            Error::offset(
+                "pointer table",
+                offset,
+                format!("with {count} entries is larger than the file (0x{:x})", self.file_len),
+            )
         })?;
         let mut buf = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
         self.read_table_bytes(offset, &mut buf, "pointer table")?;

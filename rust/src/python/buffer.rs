@@ -29,11 +29,8 @@ pub(crate) fn with_writable_buffer<R: Send>(
         // Another Python thread writing the same buffer concurrently is a data race on plain
         // bytes that Python code cannot observe as anything worse than mixed contents, the same
         // contract as `io.FileIO.readinto` (and cryptography's buf.rs).
-        let slice: &mut [u8] = if len == 0 {
-            &mut []
-        } else {
-            unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }
-        };
+        let slice: &mut [u8] =
+            if len == 0 { &mut [] } else { unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) } };
         f(slice)
     });
     drop(buf);

@@ -153,11 +153,36 @@ impl PyQcowHeader {
         macro_rules! put {
             ($($f:ident),*) => { $( d.set_item(stringify!($f), &h.$f)?; )* };
         }
-        put!(magic, version, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method,
-             l1_size, l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots,
-             snapshots_offset, incompatible_features, compatible_features, autoclear_features,
-             refcount_order, header_length, compression_type, backing_file, backing_format, data_file,
-             cluster_size, refcount_bits, dirty, corrupt, lazy_refcounts, extended_l2);
+        put!(
+            magic,
+            version,
+            backing_file_offset,
+            backing_file_size,
+            cluster_bits,
+            size,
+            crypt_method,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
+            incompatible_features,
+            compatible_features,
+            autoclear_features,
+            refcount_order,
+            header_length,
+            compression_type,
+            backing_file,
+            backing_format,
+            data_file,
+            cluster_size,
+            refcount_bits,
+            dirty,
+            corrupt,
+            lazy_refcounts,
+            extended_l2
+        );
         Ok(d)
     }
 
@@ -177,7 +202,11 @@ pub struct PyQcowRawFile {
 }
 
 impl PyQcowRawFile {
-    fn with<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut QcowRawFile) -> Result<R, Error> + Send) -> PyResult<R> {
+    fn with<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut QcowRawFile) -> Result<R, Error> + Send,
+    ) -> PyResult<R> {
         Ok(py.detach(|| {
             let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             f(&mut g)
@@ -192,7 +221,11 @@ impl PyQcowRawFile {
     #[pyo3(signature = (path, writable = false))]
     fn open(py: Python<'_>, path: PathBuf, writable: bool) -> PyResult<Self> {
         let raw = py.detach(|| -> Result<QcowRawFile, Error> {
-            let f = FsOpenOptions::new().read(true).write(writable).open(&path).ctx(|| format!("opening '{}'", path.display()))?;
+            let f = FsOpenOptions::new()
+                .read(true)
+                .write(writable)
+                .open(&path)
+                .ctx(|| format!("opening '{}'", path.display()))?;
             let h = QcowHeader::read_from(&f)?;
             QcowRawFile::from(f, h.cluster_size(), h.refcount_order, writable)
         })?;

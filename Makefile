@@ -1,0 +1,51 @@
+# qcowrs developer commands. `make help` lists them.
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_PACKAGES := "maturin>=1.9.4,<2" pytest hypothesis pytest-timeout ruff mypy
+
+.PHONY: help setup dev test test-rust test-python lint fmt demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed:
+	@command -v qemu-img >/dev/null || { echo "qemu-img missing: installing qemu-utils"; \
+	  (apt-get update -qq && apt-get install -y -qq qemu-utils) >/dev/null; }
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_PACKAGES)
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv with the build and test tools (and qemu-utils if missing)
+
+dev: setup ## build the Rust extension (release) and install the package into .venv
+	rm -f python/qcowrs/*.so
+	$(VENV)/bin/maturin develop --release --quiet
+
+test-rust: ## cargo test (pure Rust core, no Python)
+	cargo test --quiet
+
+test-python: dev ## pytest against QEMU as the oracle
+	$(PY) -m pytest -q
+
+test: test-rust test-python ## everything: set up, build, cargo test, pytest
+
+lint: setup ## clippy (core and bindings), rustfmt, ruff
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --features python -- -D warnings
+	$(VENV)/bin/ruff check python tests bench examples
+
+fmt: setup ## format Rust and Python
+	cargo fmt
+	$(VENV)/bin/ruff format python tests bench examples
+
+demo: dev ## build, make a sample image with qemu-img, read it back through qcowrs
+	$(PY) examples/demo.py
+
+bench: dev ## read benchmark: qcowrs vs a raw file vs qemu-img (1 GiB)
+	$(PY) bench/bench_read.py
+
+clean: ## remove build products and the venv
+	cargo clean
+	rm -rf $(VENV) python/qcowrs/*.so
