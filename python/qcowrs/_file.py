@@ -60,6 +60,11 @@ class QcowFile(io.RawIOBase):
         self._checkClosed()
         return False
 
+    def write(self, data: Buffer) -> int:
+        """Writing is not supported yet."""
+        self._checkClosed()
+        raise io.UnsupportedOperation("write: qcowrs cannot write images yet")
+
     def readinto(self, buffer: Buffer) -> int:
         """Reads into ``buffer`` (a writable bytes-like object) without copying."""
         self._checkClosed()

@@ -259,7 +259,16 @@ impl QcowFile {
             return Ok(Some(Arc::clone(t)));
         }
         let mut buf = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
-        self.raw.read_table_bytes(l2_offset, &mut buf, &format!("L2 table (L1[{l1_index}] at 0x{l1e_pos:x})"))?;
+        let what = format!("L2 table (L1[{l1_index}] at 0x{l1e_pos:x})");
+        // L2 tables are always written whole: one that does not fit in the file is truncated.
+        if l2_offset.checked_add(cluster_size).is_none_or(|end| end > self.raw.file_len()) {
+            return Err(Error::offset(
+                what,
+                l2_offset,
+                format!("lies (partly) past the end of the file (0x{:x}); the image is truncated", self.raw.file_len()),
+            ));
+        }
+        self.raw.read_table_bytes(l2_offset, &mut buf, &what)?;
         let table: L2Table = Arc::new(buf.chunks_exact(8).map(crate::format::be_u64).collect());
         // Read-only tables are never dirty, so nothing is handed back.
         let _ = self.l2_cache.insert(l2_offset, Arc::clone(&table), false);
@@ -343,12 +352,28 @@ impl QcowFile {
                 },
                 ClusterMapping::Zero { .. } => chunk.fill(0),
                 ClusterMapping::Data { host } => {
-                    // Data past the end of the host file reads as zeros, as in QEMU.
-                    let n = match &self.data_file {
-                        Some(f) => read_full_at(f, chunk, host, "external data file")?,
-                        None => self.raw.read_at(chunk, host)?,
-                    };
-                    chunk[n..].fill(0);
+                    match &self.data_file {
+                        Some(f) => {
+                            // A data file may be shorter than the disk: the rest reads as zeros.
+                            let n = read_full_at(f, chunk, host, "external data file")?;
+                            chunk[n..].fill(0);
+                        }
+                        None => {
+                            // QEMU reads zeros past the end of the file; qcowrs reports the
+                            // truncation instead of inventing data.
+                            let n = self.raw.read_at(chunk, host)?;
+                            if n < chunk.len() {
+                                return Err(Error::corrupt(
+                                    format!(
+                                        "data for guest offset 0x{:x} lies past the end of the file (0x{:x}); the image is truncated",
+                                        off + n as u64,
+                                        self.raw.file_len()
+                                    ),
+                                    host + n as u64,
+                                ));
+                            }
+                        }
+                    }
                 }
                 ClusterMapping::Compressed { host, len: clen } => {
                     let in_cluster = usize::try_from(off & (self.cluster_size() - 1)).unwrap_or(0);

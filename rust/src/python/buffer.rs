@@ -1,11 +1,11 @@
 //! The one audited zero-copy helper: a writable, C-contiguous Python buffer as `&mut [u8]`
 //! for the duration of a closure that runs with the GIL released.
 
-use pyo3::buffer::PyBuffer;
+use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::prelude::*;
 
-/// Runs `f` on the bytes of `obj` (a `bytearray`, writable `memoryview`, ...) without copying,
+/// Runs `f` on the bytes of `obj` (any writable C-contiguous buffer: `bytearray`, `memoryview`, `array`, ...) without copying,
 /// detached from the interpreter.
 #[allow(unsafe_code)]
 pub(crate) fn with_writable_buffer<R: Send>(
@@ -13,7 +13,7 @@ pub(crate) fn with_writable_buffer<R: Send>(
     obj: &Bound<'_, PyAny>,
     f: impl FnOnce(&mut [u8]) -> R + Send,
 ) -> PyResult<R> {
-    let buf = PyBuffer::<u8>::get(obj)?;
+    let buf = PyUntypedBuffer::get(obj)?;
     if buf.readonly() {
         return Err(PyTypeError::new_err("readinto() needs a writable buffer (bytearray or writable memoryview)"));
     }

@@ -188,8 +188,12 @@ impl PyQcowHeader {
 
     fn __repr__(&self) -> String {
         format!(
-            "QcowHeader(version={}, size={}, cluster_size={}, refcount_bits={}, backing_file={:?})",
-            self.version, self.size, self.cluster_size, self.refcount_bits, self.backing_file
+            "QcowHeader(version={}, size={}, cluster_size={}, refcount_bits={}, backing_file={})",
+            self.version,
+            self.size,
+            self.cluster_size,
+            self.refcount_bits,
+            self.backing_file.as_deref().map_or_else(|| "None".to_string(), |b| format!("{b:?}"))
         )
     }
 }

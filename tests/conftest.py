@@ -1,0 +1,499 @@
+"""Shared helpers and fixtures: qemu-img/qemu-io wrappers, hashing oracles, header patching,
+a subprocess probe for malformed inputs, and an image builder.
+
+QEMU is the oracle everywhere: content is compared with ``qemu-img convert -O raw`` and
+allocation with ``qemu-img map --output=json``. Everything that needs QEMU is skipped when
+``qemu-img`` is not on PATH.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
+HAVE_QEMU = QEMU_IMG is not None and QEMU_IO is not None
+
+requires_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img/qemu-io not installed")
+
+# Per-test watchdog (seconds): a hang dumps every thread's stack and kills the run instead of
+# blocking CI forever. Works even while the GIL is released
+# inside the native extension, unlike a SIGALRM handler.
+TEST_TIMEOUT = 120
+# Timeout for one external command (qemu-img, qemu-io, a probe subprocess).
+CMD_TIMEOUT = 120
+
+CHUNK = 1 << 20
+
+# Header field layout (byte offset, struct format), all big endian (qcow2 spec / api brief).
+HEADER_FIELDS: dict[str, tuple[int, str]] = {
+    "magic": (0, ">I"),
+    "version": (4, ">I"),
+    "backing_file_offset": (8, ">Q"),
+    "backing_file_size": (16, ">I"),
+    "cluster_bits": (20, ">I"),
+    "size": (24, ">Q"),
+    "crypt_method": (32, ">I"),
+    "l1_size": (36, ">I"),
+    "l1_table_offset": (40, ">Q"),
+    "refcount_table_offset": (48, ">Q"),
+    "refcount_table_clusters": (56, ">I"),
+    "nb_snapshots": (60, ">I"),
+    "snapshots_offset": (64, ">Q"),
+    "incompatible_features": (72, ">Q"),
+    "compatible_features": (80, ">Q"),
+    "autoclear_features": (88, ">Q"),
+    "refcount_order": (96, ">I"),
+    "header_length": (100, ">I"),
+    "compression_type": (104, ">B"),
+}
+V2_FIELDS = (
+    "magic",
+    "version",
+    "backing_file_offset",
+    "backing_file_size",
+    "cluster_bits",
+    "size",
+    "crypt_method",
+    "l1_size",
+    "l1_table_offset",
+    "refcount_table_offset",
+    "refcount_table_clusters",
+    "nb_snapshots",
+    "snapshots_offset",
+)
+QCOW_MAGIC = 0x514649FB
+
+
+# --------------------------------------------------------------------------------------------
+# Command helpers
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    check: bool = True,
+    timeout: float = CMD_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture text output, fail loudly (with its output) on a non-zero exit."""
+    argv = [os.fspath(c) for c in cmd]
+    proc = subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(argv)}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def qemu_img(
+    *args: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    if QEMU_IMG is None:
+        pytest.skip("qemu-img not installed")
+    return run([QEMU_IMG, *args], cwd=cwd, check=check)
+
+
+def qemu_io(
+    path: str | os.PathLike[str], *cmds: str, fmt: str = "qcow2", check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run qemu-io commands (one ``-c`` each) on an image. qemu-io exits 1 when a command fails."""
+    if QEMU_IO is None:
+        pytest.skip("qemu-io not installed")
+    argv: list[str | os.PathLike[str]] = [QEMU_IO, "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    argv.append(path)
+    return run(argv, check=check)
+
+
+def qemu_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    out = qemu_img("info", "-U", "--output=json", path).stdout
+    return json.loads(out)
+
+
+def qemu_map(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """`qemu-img map --output=json`, parsed: a list of {start, length, depth, present, zero, data,
+    compressed[, offset]} dicts covering the whole guest disk."""
+    out = qemu_img("map", "-U", "--output=json", path).stdout
+    return json.loads(out)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def raw_sha256(path: str | os.PathLike[str], fmt: str = "qcow2") -> str:
+    """sha256 of the guest disk as QEMU sees it (`qemu-img convert -O raw` to a temp file)."""
+    with tempfile.TemporaryDirectory(prefix="qcowrs-raw-") as d:
+        raw = Path(d) / "out.raw"
+        qemu_img("convert", "-U", "-f", fmt, "-O", "raw", path, raw)
+        return file_sha256(raw)
+
+
+def raw_bytes(path: str | os.PathLike[str], fmt: str = "qcow2") -> bytes:
+    """The whole guest disk as QEMU sees it (only for small images)."""
+    with tempfile.TemporaryDirectory(prefix="qcowrs-raw-") as d:
+        raw = Path(d) / "out.raw"
+        qemu_img("convert", "-U", "-f", fmt, "-O", "raw", path, raw)
+        return raw.read_bytes()
+
+
+def qcowrs_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of the guest disk read through qcowrs (readinto on one reused 1 MiB bytearray)."""
+    import qcowrs
+
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    with qcowrs.QcowFile.open(path, mode="rb") as f:
+        size = f.virtual_size
+        while True:
+            want = min(CHUNK, size - total)
+            if want <= 0:
+                break
+            n = f.readinto(view[:want] if want < CHUNK else buf)
+            assert n is not None, "readinto returned None on a blocking file"
+            assert 0 < n <= want, f"readinto returned {n} at {total:#x} (wanted {want})"
+            h.update(view[:n])
+            total += n
+        assert f.readinto(buf) == 0, "readinto at EOF must return 0"
+        assert total == size
+    return h.hexdigest()
+
+
+def poke(path: str | os.PathLike[str], offset: int, fmt: str, value: int | bytes) -> None:
+    """Patch `value` packed with struct format `fmt` (e.g. ">I") at `offset`, in place."""
+    data = struct.pack(fmt, value) if not isinstance(value, bytes) else value
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def poke_field(path: str | os.PathLike[str], field: str, value: int) -> None:
+    off, fmt = HEADER_FIELDS[field]
+    poke(path, off, fmt, value)
+
+
+def peek(path: str | os.PathLike[str], offset: int, fmt: str) -> int:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(struct.calcsize(fmt))
+    return int(struct.unpack(fmt, raw)[0])
+
+
+def parse_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """An independent, minimal header parser (numeric fields only) used as an oracle.
+
+    v2 headers stop at byte 72: the v3 fields take their implicit values
+    (refcount_order 4, header_length 72, everything else 0).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(112)
+    fields = {
+        name: struct.unpack_from(fmt, head, off)[0]
+        for name, (off, fmt) in HEADER_FIELDS.items()
+        if off + struct.calcsize(fmt) <= len(head)
+    }
+    if fields["version"] == 2:
+        fields.update(
+            incompatible_features=0,
+            compatible_features=0,
+            autoclear_features=0,
+            refcount_order=4,
+            header_length=72,
+            compression_type=0,
+        )
+    elif fields["header_length"] <= 104:
+        fields["compression_type"] = 0
+    fields["cluster_size"] = 1 << fields["cluster_bits"]
+    fields["refcount_bits"] = 1 << fields["refcount_order"]
+    return fields
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation maps
+
+
+def merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort and merge overlapping or adjacent [start, end) intervals."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(intervals):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def qemu_kind(entry: dict[str, Any]) -> str | None:
+    """Kind of a `qemu-img map` entry as qcowrs reports it, or None if not held at depth 0.
+
+    qemu 10 reports, at depth 0 of a qcow2:
+      * normal data cluster/subcluster: present, data, !zero, !compressed   -> "data"
+      * data cluster whose host range is a hole (preallocation=metadata):
+        present, data, zero                                                 -> "data"
+      * compressed cluster: present, data, compressed                       -> "compressed"
+      * zero cluster, plain or preallocated (ZERO_PLAIN / ZERO_ALLOC, also
+        extended-L2 zero subclusters, v3 discards): present, zero, !data    -> "zero"
+      * unallocated (also unallocated subclusters of an allocated extended-L2
+        cluster, which carry an "offset"): present false at depth 0         -> None
+    Anything at depth > 0 comes from a backing file and is not this image's.
+    """
+    if entry["depth"] != 0 or not entry["present"]:
+        return None
+    if entry.get("compressed"):
+        return "compressed"
+    if entry["data"]:
+        return "data"
+    if entry["zero"]:
+        return "zero"
+    raise AssertionError(
+        f"qemu-img map entry present at depth 0 but neither data nor zero: {entry}"
+    )
+
+
+def qemu_allocation(path: str | os.PathLike[str]) -> dict[str, list[tuple[int, int]]]:
+    """Depth-0 allocation per kind from `qemu-img map`, as merged [start, end) interval sets."""
+    kinds: dict[str, list[tuple[int, int]]] = {"data": [], "zero": [], "compressed": []}
+    for e in qemu_map(path):
+        k = qemu_kind(e)
+        if k is not None:
+            kinds[k].append((e["start"], e["start"] + e["length"]))
+    return {k: merge(v) for k, v in kinds.items()}
+
+
+def ranges_by_kind(ranges: list[tuple[int, int, str]]) -> dict[str, list[tuple[int, int]]]:
+    kinds: dict[str, list[tuple[int, int]]] = {"data": [], "zero": [], "compressed": []}
+    for off, length, kind in ranges:
+        kinds[kind].append((off, off + length))
+    return {k: merge(v) for k, v in kinds.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Probing malformed inputs in a child process (a crash or hang must not take pytest down)
+
+_PROBE_SCRIPT = r"""
+import hashlib, json, sys, traceback
+path, mode, action = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {"stage": "import"}
+try:
+    import qcowrs
+    out["stage"] = "open"
+    if action == "header":
+        h = qcowrs.QcowHeader.read(path)
+        out["version"] = h.version
+    else:
+        with qcowrs.QcowFile.open(path, mode=mode) as f:
+            out["stage"] = "read"
+            out["virtual_size"] = f.virtual_size
+            size = min(f.virtual_size, 256 << 20)  # bound the work if a huge size is accepted
+            if action == "read":
+                h = hashlib.sha256()
+                buf = bytearray(1 << 20)
+                mv = memoryview(buf)
+                total = 0
+                while total < size:
+                    want = min(len(buf), size - total)
+                    n = f.readinto(mv[:want])
+                    if not n:
+                        break
+                    h.update(mv[:n])
+                    total += n
+                out["read_bytes"] = total
+                out["sha256"] = h.hexdigest()
+                out["stage"] = "ranges"
+                out["ranges"] = len(f.allocated_ranges())
+    out["ok"] = True
+except BaseException as e:
+    out["ok"] = False
+    out["exc"] = type(e).__name__
+    out["mro"] = [c.__module__ + "." + c.__qualname__ for c in type(e).__mro__]
+    out["msg"] = str(e)
+    out["tb"] = traceback.format_exc()[-3000:]
+sys.stdout.write("\n@@PROBE@@" + json.dumps(out))
+"""
+
+
+def probe(
+    path: str | os.PathLike[str], mode: str = "rb", action: str = "open", timeout: float = 60
+) -> dict[str, Any]:
+    """Open (and for action="read" read everything from and map) an image in a child Python.
+
+    action: "open" (open + virtual_size), "read" (also read all + allocated_ranges), or
+    "header" (QcowHeader.read only). Returns the child's JSON report: ok, exc, mro, msg, stage.
+    Fails the test on a crash (signal / abnormal exit) or a hang (timeout).
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE_SCRIPT, os.fspath(path), mode, action],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"qcowrs hung (> {timeout}s) on {action} of {path} mode={mode}")
+    marker = proc.stdout.rfind("@@PROBE@@")
+    if proc.returncode != 0 or marker < 0:
+        pytest.fail(
+            f"qcowrs crashed (exit {proc.returncode}) on {action} of {path} mode={mode}\n"
+            f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}"
+        )
+    result: dict[str, Any] = json.loads(proc.stdout[marker + len("@@PROBE@@") :])
+    return result
+
+
+def exc_is(result: dict[str, Any], *names: str) -> bool:
+    """True if the probed exception is (a subclass of) one of the qcowrs classes `names`."""
+    mro = [m for m in result.get("mro", []) if m.split(".", 1)[0] == "qcowrs"]
+    return any(m.rsplit(".", 1)[1] == n for m in mro for n in names)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(autouse=True)
+def _watchdog() -> Iterator[None]:
+    # Armed whether or not pytest-timeout is installed (it does nothing unless configured); a
+    # shorter pytest-timeout setting simply fires first.
+    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="session")
+def qcowrs_mod() -> Any:
+    """The qcowrs package (imported lazily so that collection works before it is built)."""
+    return pytest.importorskip("qcowrs")
+
+
+class ImageBuilder:
+    """Makes images with qemu-img/qemu-io inside one directory.
+
+    Names are relative to the directory; qemu-img runs with the directory as its working
+    directory, so relative backing file names work as they do for a user.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def create(
+        self,
+        name: str,
+        size: int | str | None = None,
+        *,
+        fmt: str = "qcow2",
+        backing: str | None = None,
+        backing_fmt: str | None = None,
+        **opts: Any,
+    ) -> Path:
+        """`qemu-img create -f fmt [-b backing -F backing_fmt] [-o k=v,...] name [size]`.
+
+        Option names use underscores (cluster_size=512, extended_l2="on", ...).
+        """
+        args: list[str] = ["create", "-q", "-f", fmt]
+        if backing is not None:
+            args += ["-b", backing, "-F", backing_fmt or "qcow2"]
+        if opts:
+            args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
+        args.append(name)
+        if size is not None:
+            args.append(str(size))
+        qemu_img(*args, cwd=self.root)
+        return self.path(name)
+
+    def io(self, name: str, *cmds: str, fmt: str = "qcow2") -> Path:
+        p = self.path(name)
+        qemu_io(p, *cmds, fmt=fmt)
+        return p
+
+    def convert(
+        self,
+        src: str,
+        dst: str,
+        *,
+        src_fmt: str = "qcow2",
+        fmt: str = "qcow2",
+        compress: bool = False,
+        **opts: Any,
+    ) -> Path:
+        args = ["convert", "-f", src_fmt, "-O", fmt]
+        if compress:
+            args.append("-c")
+        if opts:
+            args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
+        args += [src, dst]
+        qemu_img(*args, cwd=self.root)
+        return self.path(dst)
+
+    def copy(self, src: str | Path, name: str) -> Path:
+        dst = self.path(name)
+        shutil.copyfile(src, dst)
+        return dst
+
+
+@pytest.fixture(scope="session")
+def session_builder(tmp_path_factory: pytest.TempPathFactory) -> ImageBuilder:
+    """An ImageBuilder for images shared by several tests (build them once per session)."""
+    if not HAVE_QEMU:
+        pytest.skip("qemu-img/qemu-io not installed")
+    return ImageBuilder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def builder(tmp_path: Path) -> ImageBuilder:
+    """An ImageBuilder in the test's own tmp_path (for images a test modifies)."""
+    if not HAVE_QEMU:
+        pytest.skip("qemu-img/qemu-io not installed")
+    return ImageBuilder(tmp_path / "img")
+
+
+@pytest.fixture(scope="session")
+def valid_image(session_builder: ImageBuilder) -> Path:
+    """A small valid v3 image (64 KiB clusters, 4 MiB) with 1 MiB of data; do not modify.
+
+    Layout (qemu 10 defaults): header 0x0, reftable 0x10000, refblock 0x20000, L1 0x30000
+    (l1_size 1), L2 0x40000, data 0x50000..0x14ffff.
+    """
+    p = session_builder.create("valid.qcow2", "4M")
+    qemu_io(p, "write -P 0xab 0 1M", "write -P 0xcd 3M 4096")
+    return p
+
+
+@pytest.fixture
+def valid_copy(valid_image: Path, tmp_path: Path) -> Path:
+    """A private copy of `valid_image` that the test may patch."""
+    dst = tmp_path / "patched.qcow2"
+    shutil.copyfile(valid_image, dst)
+    return dst
