@@ -13,9 +13,10 @@ from qcowrs._errors import (
     UnsupportedVersion,
 )
 from qcowrs._file import QcowFile
-from qcowrs._qcowrs import QcowHeader, QcowRawFile, __version__
+from qcowrs._qcowrs import CheckReport, Problem, QcowHeader, QcowRawFile, __version__, check
 
 __all__ = [
+    "CheckReport",
     "CorruptImage",
     "InvalidClusterIndex",
     "InvalidClusterSize",
@@ -25,9 +26,11 @@ __all__ = [
     "QcowError",
     "QcowFile",
     "QcowHeader",
+    "Problem",
     "QcowRawFile",
     "RefcountRebuildRequired",
     "UnsupportedFeature",
     "UnsupportedVersion",
     "__version__",
+    "check",
 ]

@@ -133,6 +133,29 @@ class QcowFile(io.RawIOBase):
         self._checkClosed()
         return list(self._native.allocated_ranges())
 
+    def check(self) -> _qcowrs.CheckReport:
+        """Checks the image like ``qemu-img check`` (no repair)."""
+        self._checkClosed()
+        return self._native.check()
+
+    def rebuild_refcounts(self) -> _qcowrs.CheckReport:
+        """Rebuilds the refcount structure (repairing what ``qemu-img check -r all`` would) and
+        returns a check of the result. Needs mode ``"r+b"``."""
+        self._checkClosed()
+        return self._native.rebuild_refcounts()
+
+    @property
+    def refcounts_stale(self) -> bool:
+        """True if the refcounts cannot be trusted (a write would need a rebuild first)."""
+        self._checkClosed()
+        return bool(self._native.refcounts_stale)
+
+    @property
+    def rebuild_report(self) -> _qcowrs.CheckReport | None:
+        """The report of the repair done by ``open(..., rebuild=True)``, or None."""
+        self._checkClosed()
+        return self._native.rebuild_report
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"virtual_size={self._native.virtual_size}"
         return f"<qcowrs.QcowFile name={self.name!r} mode={self.mode!r} {state}>"

@@ -8,6 +8,7 @@ import sys
 
 from qcowrs._errors import QcowError
 from qcowrs._file import QcowFile
+from qcowrs._qcowrs import CheckReport, check
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -64,6 +65,56 @@ def _cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(image: str, r: CheckReport, as_json: bool) -> None:
+    if as_json:
+        d = {"filename": image, "format": "qcow2", **r.to_dict()}
+        print(json.dumps(d, indent=4))
+        return
+    if r.leaks_fixed or r.corruptions_fixed:
+        print("The following inconsistencies were found and repaired:\n")
+        print(f"    {r.leaks_fixed} leaked clusters")
+        print(f"    {r.corruptions_fixed} corruptions\n")
+        print("Double checking the fixed image now...")
+    for p in r.problems:
+        print(f"{p.kind}: {p.message}", file=sys.stderr)
+    if r.unlisted_problems:
+        print(f"... and {r.unlisted_problems} more problems", file=sys.stderr)
+    if r.is_clean:
+        print("No errors were found on the image.")
+    if r.corruptions:
+        print(f"\n{r.corruptions} errors were found on the image.")
+        print("Data may be corrupted, or further writes to the image may corrupt it.")
+    if r.leaks:
+        print(f"\n{r.leaks} leaked clusters were found on the image.")
+        print("This means waste of disk space, but no harm to data.")
+    if r.check_errors:
+        print(f"\n{r.check_errors} internal errors have occurred during the check.")
+    if r.total_clusters and r.allocated_clusters:
+        pct = 100.0 * r.allocated_clusters / r.total_clusters
+        frag = 100.0 * r.fragmented_clusters / r.allocated_clusters
+        print(
+            f"{r.allocated_clusters}/{r.total_clusters} = {pct:.2f}% allocated, "
+            f"{frag:.2f}% fragmented, "
+            f"{100.0 * r.compressed_clusters / r.allocated_clusters:.2f}% compressed clusters"
+        )
+    print(f"Image end offset: {r.image_end_offset}")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    r = check(args.image, repair=args.repair)
+    _print_report(args.image, r, args.json)
+    if r.check_errors:
+        print("qcowrs: Check failed", file=sys.stderr)
+    return int(r.exit_code)
+
+
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    with QcowFile.open(args.image, mode="r+b") as f:
+        r = f.rebuild_refcounts()
+    _print_report(args.image, r, args.json)
+    return int(r.exit_code)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcowrs", description="qcow2 images: inspect, check, repair")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,6 +126,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("image")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_map)
+    s = sub.add_parser("check", help="check (and repair) an image, like qemu-img check")
+    s.add_argument("image")
+    s.add_argument("-r", dest="repair", choices=["leaks", "all"], default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_check)
+    s = sub.add_parser("rebuild", help="rebuild the refcount structure")
+    s.add_argument("image")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_rebuild)
     return p
 
 

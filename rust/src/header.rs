@@ -127,8 +127,9 @@ fn ext_string(data: &[u8]) -> String {
 }
 
 impl QcowHeader {
-    /// Reads and validates the header of an open image file.
-    pub fn read_from(file: &File) -> Result<Self> {
+    /// Reads and validates the header of an open image file, except the refcount table fields
+    /// (for check and repair, which can rebuild the refcount table).
+    pub fn read_from_lenient(file: &File) -> Result<Self> {
         let file_len = file.metadata().ctx(|| "reading image file metadata".to_string())?.len();
         if file_len < 4 {
             return Err(Error::InvalidMagic(format!(
@@ -173,6 +174,15 @@ impl QcowHeader {
         file.read_exact_at(&mut cluster0, 0).ctx(|| "reading cluster 0 (header and extensions)".to_string())?;
         let header = Self::parse(&cluster0)?;
         header.validate(file_len)?;
+        Ok(header)
+    }
+
+    /// Reads and validates the header like [`QcowHeader::read_from`], including the refcount
+    /// table fields.
+    pub fn read_from(file: &File) -> Result<Self> {
+        let header = Self::read_from_lenient(file)?;
+        let file_len = file.metadata().ctx(|| "reading image file metadata".to_string())?.len();
+        header.validate_refcount_table(file_len)?;
         Ok(header)
     }
 
@@ -441,6 +451,55 @@ impl QcowHeader {
             return Err(Error::offset("l1_table_offset", 0, "points at the header (cluster 0)"));
         }
 
+        // Snapshot table.
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(Error::corrupt(
+                format!("field 'nb_snapshots' is {}, above QEMU's limit of {MAX_SNAPSHOTS}", self.nb_snapshots),
+                fo::NB_SNAPSHOTS,
+            ));
+        }
+        if self.nb_snapshots > 0 || self.snapshots_offset != 0 {
+            // Each entry is at least 40 bytes.
+            check_table("snapshots_offset", self.snapshots_offset, u64::from(self.nb_snapshots) * 40, file_len)?;
+        }
+        if let Some(b) = self.bitmaps() {
+            if b.bitmap_directory_offset % cluster_size != 0
+                || b.bitmap_directory_offset.checked_add(b.bitmap_directory_size).is_none_or(|e| e > file_len)
+            {
+                return Err(Error::offset(
+                    "bitmap_directory_offset",
+                    b.bitmap_directory_offset,
+                    format!(
+                        "(bitmaps extension, size 0x{:x}) is misaligned or past the end of the file",
+                        b.bitmap_directory_size
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the refcount table fields against the file. Kept apart from [`QcowHeader::validate`]
+    /// because a repair can rebuild a missing or broken refcount table.
+    pub fn validate_refcount_table(&self, file_len: u64) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        let check_table = |field: &str, offset: u64, bytes: u64, limit: u64| -> Result<()> {
+            if offset % cluster_size != 0 {
+                return Err(Error::offset(
+                    field,
+                    offset,
+                    format!("is not aligned to the cluster size 0x{cluster_size:x}"),
+                ));
+            }
+            match offset.checked_add(bytes) {
+                Some(end) if end <= limit => Ok(()),
+                _ => Err(Error::offset(
+                    field,
+                    offset,
+                    format!("with 0x{bytes:x} bytes of table lies past the end of the file (0x{file_len:x})"),
+                )),
+            }
+        };
         // Refcount table.
         if self.refcount_table_clusters == 0 {
             return Err(Error::InvalidRefcountTableSize(format!(
@@ -470,31 +529,6 @@ impl QcowHeader {
             ));
         }
 
-        // Snapshot table.
-        if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::corrupt(
-                format!("field 'nb_snapshots' is {}, above QEMU's limit of {MAX_SNAPSHOTS}", self.nb_snapshots),
-                fo::NB_SNAPSHOTS,
-            ));
-        }
-        if self.nb_snapshots > 0 || self.snapshots_offset != 0 {
-            // Each entry is at least 40 bytes.
-            check_table("snapshots_offset", self.snapshots_offset, u64::from(self.nb_snapshots) * 40, file_len)?;
-        }
-        if let Some(b) = self.bitmaps() {
-            if b.bitmap_directory_offset % cluster_size != 0
-                || b.bitmap_directory_offset.checked_add(b.bitmap_directory_size).is_none_or(|e| e > file_len)
-            {
-                return Err(Error::offset(
-                    "bitmap_directory_offset",
-                    b.bitmap_directory_offset,
-                    format!(
-                        "(bitmaps extension, size 0x{:x}) is misaligned or past the end of the file",
-                        b.bitmap_directory_size
-                    ),
-                ));
-            }
-        }
         Ok(())
     }
 
@@ -709,7 +743,11 @@ mod tests {
     fn patched(o: usize, v: &[u8]) -> Result<()> {
         let mut b = valid_v3();
         b[o..o + v.len()].copy_from_slice(v);
-        QcowHeader::parse(&b)?.validate(0x30008)
+        {
+            let h = QcowHeader::parse(&b)?;
+            h.validate(0x30008)?;
+            h.validate_refcount_table(0x30008)
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! With the `python` feature, `rust/src/python/` exposes it as the `qcowrs._qcowrs` module.
 
 pub mod cache;
+pub mod check;
 pub mod compression;
 pub mod error;
 pub mod format;
@@ -22,10 +23,13 @@ pub mod header;
 pub mod mapping;
 pub mod qcow_file;
 pub mod raw_file;
+pub mod rebuild;
+pub mod snapshot;
 
 #[cfg(feature = "python")]
 mod python;
 
+pub use check::{check_path, CheckReport, Repair};
 pub use error::{Error, Result};
 pub use header::QcowHeader;
 pub use mapping::ClusterMapping;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cache::TableCache;
+use crate::check::{self, CheckReport, Repair};
 use crate::compression;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{CompressedLayout, L1E_OFFSET_MASK, QCOW_MAGIC};
@@ -82,6 +83,8 @@ pub struct QcowFile {
     /// The last decompressed cluster: (host offset of its stream, contents).
     compressed_cache: Option<(u64, Vec<u8>)>,
     position: u64,
+    refcounts_stale: bool,
+    rebuild_report: Option<CheckReport>,
 }
 
 impl std::fmt::Debug for QcowFile {
@@ -123,6 +126,13 @@ impl QcowFile {
     }
 
     fn open_at_depth(path: &Path, opts: OpenOptions, depth: u32) -> Result<Self> {
+        let mut rebuild_report = None;
+        if opts.rebuild {
+            if !opts.writable {
+                return Err(Error::ReadOnly("a refcount rebuild on open needs a read-write open".into()));
+            }
+            rebuild_report = Self::rebuild_if_stale(path)?;
+        }
         let file = FsOpenOptions::new()
             .read(true)
             .write(opts.writable)
@@ -135,7 +145,8 @@ impl QcowFile {
                 crate::header::field_offset::INCOMPATIBLE_FEATURES,
             ));
         }
-        let raw = QcowRawFile::from(file, header.cluster_size(), header.refcount_order, opts.writable)?;
+        let mut raw = QcowRawFile::from(file, header.cluster_size(), header.refcount_order, opts.writable)?;
+        let refcounts_stale = opts.writable && check::refcounts_stale(&mut raw, &header);
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         raw.read_table_bytes(header.l1_table_offset, &mut l1_bytes, "l1_table_offset (L1 table)")?;
         let l1_table = l1_bytes.chunks_exact(8).map(crate::format::be_u64).collect();
@@ -181,7 +192,73 @@ impl QcowFile {
             backing,
             compressed_cache: None,
             position: 0,
+            refcounts_stale,
+            rebuild_report,
         })
+    }
+
+    /// The seed's trigger, made precise: rebuilds when cluster 0's refcount is 0 (at the
+    /// image's width), the refcount table is missing, or the dirty bit is set; with only the
+    /// lazy-refcounts bit set, checks and repairs only if the check finds something wrong.
+    fn rebuild_if_stale(path: &Path) -> Result<Option<CheckReport>> {
+        let file =
+            FsOpenOptions::new().read(true).write(true).open(path).ctx(|| format!("opening '{}'", path.display()))?;
+        let mut h = QcowHeader::read_from_lenient(&file)?;
+        if h.is_corrupt() {
+            // Refused by the normal open below, with the reason.
+            return Ok(None);
+        }
+        let mut raw = QcowRawFile::from(file, h.cluster_size(), h.refcount_order, true)?;
+        if check::refcounts_stale(&mut raw, &h) {
+            return Ok(Some(check::check_image(&mut raw, &mut h, Repair::All, true)?));
+        }
+        if h.lazy_refcounts() {
+            let r = check::check_image(&mut raw, &mut h, Repair::None, false)?;
+            if !r.is_clean() {
+                return Ok(Some(check::check_image(&mut raw, &mut h, Repair::All, false)?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Checks the image (no repair), as `qemu-img check`.
+    pub fn check(&mut self) -> Result<CheckReport> {
+        check::check_path(&self.path, Repair::None, false)
+    }
+
+    /// Rebuilds the refcount structure (and repairs what `qemu-img check -r all` would), then
+    /// returns a check of the result.
+    pub fn rebuild_refcounts(&mut self) -> Result<CheckReport> {
+        if !self.raw.writable() {
+            return Err(Error::ReadOnly("rebuild_refcounts needs an image opened read-write".into()));
+        }
+        let report = check::check_path(&self.path, Repair::All, true)?;
+        self.reload()?;
+        Ok(report)
+    }
+
+    /// Re-reads the header and L1 table after another handle changed the image.
+    fn reload(&mut self) -> Result<()> {
+        self.raw.refresh_len()?;
+        self.header = QcowHeader::read_from(self.raw.file())?;
+        let mut l1_bytes = vec![0u8; self.header.l1_size as usize * 8];
+        self.raw.read_table_bytes(self.header.l1_table_offset, &mut l1_bytes, "l1_table_offset (L1 table)")?;
+        self.l1_table = l1_bytes.chunks_exact(8).map(crate::format::be_u64).collect();
+        self.l2_cache.clear();
+        self.compressed_cache = None;
+        self.refcounts_stale = check::refcounts_stale(&mut self.raw, &self.header);
+        Ok(())
+    }
+
+    /// Whether the refcounts cannot be trusted (dirty bit, or cluster 0 has refcount 0): a
+    /// write would need a rebuild first.
+    pub fn refcounts_stale(&self) -> bool {
+        self.refcounts_stale
+    }
+
+    /// The report of the repair done by `open(.., rebuild: true)`, if one was done.
+    pub fn rebuild_report(&self) -> Option<&CheckReport> {
+        self.rebuild_report.as_ref()
     }
 
     fn open_backing(image: &Path, name: &str, format: Option<&str>, depth: u32) -> Result<Backing> {

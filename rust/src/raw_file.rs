@@ -4,9 +4,44 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{be_u64, decode_refcounts, encode_refcounts, RefcountGeometry};
+
+/// Fault injection for crash tests: the number of write/sync/resize operations still allowed
+/// (-1: unlimited). At 0 every further operation fails, as if the process had died there.
+static FAULT_BUDGET: AtomicI64 = AtomicI64::new(-1);
+/// Write/sync/resize operations done by this process.
+static OPS_DONE: AtomicU64 = AtomicU64::new(0);
+
+/// Test hook: after `n` more write/sync/resize operations (of any image), every further one
+/// fails with EIO, as if the process had crashed there; `None` turns the hook off.
+#[doc(hidden)]
+pub fn fail_after_ops(n: Option<u64>) {
+    FAULT_BUDGET.store(n.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)), Ordering::SeqCst);
+}
+
+/// Test hook: write/sync/resize operations done so far by this process.
+#[doc(hidden)]
+pub fn io_ops() -> u64 {
+    OPS_DONE.load(Ordering::SeqCst)
+}
+
+fn fault_point(what: &str, offset: u64) -> Result<()> {
+    let left = FAULT_BUDGET.load(Ordering::SeqCst);
+    if left == 0 {
+        return Err(Error::io(
+            format!("{what} at 0x{offset:x}: injected fault"),
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+    }
+    if left > 0 {
+        FAULT_BUDGET.fetch_sub(1, Ordering::SeqCst);
+    }
+    OPS_DONE.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
 
 /// A qcow2 host file with table-level I/O.
 #[derive(Debug)]
@@ -55,6 +90,12 @@ impl QcowRawFile {
     pub fn writable(&self) -> bool {
         self.writable
     }
+    /// Re-reads the host file length (after another handle changed the file).
+    pub fn refresh_len(&mut self) -> Result<()> {
+        self.file_len = self.file.metadata().ctx(|| "reading image file metadata".into())?.len();
+        Ok(())
+    }
+
     /// Current length of the host file.
     pub fn file_len(&self) -> u64 {
         self.file_len
@@ -167,6 +208,7 @@ impl QcowRawFile {
         if !self.writable {
             return Err(Error::ReadOnly(format!("cannot write {what} at 0x{offset:x}")));
         }
+        fault_point(what, offset)?;
         self.file.write_all_at(buf, offset).ctx(|| format!("writing {what} at 0x{offset:x}"))?;
         self.file_len = self.file_len.max(offset + buf.len() as u64);
         Ok(())
@@ -175,6 +217,7 @@ impl QcowRawFile {
     /// Makes written data durable (fdatasync).
     pub fn sync(&self) -> Result<()> {
         if self.writable {
+            fault_point("flush", 0)?;
             self.file.sync_data().ctx(|| "flushing the image file (fdatasync)".into())?;
         }
         Ok(())
@@ -185,6 +228,7 @@ impl QcowRawFile {
         if !self.writable {
             return Err(Error::ReadOnly("cannot resize the image file".into()));
         }
+        fault_point("resize", len)?;
         self.file.set_len(len).ctx(|| format!("resizing the image file to 0x{len:x}"))?;
         self.file_len = len;
         Ok(())

@@ -54,8 +54,9 @@ pub fn read_snapshot_table(raw: &QcowRawFile, h: &QcowHeader) -> Result<Snapshot
     let mut snapshots = Vec::with_capacity(h.nb_snapshots as usize);
     let mut off = 0usize;
     for i in 0..h.nb_snapshots {
-        let truncated =
-            || Error::offset("snapshots_offset", start, format!("snapshot table entry {i} runs past the end of the file"));
+        let truncated = || {
+            Error::offset("snapshots_offset", start, format!("snapshot table entry {i} runs past the end of the file"))
+        };
         if off + 40 > buf.len() {
             return Err(truncated());
         }

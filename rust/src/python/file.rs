@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::buffer::with_writable_buffer;
+use super::report::PyCheckReport;
 use super::types::PyQcowHeader;
 use crate::error::Error;
 use crate::qcow_file::{OpenOptions, QcowFile};
@@ -88,6 +89,32 @@ impl PyQcowFile {
     /// "zero" or "compressed".
     fn allocated_ranges(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64, &'static str)>> {
         self.with(py, QcowFile::allocated_ranges)
+    }
+
+    /// Checks the image (no repair), as `qemu-img check`.
+    fn check(&self, py: Python<'_>) -> PyResult<PyCheckReport> {
+        let r = self.with(py, QcowFile::check)?;
+        Ok(PyCheckReport::from(&r))
+    }
+
+    /// Rebuilds the refcount structure (repairing as `qemu-img check -r all`); returns a check
+    /// of the result.
+    fn rebuild_refcounts(&self, py: Python<'_>) -> PyResult<PyCheckReport> {
+        let r = self.with(py, QcowFile::rebuild_refcounts)?;
+        Ok(PyCheckReport::from(&r))
+    }
+
+    /// Whether the refcounts cannot be trusted (a write needs a rebuild first).
+    #[getter]
+    fn refcounts_stale(&self, py: Python<'_>) -> PyResult<bool> {
+        self.with(py, |q| Ok(q.refcounts_stale()))
+    }
+
+    /// The report of the repair done by `open(..., rebuild=True)`, or None.
+    #[getter]
+    fn rebuild_report(&self, py: Python<'_>) -> PyResult<Option<PyCheckReport>> {
+        let r = self.with(py, |q| Ok(q.rebuild_report().cloned()))?;
+        Ok(r.as_ref().map(PyCheckReport::from))
     }
 
     /// Closes the image (idempotent).

@@ -3,6 +3,7 @@
 mod buffer;
 mod errors;
 mod file;
+mod report;
 mod types;
 
 use pyo3::prelude::*;
@@ -14,5 +15,43 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<file::PyQcowFile>()?;
     m.add_class::<types::PyQcowHeader>()?;
     m.add_class::<types::PyQcowRawFile>()?;
+    m.add_class::<report::PyCheckReport>()?;
+    m.add_class::<report::PyProblem>()?;
+    m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(_fail_after_ops, m)?)?;
+    m.add_function(wrap_pyfunction!(_io_ops, m)?)?;
     Ok(())
+}
+
+/// Checks the image at `path` like `qemu-img check`; `repair` is None, "leaks" or "all".
+/// Without repair the file is opened read-only and never modified.
+#[pyfunction]
+#[pyo3(signature = (path, repair = None))]
+fn check(py: Python<'_>, path: std::path::PathBuf, repair: Option<&str>) -> PyResult<report::PyCheckReport> {
+    let repair = match repair {
+        None => crate::check::Repair::None,
+        Some("leaks") => crate::check::Repair::Leaks,
+        Some("all") => crate::check::Repair::All,
+        Some(other) => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "repair must be None, 'leaks' or 'all', not {other:?}"
+            )))
+        }
+    };
+    let r = py.detach(|| crate::check::check_path(&path, repair, false))?;
+    Ok(report::PyCheckReport::from(&r))
+}
+
+/// Test hook: after `n` more write/flush/resize operations every further one fails (EIO), as
+/// if the process crashed there; `None` turns it off.
+#[pyfunction]
+#[pyo3(signature = (n))]
+fn _fail_after_ops(n: Option<u64>) {
+    crate::raw_file::fail_after_ops(n);
+}
+
+/// Test hook: write/flush/resize operations done so far by this process.
+#[pyfunction]
+fn _io_ops() -> u64 {
+    crate::raw_file::io_ops()
 }
