@@ -1,0 +1,105 @@
+"""Type stubs for the native module (hand-written; keep in step with rust/src/python/)."""
+
+from collections.abc import Buffer
+
+__version__: str
+
+class QcowHeader:
+    magic: int
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int
+    compatible_features: int
+    autoclear_features: int
+    refcount_order: int
+    header_length: int
+    compression_type: int
+    backing_file: str | None
+    backing_format: str | None
+    data_file: str | None
+    cluster_size: int
+    refcount_bits: int
+    dirty: bool
+    corrupt: bool
+    lazy_refcounts: bool
+    extended_l2: bool
+    @staticmethod
+    def read(path: str) -> QcowHeader: ...
+    def extensions(self) -> list[tuple[int, bytes]]: ...
+    def feature_names(self) -> list[tuple[int, int, str]]: ...
+    def to_bytes(self) -> bytes: ...
+    def to_dict(self) -> dict[str, object]: ...
+
+class Problem:
+    kind: str
+    host_offset: int | None
+    guest_offset: int | None
+    message: str
+
+class CheckReport:
+    check_errors: int
+    corruptions: int
+    leaks: int
+    corruptions_fixed: int
+    leaks_fixed: int
+    image_end_offset: int
+    total_clusters: int
+    allocated_clusters: int
+    fragmented_clusters: int
+    compressed_clusters: int
+    rebuilt: bool
+    problems: list[Problem]
+    unlisted_problems: int
+    exit_code: int
+    is_clean: bool
+    def to_dict(self) -> dict[str, int]: ...
+
+class QcowRawFile:
+    @staticmethod
+    def open(path: str, writable: bool = False) -> QcowRawFile: ...
+    @property
+    def cluster_size(self) -> int: ...
+    @property
+    def refcount_bits(self) -> int: ...
+    def read_pointer_table(self, offset: int, count: int, mask: int | None = None) -> list[int]: ...
+    def write_pointer_table(
+        self, offset: int, table: list[int], non_zero_flags: int = 0
+    ) -> None: ...
+    def read_refcount_block(self, offset: int) -> list[int]: ...
+    def write_refcount_block(self, offset: int, refcounts: list[int]) -> None: ...
+
+class QcowFile:
+    @staticmethod
+    def open(path: str, writable: bool = False, rebuild: bool = False) -> QcowFile: ...
+    @property
+    def virtual_size(self) -> int: ...
+    @property
+    def cluster_size(self) -> int: ...
+    @property
+    def header(self) -> QcowHeader: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def refcounts_stale(self) -> bool: ...
+    @property
+    def rebuild_report(self) -> CheckReport | None: ...
+    def readinto_at(self, buf: Buffer, offset: int) -> int: ...
+    def read_at(self, offset: int, length: int) -> bytes: ...
+    def allocated_ranges(self) -> list[tuple[int, int, str]]: ...
+    def check(self) -> CheckReport: ...
+    def rebuild_refcounts(self) -> CheckReport: ...
+    def close(self) -> None: ...
+
+def check(path: str, repair: str | None = None) -> CheckReport: ...
+def _fail_after_ops(n: int | None) -> None: ...
+def _io_ops() -> int: ...
