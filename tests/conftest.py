@@ -497,3 +497,185 @@ def valid_copy(valid_image: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "patched.qcow2"
     shutil.copyfile(valid_image, dst)
     return dst
+
+
+# --------------------------------------------------------------------------------------------
+# Refcount structure helpers (check / repair / rebuild tests). An independent reading of the
+# reftable and refblocks straight from the file bytes, used to make corruptions and as an oracle.
+
+
+def qemu_check(
+    path: str | os.PathLike[str], repair: str | None = None
+) -> tuple[int, dict[str, Any], str]:
+    """`qemu-img check --output=json [-r repair] path` -> (exit code, parsed JSON or {}, stderr).
+
+    The JSON is {} when qemu could not open the image (exit 1, nothing on stdout).
+    """
+    args: list[str | os.PathLike[str]] = ["check", "--output=json"]
+    if repair is not None:
+        args += ["-r", repair]
+    proc = qemu_img(*args, path, check=False)
+    data: dict[str, Any] = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return proc.returncode, data, proc.stderr
+
+
+def assert_qemu_clean(path: str | os.PathLike[str], what: str = "") -> dict[str, Any]:
+    """qemu-img check finds no corruption, no leak and no check error (exit 0)."""
+    rc, data, err = qemu_check(path)
+    clean = rc == 0 and not data.get("corruptions") and not data.get("leaks")
+    assert clean, f"{what}: qemu-img check is not clean (exit {rc}): {data}\n{err[-3000:]}"
+    assert data.get("check-errors") == 0, f"{what}: {data}"
+    return data
+
+
+class Refcounts:
+    """Reads and patches one image's refcount structure (any refcount width, v2 and v3).
+
+    Sub-byte widths are packed LSB-first in each byte; 8..64-bit entries are big endian.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        h = parse_header(path)
+        self.header = h
+        self.cluster_bits: int = h["cluster_bits"]
+        self.cluster_size: int = h["cluster_size"]
+        self.bits: int = h["refcount_bits"]
+        self.rb_entries = self.cluster_size * 8 // self.bits
+        self.reftable_offset: int = h["refcount_table_offset"]
+        self.reftable_clusters: int = h["refcount_table_clusters"]
+
+    @property
+    def max_refcount(self) -> int:
+        return (1 << self.bits) - 1
+
+    def reftable(self) -> list[int]:
+        n = self.reftable_clusters * self.cluster_size // 8
+        with open(self.path, "rb") as fh:
+            fh.seek(self.reftable_offset)
+            raw = fh.read(n * 8)
+        raw = raw.ljust(n * 8, b"\0")
+        return list(struct.unpack(f">{n}Q", raw))
+
+    def reftable_entry_offset(self, index: int) -> int:
+        return self.reftable_offset + 8 * index
+
+    def set_reftable_entry(self, index: int, value: int) -> None:
+        poke(self.path, self.reftable_entry_offset(index), ">Q", value)
+
+    def refblock_offset(self, cluster: int) -> int:
+        """Host offset of the refblock covering host cluster `cluster` (0: none)."""
+        idx = cluster // self.rb_entries
+        table = self.reftable()
+        if idx >= len(table):
+            return 0
+        return table[idx] & ~0x1FF
+
+    def _locate(self, cluster: int) -> tuple[int, int]:
+        """(byte offset in the file of the entry, bit shift inside it for sub-byte widths)."""
+        rb = self.refblock_offset(cluster)
+        if rb == 0:
+            raise LookupError(f"no refblock covers cluster {cluster}")
+        i = cluster % self.rb_entries
+        if self.bits >= 8:
+            return rb + i * (self.bits // 8), 0
+        per_byte = 8 // self.bits
+        return rb + i // per_byte, (i % per_byte) * self.bits
+
+    def get(self, cluster: int) -> int:
+        try:
+            off, shift = self._locate(cluster)
+        except LookupError:
+            return 0
+        width = max(1, self.bits // 8)
+        with open(self.path, "rb") as fh:
+            fh.seek(off)
+            raw = fh.read(width).ljust(width, b"\0")
+        v = int.from_bytes(raw, "big")
+        if self.bits < 8:
+            v = (v >> shift) & ((1 << self.bits) - 1)
+        return v
+
+    def set(self, cluster: int, value: int) -> None:
+        assert 0 <= value <= self.max_refcount, f"refcount {value} does not fit {self.bits} bits"
+        off, shift = self._locate(cluster)
+        width = max(1, self.bits // 8)
+        if self.bits < 8:
+            with open(self.path, "rb") as fh:
+                fh.seek(off)
+                old = fh.read(1).ljust(1, b"\0")[0]
+            mask = ((1 << self.bits) - 1) << shift
+            raw = bytes([(old & ~mask) | (value << shift)])
+        else:
+            raw = value.to_bytes(width, "big")
+        poke(self.path, off, "", raw)  # bytes are written as they are
+
+    def all_refcounts(self, upto_cluster: int | None = None) -> dict[int, int]:
+        """Non-zero refcounts of host clusters below `upto_cluster` (default: the file end)."""
+        if upto_cluster is None:
+            upto_cluster = -(-self.path.stat().st_size // self.cluster_size)
+        out: dict[int, int] = {}
+        per_byte = 8 // self.bits if self.bits < 8 else 0
+        with open(self.path, "rb") as fh:
+            for idx, entry in enumerate(self.reftable()):
+                rb = entry & ~0x1FF
+                first = idx * self.rb_entries
+                if rb == 0 or first >= upto_cluster:
+                    continue
+                fh.seek(rb)
+                block = fh.read(self.cluster_size).ljust(self.cluster_size, b"\0")
+                for i in range(min(self.rb_entries, upto_cluster - first)):
+                    if self.bits >= 8:
+                        w = self.bits // 8
+                        v = int.from_bytes(block[i * w : (i + 1) * w], "big")
+                    else:
+                        v = (block[i // per_byte] >> ((i % per_byte) * self.bits)) & (
+                            (1 << self.bits) - 1
+                        )
+                    if v:
+                        out[first + i] = v
+        return out
+
+
+def data_host_clusters(path: str | os.PathLike[str]) -> list[int]:
+    """Host cluster indices of the normal (uncompressed) data clusters, from `qemu-img map`."""
+    cs = parse_header(path)["cluster_size"]
+    out: set[int] = set()
+    for e in qemu_map(path):
+        if e["depth"] == 0 and e.get("data") and not e.get("compressed") and "offset" in e:
+            for o in range(e["offset"], e["offset"] + e["length"], cs):
+                out.add(o // cs)
+    return sorted(out)
+
+
+def set_header_bits(path: str | os.PathLike[str], field: str, bits: int, on: bool = True) -> None:
+    """Set or clear bits of a v3 feature field (incompatible_features bit 0 is the dirty bit)."""
+    off, fmt = HEADER_FIELDS[field]
+    v = peek(path, off, fmt)
+    poke(path, off, fmt, (v | bits) if on else (v & ~bits))
+
+
+def snapshot_names(path: str | os.PathLike[str]) -> list[str]:
+    return [s["name"] for s in qemu_info(path).get("snapshots", [])]
+
+
+def snapshot_sha256(path: str | os.PathLike[str], name: str) -> str:
+    """sha256 of an internal snapshot's guest content (`qemu-img convert -l snapshot.name=`)."""
+    with tempfile.TemporaryDirectory(prefix="qcowrs-snap-") as d:
+        raw = Path(d) / "snap.raw"
+        qemu_img("convert", "-U", "-l", f"snapshot.name={name}", "-O", "raw", path, raw)
+        return file_sha256(raw)
+
+
+def content_digest(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Guest content of the active layer and of every internal snapshot, as QEMU reads them."""
+    out = {"": raw_sha256(path)}
+    for name in snapshot_names(path):
+        out[name] = snapshot_sha256(path, name)
+    return out
+
+
+def copy_image(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copies an image keeping holes sparse (cp --sparse=always), so huge sparse files are cheap."""
+    run(["cp", "--sparse=always", os.fspath(src), os.fspath(dst)])
+    return Path(dst)

@@ -177,6 +177,7 @@ impl DiskRefcounts {
 }
 
 /// QEMU's `compare_refcounts`. Returns the highest cluster in use.
+#[allow(clippy::too_many_arguments)] // QEMU's parameters plus the problem list
 fn compare(
     raw: &mut QcowRawFile,
     h: &QcowHeader,
