@@ -406,7 +406,9 @@ pub fn check_image(
         report.rebuilt = true;
         report.counts.corruptions = 0;
         report.counts.leaks = 0;
-        // The old structure is now leaked: recount against the new one and free it.
+        // The old structure is now leaked: recount against the new one and free it. (The old
+        // count is dropped first: two of them at once would double the peak memory.)
+        imrt.clear();
         let hc = h.clone();
         let mut w = Walker::new(raw, &hc)?;
         w.walk()?;

@@ -29,10 +29,24 @@ const MAX_L1_ENTRIES: u32 = 4 << 20;
 /// At most this many problems are listed one by one; the rest are summarised.
 pub const MAX_LISTED_PROBLEMS: usize = 10_000;
 
-/// The in-memory refcount table.
+/// One refblock's worth of the in-memory refcount table.
+#[derive(Clone, Debug)]
+enum Chunk {
+    /// Every refcount is 0.
+    Zero,
+    /// 2 bits per cluster (values 0..=2; 3 never stored): most images need no more, so the
+    /// table takes an eighth of a 16-bit refblock's size.
+    Small(Vec<u8>),
+    /// The refblock's on-disk encoding at the image's width.
+    Wide(Vec<u8>),
+}
+
+/// The in-memory refcount table: one chunk per refblock, kept compact (2 bits per cluster)
+/// until a refcount above 2 needs the image's full width. It never takes more memory than the
+/// refblocks it describes would.
 #[derive(Clone, Debug)]
 pub struct Imrt {
-    buf: Vec<u8>,
+    chunks: Vec<Chunk>,
     len: u64,
     geo: RefcountGeometry,
 }
@@ -40,7 +54,7 @@ pub struct Imrt {
 impl Imrt {
     /// An all-zero table for `entries` clusters.
     pub fn new(geo: RefcountGeometry, entries: u64) -> Result<Self> {
-        let mut t = Imrt { buf: Vec::new(), len: 0, geo };
+        let mut t = Imrt { chunks: Vec::new(), len: 0, geo };
         t.ensure(entries)?;
         Ok(t)
     }
@@ -55,26 +69,27 @@ impl Imrt {
         self.len == 0
     }
 
-    /// Grows the table to describe at least `entries` clusters (whole refblocks are kept in
-    /// memory so that slices can be written out directly).
+    /// Grows the table to describe at least `entries` clusters.
     pub fn ensure(&mut self, entries: u64) -> Result<()> {
         if entries <= self.len {
             return Ok(());
         }
-        let per_block = self.geo.refblock_entries();
-        let blocks = entries.div_ceil(per_block);
-        let bytes =
-            blocks.checked_mul(1 << self.geo.cluster_bits).and_then(|b| usize::try_from(b).ok()).ok_or_else(|| {
-                Error::InvalidRefcountTableSize(format!("refcount table for {entries} clusters is too large"))
+        let blocks = usize::try_from(entries.div_ceil(self.geo.refblock_entries())).map_err(|_| {
+            Error::InvalidRefcountTableSize(format!("refcount table for {entries} clusters is too large"))
+        })?;
+        if blocks > self.chunks.len() {
+            self.chunks.try_reserve(blocks - self.chunks.len()).map_err(|_| {
+                Error::InvalidRefcountTableSize(format!("cannot allocate a refcount table for {entries} clusters"))
             })?;
-        if bytes > self.buf.len() {
-            self.buf.try_reserve_exact(bytes - self.buf.len()).map_err(|_| {
-                Error::InvalidRefcountTableSize(format!("cannot allocate a refcount table of {bytes} bytes in memory"))
-            })?;
-            self.buf.resize(bytes, 0);
+            self.chunks.resize(blocks, Chunk::Zero);
         }
         self.len = entries;
         Ok(())
+    }
+
+    fn split(&self, i: u64) -> (usize, usize) {
+        let bits = self.geo.refblock_bits();
+        (usize::try_from(i >> bits).unwrap_or(usize::MAX), usize::try_from(i & ((1 << bits) - 1)).unwrap_or(0))
     }
 
     /// Refcount of cluster `i` (0 past the end).
@@ -82,62 +97,126 @@ impl Imrt {
         if i >= self.len {
             return 0;
         }
-        let i = usize::try_from(i).unwrap_or(0);
-        match self.geo.refcount_order {
-            o @ 0..=2 => {
-                let bits = 1usize << o;
-                let per = 8 / bits;
-                u64::from((self.buf[i / per] >> ((i % per) * bits)) & ((1u8 << bits) - 1))
-            }
-            3 => u64::from(self.buf[i]),
-            4 => u64::from(u16::from_be_bytes([self.buf[2 * i], self.buf[2 * i + 1]])),
-            5 => {
-                let mut a = [0u8; 4];
-                a.copy_from_slice(&self.buf[4 * i..4 * i + 4]);
-                u64::from(u32::from_be_bytes(a))
-            }
-            _ => crate::format::be_u64(&self.buf[8 * i..8 * i + 8]),
+        let (ri, idx) = self.split(i);
+        match self.chunks.get(ri) {
+            Some(Chunk::Small(v)) => u64::from((v[idx / 4] >> ((idx % 4) * 2)) & 3),
+            Some(Chunk::Wide(v)) => wide_get(v, self.geo.refcount_order, idx),
+            _ => 0,
         }
     }
 
     /// Sets the refcount of cluster `i` (growing the table); `v` must fit the width.
     pub fn set(&mut self, i: u64, v: u64) -> Result<()> {
         self.ensure(i + 1)?;
-        let i = usize::try_from(i).unwrap_or(0);
-        match self.geo.refcount_order {
-            o @ 0..=2 => {
-                let bits = 1usize << o;
-                let per = 8 / bits;
-                let shift = (i % per) * bits;
-                let mask = ((1u8 << bits) - 1) << shift;
+        let (ri, idx) = self.split(i);
+        let entries = usize::try_from(self.geo.refblock_entries()).unwrap_or(0);
+        let order = self.geo.refcount_order;
+        let cs = 1usize << self.geo.cluster_bits;
+        let chunk = &mut self.chunks[ri];
+        if matches!(chunk, Chunk::Zero) {
+            if v == 0 {
+                return Ok(());
+            }
+            *chunk = if order >= 2 { Chunk::Small(vec![0u8; entries / 4]) } else { Chunk::Wide(vec![0u8; cs]) };
+        }
+        if let Chunk::Small(small) = chunk {
+            if v <= 2 {
+                let shift = (idx % 4) * 2;
                 #[allow(clippy::cast_possible_truncation)]
-                let val = ((v as u8) << shift) & mask;
-                self.buf[i / per] = (self.buf[i / per] & !mask) | val;
+                let val = (v as u8) << shift;
+                small[idx / 4] = (small[idx / 4] & !(3 << shift)) | val;
+                return Ok(());
             }
-            o => {
-                let w = 1usize << (o - 3);
-                let bytes = v.to_be_bytes();
-                self.buf[w * i..w * i + w].copy_from_slice(&bytes[8 - w..]);
+            // Promote to the full width.
+            let mut wide = vec![0u8; cs];
+            for (j, &b) in small.iter().enumerate() {
+                if b != 0 {
+                    for k in 0..4 {
+                        wide_set(&mut wide, order, j * 4 + k, u64::from((b >> (k * 2)) & 3));
+                    }
+                }
             }
+            *chunk = Chunk::Wide(wide);
+        }
+        if let Chunk::Wide(wide) = chunk {
+            wide_set(wide, order, idx, v);
         }
         Ok(())
     }
 
     /// Whether every refcount in refblock `ri`'s range is zero.
     pub fn refblock_is_empty(&self, ri: u64) -> bool {
-        self.refblock_bytes(ri).iter().all(|&b| b == 0)
+        match usize::try_from(ri).ok().and_then(|r| self.chunks.get(r)) {
+            Some(Chunk::Small(v) | Chunk::Wide(v)) => v.iter().all(|&b| b == 0),
+            _ => true,
+        }
     }
 
     /// The on-disk bytes of refblock `ri`.
-    pub fn refblock_bytes(&self, ri: u64) -> &[u8] {
+    pub fn refblock_bytes(&self, ri: u64) -> Vec<u8> {
         let cs = 1usize << self.geo.cluster_bits;
-        let start = usize::try_from(ri).unwrap_or(usize::MAX).saturating_mul(cs);
-        self.buf.get(start..start + cs).unwrap_or(&[])
+        match usize::try_from(ri).ok().and_then(|r| self.chunks.get(r)) {
+            Some(Chunk::Wide(v)) => v.clone(),
+            Some(Chunk::Small(small)) => {
+                let mut wide = vec![0u8; cs];
+                for (j, &b) in small.iter().enumerate() {
+                    if b != 0 {
+                        for k in 0..4 {
+                            wide_set(&mut wide, self.geo.refcount_order, j * 4 + k, u64::from((b >> (k * 2)) & 3));
+                        }
+                    }
+                }
+                wide
+            }
+            _ => vec![0u8; cs],
+        }
+    }
+
+    /// Frees the table (it then describes no cluster).
+    pub fn clear(&mut self) {
+        self.chunks = Vec::new();
+        self.len = 0;
     }
 
     /// Number of refblocks the table spans.
     pub fn refblocks(&self) -> u64 {
         self.len.div_ceil(self.geo.refblock_entries())
+    }
+}
+
+fn wide_get(buf: &[u8], order: u32, i: usize) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per = 8 / bits;
+            u64::from((buf[i / per] >> ((i % per) * bits)) & ((1u8 << bits) - 1))
+        }
+        3 => u64::from(buf[i]),
+        4 => u64::from(u16::from_be_bytes([buf[2 * i], buf[2 * i + 1]])),
+        5 => {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(&buf[4 * i..4 * i + 4]);
+            u64::from(u32::from_be_bytes(a))
+        }
+        _ => crate::format::be_u64(&buf[8 * i..8 * i + 8]),
+    }
+}
+
+fn wide_set(buf: &mut [u8], order: u32, i: usize, v: u64) {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per = 8 / bits;
+            let shift = (i % per) * bits;
+            let mask = ((1u8 << bits) - 1) << shift;
+            #[allow(clippy::cast_possible_truncation)]
+            let val = ((v as u8) << shift) & mask;
+            buf[i / per] = (buf[i / per] & !mask) | val;
+        }
+        o => {
+            let w = 1usize << (o - 3);
+            buf[w * i..w * i + w].copy_from_slice(&v.to_be_bytes()[8 - w..]);
+        }
     }
 }
 
@@ -751,13 +830,17 @@ pub struct NewStructure {
 }
 
 /// First-fit allocation of `n` contiguous clusters that are free in `imrt` and not referenced
-/// past the end of the file, from cluster `start` on; marks them used (refcount 1).
-fn alloc_clusters(imrt: &mut Imrt, n: u64, start: u64, avoid: &BTreeSet<u64>) -> Result<u64> {
-    let mut run_start = start;
+/// past the end of the file, from cluster `*hint` on; marks them used (refcount 1). `*hint`
+/// is kept at the first cluster that may be free, so successive allocations do not rescan the
+/// used part of the image.
+fn alloc_clusters(imrt: &mut Imrt, n: u64, hint: &mut u64, avoid: &BTreeSet<u64>) -> Result<u64> {
+    let mut run_start = *hint;
     let mut run = 0u64;
-    let mut c = start;
+    let mut c = *hint;
+    let mut first_free: Option<u64> = None;
     while run < n {
         if imrt.get(c) == 0 && !avoid.contains(&c) {
+            first_free.get_or_insert(c);
             if run == 0 {
                 run_start = c;
             }
@@ -770,6 +853,8 @@ fn alloc_clusters(imrt: &mut Imrt, n: u64, start: u64, avoid: &BTreeSet<u64>) ->
     for k in run_start..run_start + n {
         imrt.set(k, 1)?;
     }
+    let first_free = first_free.unwrap_or(run_start);
+    *hint = if first_free == run_start { run_start + n } else { first_free };
     Ok(run_start)
 }
 
@@ -789,6 +874,7 @@ pub fn write_refcount_structure(
     let ptrs_per_cluster = cs / 8;
     let file_clusters = raw.file_len().div_ceil(cs);
     let start = if append_only { file_clusters.max(imrt.len()) } else { 0 };
+    let mut hint = start;
 
     // Phase 1: allocate until stable. Nothing is written yet, so an allocation can be undone.
     let mut reftable: Vec<u64> = Vec::new();
@@ -799,7 +885,7 @@ pub fn write_refcount_structure(
         while ri < imrt.refblocks() {
             let have = reftable.get(usize::try_from(ri).unwrap_or(usize::MAX)).copied().unwrap_or(0) != 0;
             if !have && !imrt.refblock_is_empty(ri) {
-                let c = alloc_clusters(imrt, 1, start, avoid)?;
+                let c = alloc_clusters(imrt, 1, &mut hint, avoid)?;
                 let idx =
                     usize::try_from(ri).map_err(|_| Error::InvalidRefcountTableSize("too many refblocks".into()))?;
                 if reftable.len() <= idx {
@@ -817,8 +903,9 @@ pub fn write_refcount_structure(
                 for k in first..first + n {
                     imrt.set(k, 0)?;
                 }
+                hint = hint.min(first);
             }
-            let first = alloc_clusters(imrt, clusters, start, avoid)?;
+            let first = alloc_clusters(imrt, clusters, &mut hint, avoid)?;
             reftable_at = Some((first, clusters));
             changed = true;
         }
@@ -836,7 +923,7 @@ pub fn write_refcount_structure(
     let mut refblocks = 0;
     for (ri, &off) in reftable.iter().enumerate() {
         if off != 0 {
-            raw.write_at(imrt.refblock_bytes(ri as u64), off, "new refcount block")?;
+            raw.write_at(&imrt.refblock_bytes(ri as u64), off, "new refcount block")?;
             refblocks += 1;
         }
     }
@@ -888,9 +975,14 @@ mod tests {
             for i in 0..5000u64 {
                 assert_eq!(t.get(i), (i * 3 + 1) & max, "order {order} index {i}");
             }
-            // The bytes are the on-disk encoding.
-            let decoded = crate::format::decode_refcounts(t.refblock_bytes(0), order);
+            // The bytes are the on-disk encoding, compact chunks included.
+            let decoded = crate::format::decode_refcounts(&t.refblock_bytes(0), order);
             assert_eq!(decoded[1], 4 & max);
+            let mut small = Imrt::new(geo, 10).unwrap();
+            small.set(5, 2).unwrap();
+            small.set(9, 1).unwrap();
+            let d = crate::format::decode_refcounts(&small.refblock_bytes(0), order);
+            assert_eq!((d[5], d[9], d[0]), (2 & max, 1, 0));
         }
     }
 
@@ -901,8 +993,12 @@ mod tests {
         t.set(0, 1).unwrap();
         t.set(2, 1).unwrap();
         let avoid: BTreeSet<u64> = [1].into_iter().collect();
-        assert_eq!(alloc_clusters(&mut t, 1, 0, &avoid).unwrap(), 3);
-        assert_eq!(alloc_clusters(&mut t, 2, 0, &avoid).unwrap(), 4);
+        let mut hint = 0;
+        assert_eq!(alloc_clusters(&mut t, 1, &mut hint, &avoid).unwrap(), 3);
+        assert_eq!(hint, 4);
+        t.set(1, 0).unwrap();
+        assert_eq!(alloc_clusters(&mut t, 2, &mut hint, &avoid).unwrap(), 4);
+        assert_eq!(hint, 6);
         assert_eq!(t.len(), 6);
     }
 }
