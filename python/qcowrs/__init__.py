@@ -13,7 +13,7 @@ from qcowrs._errors import (
     UnsupportedVersion,
 )
 from qcowrs._file import QcowFile
-from qcowrs._qcowrs import CheckReport, Problem, QcowHeader, QcowRawFile, __version__, check
+from qcowrs._qcowrs import CheckReport, Problem, QcowHeader, QcowRawFile, __version__, check, rebuild_refcounts
 
 __all__ = [
     "CheckReport",
@@ -33,4 +33,5 @@ __all__ = [
     "UnsupportedVersion",
     "__version__",
     "check",
+    "rebuild_refcounts",
 ]

@@ -8,7 +8,7 @@ import sys
 
 from qcowrs._errors import QcowError
 from qcowrs._file import QcowFile
-from qcowrs._qcowrs import CheckReport, check
+from qcowrs._qcowrs import CheckReport, check, rebuild_refcounts
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -109,8 +109,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
-    with QcowFile.open(args.image, mode="r+b") as f:
-        r = f.rebuild_refcounts()
+    r = rebuild_refcounts(args.image)
     _print_report(args.image, r, args.json)
     return int(r.exit_code)
 

@@ -18,6 +18,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<report::PyCheckReport>()?;
     m.add_class::<report::PyProblem>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(rebuild_refcounts, m)?)?;
     m.add_function(wrap_pyfunction!(_fail_after_ops, m)?)?;
     m.add_function(wrap_pyfunction!(_io_ops, m)?)?;
     Ok(())
@@ -54,4 +55,13 @@ fn _fail_after_ops(n: Option<u64>) {
 #[pyfunction]
 fn _io_ops() -> u64 {
     crate::raw_file::io_ops()
+}
+
+/// Rebuilds the refcount structure of the image at `path` (repairing as
+/// `qemu-img check -r all`), even where the header names no usable refcount table; returns a
+/// check of the result.
+#[pyfunction]
+fn rebuild_refcounts(py: Python<'_>, path: std::path::PathBuf) -> PyResult<report::PyCheckReport> {
+    let r = py.detach(|| crate::check::check_path(&path, crate::check::Repair::All, true))?;
+    Ok(report::PyCheckReport::from(&r))
 }
