@@ -13,7 +13,15 @@ from qcowrs._errors import (
     UnsupportedVersion,
 )
 from qcowrs._file import QcowFile
-from qcowrs._qcowrs import CheckReport, Problem, QcowHeader, QcowRawFile, __version__, check, rebuild_refcounts
+from qcowrs._qcowrs import (
+    CheckReport,
+    Problem,
+    QcowHeader,
+    QcowRawFile,
+    __version__,
+    check,
+    rebuild_refcounts,
+)
 
 __all__ = [
     "CheckReport",
