@@ -46,6 +46,31 @@ class QcowFile(io.RawIOBase):
         native = _qcowrs.QcowFile.open(os.fspath(path), writable=mode == "r+b", rebuild=rebuild)
         return cls(native, os.fspath(path), mode)
 
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        virtual_size: int,
+        cluster_size: int = 65536,
+        refcount_bits: int = 16,
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+        lazy_refcounts: bool = False,
+        extended_l2: bool = False,
+    ) -> QcowFile:
+        """Creates a new qcow2 (v3) image at ``path`` and returns it opened read-write."""
+        native = _qcowrs.QcowFile.create(
+            os.fspath(path),
+            virtual_size,
+            cluster_size=cluster_size,
+            refcount_bits=refcount_bits,
+            backing_file=backing_file,
+            backing_format=backing_format,
+            lazy_refcounts=lazy_refcounts,
+            extended_l2=extended_l2,
+        )
+        return cls(native, os.fspath(path), "r+b")
+
     # -- io.RawIOBase -------------------------------------------------------------------------
 
     def readable(self) -> bool:
@@ -58,12 +83,44 @@ class QcowFile(io.RawIOBase):
 
     def writable(self) -> bool:
         self._checkClosed()
-        return False
+        return self.mode == "r+b"
 
     def write(self, data: Buffer) -> int:
-        """Writing is not supported yet."""
+        """Writes ``data`` (any bytes-like object) at the current position, with the GIL
+        released. Allocates clusters (copy-on-write where needed); the metadata reaches the
+        disk on :meth:`flush`. Writing past ``virtual_size`` raises :class:`InvalidOffset`."""
         self._checkClosed()
-        raise io.UnsupportedOperation("write: qcowrs cannot write images yet")
+        if self.mode != "r+b":
+            raise io.UnsupportedOperation("write: the image is opened read-only ('rb')")
+        n: int = self._native.write_at(data, self._pos)
+        self._pos += n
+        return n
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Makes ``[offset, offset+length)`` read as zeros (whole clusters get the zero flag
+        and no data is written)."""
+        self._checkClosed()
+        self._native.write_zeroes(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Frees the whole clusters inside ``[offset, offset+length)`` (they then read as
+        zeros on v3 images; partial clusters are left unchanged); the freed space is punched
+        out of the host file on :meth:`flush`."""
+        self._checkClosed()
+        self._native.discard(offset, length)
+
+    def truncate(self, size: int | None = None) -> int:
+        """Grows the virtual size to ``size`` bytes (default: the current position). Shrinking
+        raises :class:`UnsupportedFeature`."""
+        self._checkClosed()
+        new = self._pos if size is None else size
+        self._native.truncate(new)
+        return new
+
+    def flush(self) -> None:
+        """Makes everything written so far durable; the image is consistent on disk."""
+        if not self.closed and self.mode == "r+b":
+            self._native.flush()
 
     def readinto(self, buffer: Buffer) -> int:
         """Reads into ``buffer`` (a writable bytes-like object) without copying."""
@@ -100,8 +157,10 @@ class QcowFile(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self._native.close()
-        super().close()
+            try:
+                super().close()  # flushes
+            finally:
+                self._native.close()
 
     def __enter__(self) -> QcowFile:
         self._checkClosed()

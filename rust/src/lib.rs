@@ -24,6 +24,7 @@ pub mod mapping;
 pub mod qcow_file;
 pub mod raw_file;
 pub mod rebuild;
+pub mod refcount;
 pub mod snapshot;
 
 #[cfg(feature = "python")]

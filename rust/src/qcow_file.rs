@@ -9,10 +9,19 @@ use crate::cache::TableCache;
 use crate::check::{self, CheckReport, Repair};
 use crate::compression;
 use crate::error::{Error, IoContext, Result};
-use crate::format::{CompressedLayout, L1E_OFFSET_MASK, QCOW_MAGIC};
+use std::collections::BTreeSet;
+
+use crate::format::{
+    be_u64, CompressedLayout, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, INCOMPAT_DIRTY,
+    INCOMPAT_EXTENDED_L2, L1E_COPIED, L1E_OFFSET_MASK, L2E_COMPRESSED, L2E_COPIED, L2E_OFFSET_MASK, L2E_ZERO,
+    QCOW_MAGIC,
+};
+use crate::header::HeaderExtension;
 use crate::header::QcowHeader;
 use crate::mapping::{map_entry, ClusterMapping, L2Geometry};
 use crate::raw_file::QcowRawFile;
+use crate::rebuild::{classify_l2, L2Kind};
+use crate::refcount::RefcountManager;
 
 /// Longest backing chain followed (a loop in the chain stops here).
 pub const MAX_BACKING_DEPTH: u32 = 32;
@@ -85,6 +94,12 @@ pub struct QcowFile {
     position: u64,
     refcounts_stale: bool,
     rebuild_report: Option<CheckReport>,
+    /// Loaded on the first write (after a check that the refcounts can be trusted).
+    refcounts: Option<RefcountManager>,
+    /// L1 entries changed in memory and not yet written.
+    l1_dirty: BTreeSet<usize>,
+    /// We set the dirty bit (lazy refcounts) and must clear it on a clean close.
+    set_dirty_bit: bool,
 }
 
 impl std::fmt::Debug for QcowFile {
@@ -194,6 +209,9 @@ impl QcowFile {
             position: 0,
             refcounts_stale,
             rebuild_report,
+            refcounts: None,
+            l1_dirty: BTreeSet::new(),
+            set_dirty_bit: false,
         })
     }
 
@@ -223,6 +241,9 @@ impl QcowFile {
 
     /// Checks the image (no repair), as `qemu-img check`.
     pub fn check(&mut self) -> Result<CheckReport> {
+        if self.raw.writable() && !self.refcounts_stale {
+            self.flush()?;
+        }
         check::check_path(&self.path, Repair::None, false)
     }
 
@@ -231,6 +252,9 @@ impl QcowFile {
     pub fn rebuild_refcounts(&mut self) -> Result<CheckReport> {
         if !self.raw.writable() {
             return Err(Error::ReadOnly("rebuild_refcounts needs an image opened read-write".into()));
+        }
+        if !self.refcounts_stale {
+            self.flush()?;
         }
         let report = check::check_path(&self.path, Repair::All, true)?;
         self.reload()?;
@@ -247,6 +271,8 @@ impl QcowFile {
         self.l2_cache.clear();
         self.compressed_cache = None;
         self.refcounts_stale = check::refcounts_stale(&mut self.raw, &self.header);
+        self.refcounts = None;
+        self.l1_dirty.clear();
         Ok(())
     }
 
@@ -533,4 +559,633 @@ impl Seek for QcowFile {
             None => Err(io::Error::new(io::ErrorKind::InvalidInput, "seek to a negative or overflowing offset")),
         }
     }
+}
+
+/// Options of [`QcowFile::create`], with `qemu-img create`'s defaults.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Bytes per cluster (512 to 2 MiB, a power of two).
+    pub cluster_size: u64,
+    /// Refcount width in bits (1, 2, 4, ..., 64).
+    pub refcount_bits: u32,
+    /// Backing file name (stored as given; relative names are resolved against the image).
+    pub backing_file: Option<String>,
+    /// Backing file format ("qcow2" or "raw").
+    pub backing_format: Option<String>,
+    /// Compatible feature: lazy refcounts.
+    pub lazy_refcounts: bool,
+    /// Incompatible feature: extended L2 entries (subclusters).
+    pub extended_l2: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            virtual_size: 0,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            backing_file: None,
+            backing_format: None,
+            lazy_refcounts: false,
+            extended_l2: false,
+        }
+    }
+}
+
+/// The feature name table QEMU writes into new images.
+fn feature_table() -> Vec<u8> {
+    let names: [(u8, u8, &str); 8] = [
+        (0, 0, "dirty bit"),
+        (0, 1, "corrupt bit"),
+        (0, 2, "external data file"),
+        (0, 3, "compression type"),
+        (0, 4, "extended L2 entries"),
+        (1, 0, "lazy refcounts"),
+        (2, 0, "bitmaps"),
+        (2, 1, "raw external data"),
+    ];
+    let mut v = Vec::new();
+    for (kind, bit, name) in names {
+        let mut e = [0u8; 48];
+        e[0] = kind;
+        e[1] = bit;
+        e[2..2 + name.len()].copy_from_slice(name.as_bytes());
+        v.extend_from_slice(&e);
+    }
+    v
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else { return };
+    // Best effort: a file system without hole punching keeps the bytes (the cluster is free
+    // either way).
+    #[allow(unsafe_code)]
+    // SAFETY: fallocate on a valid open descriptor with plain integer arguments.
+    unsafe {
+        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, l);
+    }
+}
+
+impl QcowFile {
+    /// Creates a new, empty v3 image (laid out as `qemu-img create` does: header, reftable,
+    /// refblock, L1) and opens it read-write.
+    pub fn create<P: AsRef<Path>>(path: P, opts: &CreateOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let cs = opts.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(Error::InvalidClusterSize(format!(
+                "cluster_size {cs} must be a power of two from 512 to 2 MiB"
+            )));
+        }
+        let cluster_bits = cs.trailing_zeros();
+        if !opts.refcount_bits.is_power_of_two() || opts.refcount_bits > 64 {
+            return Err(Error::UnsupportedFeature(format!(
+                "refcount_bits {} must be a power of two up to 64",
+                opts.refcount_bits
+            )));
+        }
+        if opts.extended_l2 && cluster_bits < crate::format::MIN_EXTENDED_L2_CLUSTER_BITS {
+            return Err(Error::InvalidClusterSize(format!(
+                "extended_l2 needs a cluster size of at least 16 KiB, not {cs}"
+            )));
+        }
+        let mut extensions = Vec::new();
+        if let Some(f) = &opts.backing_format {
+            if opts.backing_file.is_none() {
+                return Err(Error::UnsupportedFeature("backing_format given without backing_file".into()));
+            }
+            extensions.push(HeaderExtension { kind: EXT_BACKING_FORMAT, data: f.as_bytes().to_vec() });
+        }
+        extensions.push(HeaderExtension { kind: EXT_FEATURE_TABLE, data: feature_table() });
+        let mut h = QcowHeader {
+            magic: QCOW_MAGIC,
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits,
+            size: opts.virtual_size,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: cs,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: if opts.extended_l2 { INCOMPAT_EXTENDED_L2 } else { 0 },
+            compatible_features: if opts.lazy_refcounts { COMPAT_LAZY_REFCOUNTS } else { 0 },
+            autoclear_features: 0,
+            refcount_order: opts.refcount_bits.trailing_zeros(),
+            header_length: 112,
+            compression_type: 0,
+            extra_header_bytes: vec![0u8; 7],
+            extensions,
+            backing_file: opts.backing_file.clone(),
+        };
+        let l1_entries = h.l1_entries_needed();
+        h.l1_size = u32::try_from(l1_entries)
+            .ok()
+            .filter(|&n| u64::from(n) * 8 <= crate::format::MAX_L1_BYTES)
+            .ok_or_else(|| {
+                Error::UnsupportedFeature(format!("virtual size {} needs an L1 table above 32 MiB", opts.virtual_size))
+            })?;
+        let l1_clusters = (l1_entries * 8).div_ceil(cs);
+        let geo = crate::format::RefcountGeometry { cluster_bits, refcount_order: h.refcount_order };
+        // Header, reftable, refblocks, L1; refblocks and reftable sized to a fixed point.
+        let (mut rt, mut rb) = (1u64, 1u64);
+        loop {
+            let used = 1 + rt + rb + l1_clusters;
+            let rb2 = used.div_ceil(geo.refblock_entries());
+            let rt2 = (rb2 * 8).div_ceil(cs);
+            if (rb2, rt2) == (rb, rt) {
+                break;
+            }
+            (rb, rt) = (rb2, rt2);
+        }
+        h.refcount_table_clusters =
+            u32::try_from(rt).map_err(|_| Error::InvalidRefcountTableSize("too large".into()))?;
+        h.l1_table_offset = (1 + rt + rb) * cs;
+        let used = 1 + rt + rb + l1_clusters;
+        let header_bytes = h.to_bytes()?;
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .ctx(|| format!("creating '{}'", path.display()))?;
+        let mut raw = QcowRawFile::from(file, cs, h.refcount_order, true)?;
+        let reftable: Vec<u64> = (0..rb).map(|i| (1 + rt + i) * cs).collect();
+        raw.write_pointer_table(cs, &reftable, 0)?;
+        for i in 0..rb {
+            let first = i * geo.refblock_entries();
+            let counts: Vec<u64> = (first..(first + geo.refblock_entries()).min(used)).map(|_| 1).collect();
+            raw.write_refcount_block((1 + rt + i) * cs, &counts)?;
+        }
+        // The L1 table: zeros up to its last entry (like QEMU, the file may end mid-cluster).
+        raw.write_at(&vec![0u8; usize::try_from(l1_entries * 8).unwrap_or(0).max(8)], h.l1_table_offset, "L1 table")?;
+        raw.write_at(&header_bytes, 0, "header")?;
+        raw.sync()?;
+        drop(raw);
+        Self::open(path, OpenOptions { writable: true, rebuild: false })
+    }
+
+    /// Prepares the first write: the refcounts must be trustworthy, since the allocator hands
+    /// out clusters whose refcount is 0.
+    fn prepare_write(&mut self) -> Result<()> {
+        if !self.raw.writable() {
+            return Err(Error::ReadOnly(format!("'{}' is opened read-only", self.path.display())));
+        }
+        if self.refcounts_stale {
+            return Err(Error::RefcountRebuildRequired(
+                "the refcounts are stale (dirty bit set, or cluster 0 has refcount 0): open with rebuild=True or call rebuild_refcounts()".into(),
+            ));
+        }
+        if self.refcounts.is_some() {
+            return Ok(());
+        }
+        let report = check::check_image(&mut self.raw, &mut self.header, Repair::None, false)?;
+        if report.counts.corruptions > 0 || report.counts.check_errors > 0 {
+            return Err(Error::RefcountRebuildRequired(format!(
+                "the image has {} corruption(s) and {} check error(s) (refcounts or OFLAG_COPIED disagree with the tables); repair it (check(repair=\"all\")) before writing",
+                report.counts.corruptions, report.counts.check_errors
+            )));
+        }
+        self.refcounts = Some(RefcountManager::load(&mut self.raw, &self.header)?);
+        if self.header.lazy_refcounts() && !self.header.is_dirty() {
+            self.write_incompatible(self.header.incompatible_features | INCOMPAT_DIRTY)?;
+            self.set_dirty_bit = true;
+        }
+        // A writer must clear autoclear bits it does not maintain (bit 1, raw external data,
+        // is kept: qcowrs writes data at its guest offset).
+        let keep = crate::format::AUTOCLEAR_DATA_FILE_RAW | crate::format::AUTOCLEAR_BITMAPS;
+        if self.header.autoclear_features & !keep != 0 {
+            let v = self.header.autoclear_features & keep;
+            self.raw.write_at(
+                &v.to_be_bytes(),
+                crate::header::field_offset::AUTOCLEAR_FEATURES,
+                "header (autoclear_features)",
+            )?;
+            self.raw.sync()?;
+            self.header.autoclear_features = v;
+        }
+        Ok(())
+    }
+
+    fn write_incompatible(&mut self, v: u64) -> Result<()> {
+        self.raw.write_at(
+            &v.to_be_bytes(),
+            crate::header::field_offset::INCOMPATIBLE_FEATURES,
+            "header (incompatible_features)",
+        )?;
+        self.raw.sync()?;
+        self.header.incompatible_features = v;
+        Ok(())
+    }
+
+    fn rc(&mut self) -> Result<&mut RefcountManager> {
+        self.refcounts.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("refcounts not loaded".into()))
+    }
+
+    /// Allocates one cluster; returns its host offset.
+    fn alloc_cluster(&mut self) -> Result<u64> {
+        let cb = self.header.cluster_bits;
+        let rc =
+            self.refcounts.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("refcounts not loaded".into()))?;
+        Ok(rc.alloc(&mut self.raw, &mut self.header, 1)? << cb)
+    }
+
+    /// Defers dropping the references a removed L2 entry held.
+    fn free_entry_clusters(&mut self, entry: u64) -> Result<()> {
+        let cb = self.header.cluster_bits;
+        match classify_l2(entry, self.geo.extended, self.geo.data_file) {
+            L2Kind::Normal | L2Kind::ZeroAlloc if !self.geo.data_file => {
+                let c = (entry & L2E_OFFSET_MASK) >> cb;
+                self.rc()?.free_later(c);
+            }
+            L2Kind::Compressed => {
+                let (off, len) = self.geo.compressed.decode(entry & !(L2E_COPIED | L2E_COMPRESSED));
+                for c in (off >> cb)..=((off + len - 1) >> cb) {
+                    self.rc()?.free_later(c);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Inserts an L2 table into the cache; a dirty table evicted by it is written back after
+    /// the refcounts it depends on.
+    fn cache_l2(&mut self, offset: u64, table: L2Table, dirty: bool) -> Result<()> {
+        if let Some((k, t)) = self.l2_cache.insert(offset, table, dirty) {
+            self.write_refcounts_durably()?;
+            self.write_l2(k, &t)?;
+        }
+        Ok(())
+    }
+
+    fn write_l2(&mut self, offset: u64, t: &[u64]) -> Result<()> {
+        let mut buf = Vec::with_capacity(t.len() * 8);
+        for w in t {
+            buf.extend_from_slice(&w.to_be_bytes());
+        }
+        self.raw.write_at(&buf, offset, "L2 table")
+    }
+
+    /// Refblocks and reftable on disk and synced (together with the guest data written so far).
+    fn write_refcounts_durably(&mut self) -> Result<()> {
+        if let Some(rc) = self.refcounts.as_mut() {
+            if rc.is_dirty() {
+                rc.write_dirty_blocks(&mut self.raw)?;
+            }
+        }
+        self.raw.sync()?;
+        if let Some(f) = &self.data_file {
+            f.sync_data().ctx(|| "flushing the external data file".into())?;
+        }
+        Ok(())
+    }
+
+    /// The L2 table for `l1_index`, made private to the active image (allocated, or copied if
+    /// shared with a snapshot). Returns its host offset.
+    fn l2_for_write(&mut self, l1_index: u64) -> Result<u64> {
+        let i = usize::try_from(l1_index).map_err(|_| Error::InvalidClusterIndex("L1 index".into()))?;
+        let l1e = *self.l1_table.get(i).ok_or_else(|| {
+            Error::InvalidClusterIndex(format!("L1 index {l1_index} beyond l1_size {}", self.header.l1_size))
+        })?;
+        let old = l1e & L1E_OFFSET_MASK;
+        if old != 0 && l1e & L1E_COPIED != 0 {
+            if self.l2_cache.get(old).is_none() {
+                self.l2_table(l1_index)?;
+            }
+            return Ok(old);
+        }
+        let table: Vec<u64> = if old == 0 {
+            vec![0u64; usize::try_from(self.cluster_size() / 8).unwrap_or(0)]
+        } else {
+            self.l2_table(l1_index)?.map(|t| (*t).clone()).unwrap_or_default()
+        };
+        let new = self.alloc_cluster()?;
+        self.cache_l2(new, Arc::new(table), true)?;
+        self.l1_table[i] = new | L1E_COPIED;
+        self.l1_dirty.insert(i);
+        if old != 0 {
+            let cb = self.header.cluster_bits;
+            self.rc()?.free_later(old >> cb);
+        }
+        Ok(new)
+    }
+
+    /// The (entry, bitmap) of a cluster; zeros when its L2 table is absent.
+    fn l2_entry(&mut self, cluster_index: u64) -> Result<(u64, u64)> {
+        let l2_entries = self.header.l2_entries();
+        let stride = if self.geo.extended { 2 } else { 1 };
+        let Some(t) = self.l2_table(cluster_index / l2_entries)? else { return Ok((0, 0)) };
+        let i = usize::try_from((cluster_index % l2_entries) * stride).unwrap_or(0);
+        Ok((t[i], if stride == 2 { t[i + 1] } else { 0 }))
+    }
+
+    fn set_l2_entry(&mut self, cluster_index: u64, entry: u64, bitmap: u64) -> Result<()> {
+        let l2_entries = self.header.l2_entries();
+        let stride = if self.geo.extended { 2 } else { 1 };
+        let l2 = self.l2_for_write(cluster_index / l2_entries)?;
+        let i = usize::try_from((cluster_index % l2_entries) * stride).unwrap_or(0);
+        let t = self.l2_cache.get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from the cache", l2))?;
+        let t = Arc::make_mut(t);
+        t[i] = entry;
+        if stride == 2 {
+            t[i + 1] = bitmap;
+        }
+        Ok(())
+    }
+
+    fn check_guest_range(&self, offset: u64, len: u64, what: &str) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.virtual_size() => Ok(()),
+            _ => Err(Error::offset(
+                "guest offset",
+                offset,
+                format!(
+                    "{what} of 0x{len:x} bytes extends past the virtual size 0x{:x}; grow the disk with truncate()",
+                    self.virtual_size()
+                ),
+            )),
+        }
+    }
+
+    /// Writes guest data at `offset` (copy-on-write where clusters are shared, compressed,
+    /// zero or backed). Metadata is cached and reaches the disk on `flush()`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_guest_range(offset, buf.len() as u64, "write")?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.prepare_write()?;
+        self.compressed_cache = None;
+        let cs = self.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let in_cluster = usize::try_from(off & (cs - 1)).unwrap_or(0);
+            let n = (usize::try_from(cs).unwrap_or(0) - in_cluster).min(buf.len() - done);
+            self.write_cluster(off, &buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (within one cluster) at guest offset `off`.
+    fn write_cluster(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let cb = self.header.cluster_bits;
+        let ci = off >> cb;
+        let cluster_start = ci << cb;
+        let in_cluster = off - cluster_start;
+        let (entry, bitmap) = self.l2_entry(ci)?;
+        let kind = classify_l2(entry, self.geo.extended, self.geo.data_file);
+        let l1e = self.l1_table[usize::try_from(ci / self.header.l2_entries()).unwrap_or(0)];
+        let private = entry & L2E_COPIED != 0 && l1e & L1E_COPIED != 0;
+        let fully_allocated = !self.geo.extended || bitmap & 0xffff_ffff == 0xffff_ffff;
+        let host = entry & L2E_OFFSET_MASK;
+        if kind == L2Kind::Normal && private && fully_allocated {
+            return self.write_host(data, host + in_cluster);
+        }
+        // Build the whole cluster as the guest sees it, with the new data over it.
+        let mut full = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+        if data.len() as u64 != cs {
+            let n = self.read_at(&mut full, cluster_start)?;
+            full[n..].fill(0);
+        }
+        let s = usize::try_from(in_cluster).unwrap_or(0);
+        full[s..s + data.len()].copy_from_slice(data);
+        let reuse = matches!(kind, L2Kind::Normal | L2Kind::ZeroAlloc) && private;
+        let target = if self.geo.data_file {
+            cluster_start
+        } else if reuse {
+            host
+        } else {
+            self.alloc_cluster()?
+        };
+        self.write_host(&full, target)?;
+        let new_bitmap = if self.geo.extended { 0xffff_ffff } else { 0 };
+        self.set_l2_entry(ci, target | L2E_COPIED, new_bitmap)?;
+        if !reuse && !self.geo.data_file {
+            self.free_entry_clusters(entry)?;
+        }
+        Ok(())
+    }
+
+    fn write_host(&mut self, data: &[u8], host: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &self.data_file {
+            Some(f) => f.write_all_at(data, host).ctx(|| format!("writing the external data file at 0x{host:x}")),
+            None => self.raw.write_at(data, host, "guest data"),
+        }
+    }
+
+    /// Makes whole clusters read as zeros (the zero flag on v3; no data written) and writes
+    /// zeros into partial ones.
+    pub fn write_zeroes(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.zero_range(offset, length, false)
+    }
+
+    /// Frees the whole clusters of the range (on v3 they then read as zeros; on v2 they read
+    /// from the backing file, or as zeros without one); partial clusters are left unchanged.
+    /// Freed clusters are punched out of the host file on `flush()`.
+    pub fn discard(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.zero_range(offset, length, true)
+    }
+
+    fn zero_range(&mut self, offset: u64, length: u64, discard: bool) -> Result<()> {
+        self.check_guest_range(offset, length, if discard { "discard" } else { "write_zeroes" })?;
+        if length == 0 {
+            return Ok(());
+        }
+        self.prepare_write()?;
+        self.compressed_cache = None;
+        let cs = self.cluster_size();
+        let end = offset + length;
+        let mut off = offset;
+        while off < end {
+            let cluster_start = off & !(cs - 1);
+            let n = (cluster_start + cs).min(end) - off;
+            let whole = off == cluster_start && (n == cs || off + n == self.virtual_size());
+            if whole && !self.geo.data_file && (self.header.version >= 3 || self.backing.is_none() || discard) {
+                self.zero_cluster(off >> self.header.cluster_bits, discard)?;
+            } else if !discard {
+                let zeros = vec![0u8; usize::try_from(n).unwrap_or(0)];
+                self.write_cluster(off, &zeros)?;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn zero_cluster(&mut self, ci: u64, discard: bool) -> Result<()> {
+        let (entry, bitmap) = self.l2_entry(ci)?;
+        let kind = classify_l2(entry, self.geo.extended, self.geo.data_file);
+        let (new_entry, new_bitmap) = if self.header.version < 3 {
+            (0, 0)
+        } else if self.geo.extended {
+            (0, 0xffff_ffffu64 << 32)
+        } else {
+            (L2E_ZERO, 0)
+        };
+        let reads_zero_already = match kind {
+            L2Kind::ZeroPlain => true,
+            L2Kind::Unallocated => {
+                self.backing.is_none() && (!self.geo.extended || bitmap == new_bitmap || bitmap == 0)
+            }
+            _ => false,
+        };
+        if reads_zero_already && !(discard && kind == L2Kind::Unallocated && new_entry != 0 && self.backing.is_some()) {
+            return Ok(());
+        }
+        if (entry, bitmap) == (new_entry, new_bitmap) {
+            return Ok(());
+        }
+        self.set_l2_entry(ci, new_entry, new_bitmap)?;
+        self.free_entry_clusters(entry)
+    }
+
+    /// Grows the virtual size (shrinking is refused). The L1 table is reallocated if it must
+    /// grow; the header switches to it in one write.
+    pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        if new_size < self.virtual_size() {
+            return Err(Error::UnsupportedFeature(format!(
+                "shrinking the virtual size from {} to {new_size} bytes would drop guest data; only growing is supported",
+                self.virtual_size()
+            )));
+        }
+        if new_size == self.virtual_size() {
+            return Ok(());
+        }
+        self.prepare_write()?;
+        let mut grown = self.header.clone();
+        grown.size = new_size;
+        let needed = grown.l1_entries_needed();
+        if needed > u64::from(self.header.l1_size) {
+            let entries = u32::try_from(needed)
+                .ok()
+                .filter(|&n| u64::from(n) * 8 <= crate::format::MAX_L1_BYTES)
+                .ok_or_else(|| Error::UnsupportedFeature(format!("size {new_size} needs an L1 table above 32 MiB")))?;
+            self.flush()?;
+            let cs = self.cluster_size();
+            let cb = self.header.cluster_bits;
+            let clusters = (u64::from(entries) * 8).div_ceil(cs);
+            let first = {
+                let rc = self
+                    .refcounts
+                    .as_mut()
+                    .ok_or_else(|| Error::RefcountRebuildRequired("refcounts not loaded".into()))?;
+                rc.alloc(&mut self.raw, &mut self.header, clusters)?
+            };
+            let mut l1 = self.l1_table.clone();
+            l1.resize(entries as usize, 0);
+            let mut buf = vec![0u8; usize::try_from(clusters * cs).unwrap_or(0)];
+            for (c, e) in buf.chunks_exact_mut(8).zip(&l1) {
+                c.copy_from_slice(&e.to_be_bytes());
+            }
+            self.write_refcounts_durably()?;
+            self.raw.write_at(&buf, first << cb, "new L1 table")?;
+            self.raw.sync()?;
+            let mut commit = [0u8; 12];
+            commit[..4].copy_from_slice(&entries.to_be_bytes());
+            commit[4..].copy_from_slice(&(first << cb).to_be_bytes());
+            self.raw.write_at(&commit, crate::header::field_offset::L1_SIZE, "header (l1_size, l1_table_offset)")?;
+            self.raw.sync()?;
+            let old = (self.header.l1_table_offset >> cb, (u64::from(self.header.l1_size) * 8).div_ceil(cs));
+            self.header.l1_size = entries;
+            self.header.l1_table_offset = first << cb;
+            self.l1_table = l1;
+            for k in 0..old.1 {
+                self.rc()?.free_later(old.0 + k);
+            }
+        }
+        self.raw.write_at(&new_size.to_be_bytes(), crate::header::field_offset::SIZE, "header (size)")?;
+        self.raw.sync()?;
+        self.header.size = new_size;
+        self.flush()
+    }
+
+    /// Makes everything written so far durable, in an order that leaves only leaks after a
+    /// crash at any point: guest data and refcounts (synced) before L2 tables (synced) before
+    /// L1 entries (synced); references dropped before the refcounts of what they pointed at.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.raw.writable() || self.refcounts.is_none() {
+            return Ok(());
+        }
+        self.write_refcounts_durably()?;
+        let dirty_l2 = self.l2_cache.dirty_keys();
+        if !dirty_l2.is_empty() {
+            for k in &dirty_l2 {
+                if let Some(t) = self.l2_cache.get(*k).cloned() {
+                    self.write_l2(*k, &t)?;
+                }
+                self.l2_cache.mark_clean(*k);
+            }
+            self.raw.sync()?;
+        }
+        if !self.l1_dirty.is_empty() {
+            let l1_offset = self.header.l1_table_offset;
+            for i in std::mem::take(&mut self.l1_dirty) {
+                let e = self.l1_table[i];
+                self.raw.write_at(&e.to_be_bytes(), l1_offset + 8 * i as u64, "L1 entry")?;
+            }
+            self.raw.sync()?;
+        }
+        let has_frees = self.refcounts.as_ref().is_some_and(RefcountManager::has_pending_frees);
+        if has_frees {
+            let freed = {
+                let rc = self
+                    .refcounts
+                    .as_mut()
+                    .ok_or_else(|| Error::RefcountRebuildRequired("refcounts not loaded".into()))?;
+                rc.apply_frees(&mut self.raw, &mut self.header)?
+            };
+            self.write_refcounts_durably()?;
+            let cs = self.cluster_size();
+            let cb = self.header.cluster_bits;
+            for c in freed {
+                punch_hole(self.raw.file(), c << cb, cs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes and, if this handle set the dirty bit (lazy refcounts), clears it.
+    pub fn close(&mut self) -> Result<()> {
+        self.flush()?;
+        if self.set_dirty_bit {
+            self.write_incompatible(self.header.incompatible_features & !INCOMPAT_DIRTY)?;
+            self.set_dirty_bit = false;
+        }
+        self.refcounts = None;
+        Ok(())
+    }
+}
+
+impl Drop for QcowFile {
+    fn drop(&mut self) {
+        // Best effort; callers that care use `close()` and see its errors.
+        let _ = self.close();
+    }
+}
+
+impl io::Write for QcowFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_at(buf, self.position)?;
+        self.position += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(QcowFile::flush(self)?)
+    }
+}
+
+#[allow(dead_code)]
+fn decode_table(buf: &[u8]) -> Vec<u64> {
+    buf.chunks_exact(8).map(be_u64).collect()
 }

@@ -36,3 +36,27 @@ pub(crate) fn with_writable_buffer<R: Send>(
     drop(buf);
     Ok(r)
 }
+
+/// Runs `f` on the bytes of any C-contiguous buffer (`bytes`, `bytearray`, `memoryview`, ...)
+/// without copying, detached from the interpreter.
+#[allow(unsafe_code)]
+pub(crate) fn with_readable_buffer<R: Send>(
+    py: Python<'_>,
+    obj: &Bound<'_, PyAny>,
+    f: impl FnOnce(&[u8]) -> R + Send,
+) -> PyResult<R> {
+    let buf = PyUntypedBuffer::get(obj)?;
+    if !buf.is_c_contiguous() {
+        return Err(PyBufferError::new_err("write() needs a C-contiguous buffer"));
+    }
+    let ptr = buf.buf_ptr() as usize;
+    let len = buf.len_bytes();
+    let r = py.detach(move || {
+        // SAFETY: as in `with_writable_buffer`: the export held by `buf` pins `len` bytes at
+        // `ptr` until after this closure returns; we only read them.
+        let slice: &[u8] = if len == 0 { &[] } else { unsafe { std::slice::from_raw_parts(ptr as *const u8, len) } };
+        f(slice)
+    });
+    drop(buf);
+    Ok(r)
+}

@@ -8,11 +8,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::buffer::with_writable_buffer;
+use super::buffer::{with_readable_buffer, with_writable_buffer};
 use super::report::PyCheckReport;
 use super::types::PyQcowHeader;
 use crate::error::Error;
-use crate::qcow_file::{OpenOptions, QcowFile};
+use crate::qcow_file::{CreateOptions, OpenOptions, QcowFile};
 
 /// A qcow2 image (native layer; use `qcowrs.QcowFile`).
 #[pyclass(name = "QcowFile", module = "qcowrs._qcowrs", frozen)]
@@ -40,6 +40,73 @@ impl PyQcowFile {
     fn open(py: Python<'_>, path: PathBuf, writable: bool, rebuild: bool) -> PyResult<Self> {
         let q = py.detach(|| QcowFile::open(&path, OpenOptions { writable, rebuild }))?;
         Ok(PyQcowFile { inner: Mutex::new(Some(q)) })
+    }
+
+    /// Creates a new v3 image and opens it read-write.
+    #[staticmethod]
+    #[pyo3(signature = (path, virtual_size, cluster_size = 65536, refcount_bits = 16, backing_file = None,
+                        backing_format = None, lazy_refcounts = false, extended_l2 = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        py: Python<'_>,
+        path: PathBuf,
+        virtual_size: u64,
+        cluster_size: u64,
+        refcount_bits: u32,
+        backing_file: Option<String>,
+        backing_format: Option<String>,
+        lazy_refcounts: bool,
+        extended_l2: bool,
+    ) -> PyResult<Self> {
+        let opts = CreateOptions {
+            virtual_size,
+            cluster_size,
+            refcount_bits,
+            backing_file,
+            backing_format,
+            lazy_refcounts,
+            extended_l2,
+        };
+        let q = py.detach(|| QcowFile::create(&path, &opts))?;
+        Ok(PyQcowFile { inner: Mutex::new(Some(q)) })
+    }
+
+    /// Writes the bytes of `buf` (any C-contiguous buffer) at guest `offset`, with the GIL
+    /// released; returns the number of bytes written.
+    fn write_at(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: u64) -> PyResult<usize> {
+        with_readable_buffer(py, buf, |data| {
+            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match g.as_mut() {
+                Some(q) => q.write_at(data, offset).map(|()| data.len()).map_err(PyErr::from),
+                None => Err(PyValueError::new_err("I/O operation on closed file")),
+            }
+        })?
+    }
+
+    /// Makes `[offset, offset+length)` read as zeros (zero flag for whole clusters).
+    fn write_zeroes(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
+        self.with(py, |q| q.write_zeroes(offset, length))
+    }
+
+    /// Frees the whole clusters of `[offset, offset+length)`.
+    fn discard(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
+        self.with(py, |q| q.discard(offset, length))
+    }
+
+    /// Grows the virtual size to `size` bytes.
+    fn truncate(&self, py: Python<'_>, size: u64) -> PyResult<()> {
+        self.with(py, |q| q.truncate(size))
+    }
+
+    /// Makes everything written so far durable; the image is then consistent on disk.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, QcowFile::flush)
+    }
+
+    /// Whether the image was opened read-write.
+    #[getter]
+    fn writable(&self, py: Python<'_>) -> PyResult<bool> {
+        self.with(py, |q| Ok(q.raw_file().writable()))
     }
 
     /// Guest-visible size in bytes.
@@ -117,12 +184,16 @@ impl PyQcowFile {
         Ok(r.as_ref().map(PyCheckReport::from))
     }
 
-    /// Closes the image (idempotent).
-    fn close(&self, py: Python<'_>) {
+    /// Flushes and closes the image (idempotent). The image is closed even if the final
+    /// flush fails; the error is raised.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| {
             let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            g.take();
-        });
+            match g.take() {
+                Some(mut q) => q.close().map_err(PyErr::from),
+                None => Ok(()),
+            }
+        })
     }
 
     /// Whether `close()` was called.
