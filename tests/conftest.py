@@ -679,3 +679,103 @@ def copy_image(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path
     """Copies an image keeping holes sparse (cp --sparse=always), so huge sparse files are cheap."""
     run(["cp", "--sparse=always", os.fspath(src), os.fspath(dst)])
     return Path(dst)
+
+
+# --------------------------------------------------------------------------------------------
+# Write-path helpers (test_write.py, test_write_model.py, test_crash.py): a guest-content model
+# and QEMU oracles usable while qcowrs still holds the image open.
+
+
+def pattern_bytes(n: int, seed: int) -> bytes:
+    """`n` deterministic, incompressible bytes (distinct for distinct seeds)."""
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+class GuestModel:
+    """The guest disk as a bytearray, updated the way qcowrs' write API is specified to act."""
+
+    def __init__(self, content: bytes | bytearray, cluster_size: int) -> None:
+        self.data = bytearray(content)
+        self.cluster_size = cluster_size
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def write(self, offset: int, buf: bytes) -> None:
+        assert 0 <= offset and offset + len(buf) <= self.size, (offset, len(buf), self.size)
+        self.data[offset : offset + len(buf)] = buf
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        assert 0 <= offset and offset + length <= self.size, (offset, length, self.size)
+        self.data[offset : offset + length] = bytes(length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """v3 semantics: the whole clusters inside the range read as zeros, partial clusters
+        keep their content. A range reaching the end of the disk covers its last (partial)
+        cluster too only if that cluster starts inside the range; the model does not guess
+        there and callers keep virtual sizes cluster aligned."""
+        cs = self.cluster_size
+        start = -(-offset // cs) * cs
+        end = (offset + length) // cs * cs
+        if end > start:
+            self.data[start:end] = bytes(end - start)
+
+    def truncate(self, new_size: int) -> None:
+        assert new_size >= self.size
+        self.data += bytes(new_size - self.size)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def qemu_check_shared(path: str | os.PathLike[str]) -> tuple[int, dict[str, Any], str]:
+    """`qemu-img check -U --output=json`: usable while another process holds the image open."""
+    proc = qemu_img("check", "-U", "--output=json", path, check=False)
+    data: dict[str, Any] = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return proc.returncode, data, proc.stderr
+
+
+def assert_qemu_check(
+    path: str | os.PathLike[str], what: str = "", *, allow_leaks: bool = False, shared: bool = False
+) -> dict[str, Any]:
+    """qemu-img check finds no corruption and no check error (and no leak unless allowed)."""
+    rc, data, err = qemu_check_shared(path) if shared else qemu_check(path)
+    ok = (0, 3) if allow_leaks else (0,)
+    good = (
+        rc in ok
+        and not data.get("corruptions")
+        and data.get("check-errors") == 0
+        and (allow_leaks or not data.get("leaks"))
+    )
+    assert good, f"{what}: qemu-img check (exit {rc}): {data}\n{err[-3000:]}"
+    return data
+
+
+def qcowrs_read_all(path: str | os.PathLike[str]) -> bytes:
+    """The whole guest disk read through qcowrs (small images only)."""
+    import qcowrs
+
+    with qcowrs.QcowFile.open(path, mode="rb") as f:
+        f.seek(0)
+        data = f.read(f.virtual_size)
+        assert len(data) == f.virtual_size
+        return bytes(data)
+
+
+def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> str:
+    """A short description of where two byte strings differ (for assertion messages)."""
+    if len(a) != len(b):
+        return f"lengths differ: {len(a)} != {len(b)}"
+    step = 4096
+    for off in range(0, len(a), step):
+        if a[off : off + step] != b[off : off + step]:
+            for i in range(off, min(off + step, len(a))):
+                if a[i] != b[i]:
+                    j = i
+                    while j < len(a) and a[j] != b[j]:
+                        j += 1
+                    return f"first difference at {i:#x} (run of {j - i} bytes): {a[i]:#04x} != {b[i]:#04x}"
+    return "equal"

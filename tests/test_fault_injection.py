@@ -31,7 +31,15 @@ from conftest import (
     requires_qemu,
     set_header_bits,
 )
-from test_rebuild import BASES, _zero_cluster0, _zero_refblock0, data_host_clusters
+from test_rebuild import (
+    BASES,
+    _nothing,
+    _set_dirty,
+    _truncate_reftable,
+    _zero_cluster0,
+    _zero_refblock0,
+    data_host_clusters,
+)
 
 pytestmark = requires_qemu
 
@@ -55,6 +63,10 @@ IMAGES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "c512_dirty": ("c512", _c512_dirty_stale),
     # internal snapshots, refblock 0 zeroed
     "snapshots_refblock": ("snapshots", _zero_refblock0),
+    # 512 B clusters, 64-bit refcounts, reftable cut to 1 cluster: the rebuild grows it
+    "reftable_growth": ("c512_rt2", lambda p: (_truncate_reftable(p), _set_dirty(p))),
+    # lazy refcounts after a qemu-io abort: dirty bit, refcounts missing
+    "lazy_abort": ("lazy_abort", _nothing),
 }
 
 
