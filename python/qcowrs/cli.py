@@ -114,6 +114,65 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     return int(r.exit_code)
 
 
+_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def _size(text: str) -> int:
+    """Parses a size like qemu-img: a number with an optional K/M/G/T/P suffix (powers of 2)."""
+    t = text.strip().upper().removesuffix("IB")
+    unit = t[-1] if t and t[-1] in _SUFFIXES else ""
+    number = t[: len(t) - len(unit)] if unit else t
+    try:
+        value = float(number) * _SUFFIXES[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+    if value < 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+    return int(value)
+
+
+def _options(text: str | None) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if item:
+            key, _, value = item.partition("=")
+            opts[key.strip()] = value.strip()
+    return opts
+
+
+def _flag(opts: dict[str, str], key: str) -> bool:
+    return opts.get(key, "off").lower() in ("on", "true", "yes", "1")
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    opts = _options(args.o)
+    known = {"cluster_size", "refcount_bits", "lazy_refcounts", "extended_l2", "backing_fmt"}
+    unknown = set(opts) - known
+    if unknown:
+        print(f"qcowrs: unknown option(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 1
+    f = QcowFile.create(
+        args.image,
+        args.size,
+        cluster_size=_size(opts.get("cluster_size", "65536")),
+        refcount_bits=int(opts.get("refcount_bits", "16")),
+        backing_file=args.b,
+        backing_format=args.F or opts.get("backing_fmt"),
+        lazy_refcounts=_flag(opts, "lazy_refcounts"),
+        extended_l2=_flag(opts, "extended_l2"),
+    )
+    f.close()
+    print(f"Formatting '{args.image}', fmt=qcow2 size={args.size}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from qcowrs._convert import convert
+
+    convert(args.src, args.dst, args.O, progress=sys.stderr.isatty())
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcowrs", description="qcow2 images: inspect, check, repair")
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,6 +189,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-r", dest="repair", choices=["leaks", "all"], default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_check)
+    s = sub.add_parser("create", help="create an image, like qemu-img create -f qcow2")
+    s.add_argument("image")
+    s.add_argument("size", type=_size)
+    s.add_argument("-o", help="cluster_size=..,refcount_bits=..,lazy_refcounts=on,extended_l2=on")
+    s.add_argument("-b", help="backing file")
+    s.add_argument("-F", help="backing file format (qcow2 or raw)")
+    s.set_defaults(func=_cmd_create)
+    s = sub.add_parser("convert", help="copy a qcow2 image's guest content to raw or qcow2")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("-O", choices=["raw", "qcow2"], default="raw")
+    s.set_defaults(func=_cmd_convert)
     s = sub.add_parser("rebuild", help="rebuild the refcount structure")
     s.add_argument("image")
     s.add_argument("--json", action="store_true")

@@ -1,0 +1,74 @@
+"""``qcowrs convert``: copy the guest content of a qcow2 image to a raw file or a new qcow2
+image, skipping what reads as zeros (the target stays sparse)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from qcowrs._file import QcowFile
+
+_CHUNK = 4 << 20
+
+
+def _data_extents(src: QcowFile) -> list[tuple[int, int]]:
+    """Ranges that may hold non-zero data. With a backing file, everything may."""
+    if src.header.backing_file:
+        return [(0, src.virtual_size)]
+    return [(s, n) for s, n, kind in src.allocated_ranges() if kind != "zero"]
+
+
+def convert(src_path: str, dst_path: str, fmt: str = "raw", progress: bool = False) -> None:
+    """Copies ``src_path``'s guest content to ``dst_path`` as ``fmt`` ("raw" or "qcow2")."""
+    with QcowFile.open(src_path, mode="rb") as src:
+        size = src.virtual_size
+        extents = _data_extents(src)
+        total = sum(n for _, n in extents)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert")
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        zero = bytes(_CHUNK)
+        if fmt == "raw":
+            with open(dst_path, "wb") as dst:
+                dst.truncate(size)
+                _copy(src, extents, view, zero, lambda off, b: os.pwrite(dst.fileno(), b, off), bar)
+        else:
+            with QcowFile.create(dst_path, size, cluster_size=src.cluster_size) as dst:
+
+                def put(off: int, b: memoryview) -> None:
+                    dst.seek(off)
+                    dst.write(b)
+
+                _copy(src, extents, view, zero, put, bar)
+        if bar is not None:
+            bar.close()
+
+
+def _copy(
+    src: QcowFile,
+    extents: list[tuple[int, int]],
+    view: memoryview,
+    zero: bytes,
+    put: Callable[[int, memoryview], Any],
+    bar: Any,
+) -> None:
+    for start, length in extents:
+        off = start
+        end = start + length
+        while off < end:
+            n = min(_CHUNK, end - off)
+            src.seek(off)
+            got = src.readinto(view[:n])
+            chunk = view[:got]
+            if chunk != zero[:got]:
+                put(off, chunk)
+            off += got
+            if bar is not None:
+                bar.update(got)
+            if got == 0:
+                break
