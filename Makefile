@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP_PACKAGES := "maturin>=1.9.4,<2" pytest hypothesis pytest-timeout ruff mypy
+PIP_PACKAGES := "maturin>=1.9.4,<2" pytest hypothesis pytest-timeout ruff mypy tqdm
 
 .PHONY: help setup dev test test-rust test-python lint fmt demo bench clean
 
