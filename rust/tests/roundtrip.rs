@@ -1,6 +1,7 @@
 //! Round trips through the public Rust API: create, write, reopen, read; check and rebuild;
 //! and a table of corrupt headers, one patched field each, with the exact error variant.
 
+#![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 
