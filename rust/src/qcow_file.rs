@@ -12,7 +12,7 @@ use crate::error::{Error, IoContext, Result};
 use std::collections::BTreeSet;
 
 use crate::format::{
-    be_u64, CompressedLayout, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, INCOMPAT_DIRTY,
+    CompressedLayout, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, INCOMPAT_DIRTY,
     INCOMPAT_EXTENDED_L2, L1E_COPIED, L1E_OFFSET_MASK, L2E_COMPRESSED, L2E_COPIED, L2E_OFFSET_MASK, L2E_ZERO,
     QCOW_MAGIC,
 };
@@ -1183,9 +1183,4 @@ impl io::Write for QcowFile {
     fn flush(&mut self) -> io::Result<()> {
         Ok(QcowFile::flush(self)?)
     }
-}
-
-#[allow(dead_code)]
-fn decode_table(buf: &[u8]) -> Vec<u64> {
-    buf.chunks_exact(8).map(be_u64).collect()
 }
