@@ -1,9 +1,25 @@
 """Type stubs for the native module (hand-written; keep in step with rust/src/python/)."""
 
-from collections.abc import Buffer
+from typing import final
+
+from typing_extensions import Buffer
+
+__all__ = [
+    "CheckReport",
+    "Problem",
+    "QcowFile",
+    "QcowHeader",
+    "QcowRawFile",
+    "__version__",
+    "_fail_after_ops",
+    "_io_ops",
+    "check",
+    "rebuild_refcounts",
+]
 
 __version__: str
 
+@final
 class QcowHeader:
     magic: int
     version: int
@@ -40,12 +56,14 @@ class QcowHeader:
     def to_bytes(self) -> bytes: ...
     def to_dict(self) -> dict[str, object]: ...
 
+@final
 class Problem:
     kind: str
     host_offset: int | None
     guest_offset: int | None
     message: str
 
+@final
 class CheckReport:
     check_errors: int
     corruptions: int
@@ -64,6 +82,7 @@ class CheckReport:
     is_clean: bool
     def to_dict(self) -> dict[str, int]: ...
 
+@final
 class QcowRawFile:
     @staticmethod
     def open(path: str, writable: bool = False) -> QcowRawFile: ...
@@ -78,6 +97,7 @@ class QcowRawFile:
     def read_refcount_block(self, offset: int) -> list[int]: ...
     def write_refcount_block(self, offset: int, refcounts: list[int]) -> None: ...
 
+@final
 class QcowFile:
     @staticmethod
     def open(path: str, writable: bool = False, rebuild: bool = False) -> QcowFile: ...
