@@ -705,11 +705,11 @@ class GuestModel:
         return len(self.data)
 
     def write(self, offset: int, buf: bytes) -> None:
-        assert 0 <= offset and offset + len(buf) <= self.size, (offset, len(buf), self.size)
+        assert 0 <= offset <= offset + len(buf) <= self.size, (offset, len(buf), self.size)
         self.data[offset : offset + len(buf)] = buf
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        assert 0 <= offset and offset + length <= self.size, (offset, length, self.size)
+        assert 0 <= offset <= offset + length <= self.size, (offset, length, self.size)
         self.data[offset : offset + length] = bytes(length)
 
     def discard(self, offset: int, length: int) -> None:
@@ -777,5 +777,8 @@ def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> str:
                     j = i
                     while j < len(a) and a[j] != b[j]:
                         j += 1
-                    return f"first difference at {i:#x} (run of {j - i} bytes): {a[i]:#04x} != {b[i]:#04x}"
+                    return (
+                        f"first difference at {i:#x} (run of {j - i} bytes): "
+                        f"{a[i]:#04x} != {b[i]:#04x}"
+                    )
     return "equal"
