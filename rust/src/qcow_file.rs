@@ -45,6 +45,13 @@ enum Backing {
 }
 
 impl Backing {
+    fn size(&self) -> u64 {
+        match self {
+            Backing::Qcow(q) => q.virtual_size(),
+            Backing::Raw { len, .. } => *len,
+        }
+    }
+
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let n = match self {
             Backing::Qcow(q) => q.read_at(buf, offset)?,
@@ -1103,10 +1110,17 @@ impl QcowFile {
                 self.rc()?.free_later(old.0 + k);
             }
         }
-        self.raw.write_at(&new_size.to_be_bytes(), crate::header::field_offset::SIZE, "header (size)")?;
-        self.raw.sync()?;
+        // The new area reads as zeros even where a longer backing file has data (as QEMU).
+        // Those zero entries are made durable before the header exposes the area.
+        let old_size = self.virtual_size();
         self.header.size = new_size;
-        self.flush()
+        let backing_end = self.backing.as_ref().map_or(0, Backing::size).min(new_size);
+        if backing_end > old_size {
+            self.write_zeroes(old_size, backing_end - old_size)?;
+        }
+        self.flush()?;
+        self.raw.write_at(&new_size.to_be_bytes(), crate::header::field_offset::SIZE, "header (size)")?;
+        self.raw.sync()
     }
 
     /// Makes everything written so far durable, in an order that leaves only leaks after a
