@@ -168,7 +168,7 @@ impl QcowFile {
             ));
         }
         let mut raw = QcowRawFile::from(file, header.cluster_size(), header.refcount_order, opts.writable)?;
-        let refcounts_stale = opts.writable && check::refcounts_stale(&mut raw, &header);
+        let refcounts_stale = check::refcounts_stale(&mut raw, &header);
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         raw.read_table_bytes(header.l1_table_offset, &mut l1_bytes, "l1_table_offset (L1 table)")?;
         let l1_table = l1_bytes.chunks_exact(8).map(crate::format::be_u64).collect();
@@ -763,6 +763,23 @@ impl QcowFile {
         if self.header.lazy_refcounts() && !self.header.is_dirty() {
             self.write_incompatible(self.header.incompatible_features | INCOMPAT_DIRTY)?;
             self.set_dirty_bit = true;
+        }
+        // Persistent dirty bitmaps are not updated by qcowrs: flag them in_use (as QEMU does
+        // while it has an image open), so that no one trusts one that misses our writes.
+        if self.header.autoclear_features & crate::format::AUTOCLEAR_BITMAPS != 0 {
+            let dir = crate::snapshot::read_bitmap_directory(&self.raw, &self.header)?;
+            let mut changed = false;
+            for b in dir.iter().filter(|b| b.flags & 1 == 0) {
+                self.raw.write_at(
+                    &(b.flags | 1).to_be_bytes(),
+                    b.entry_offset + 12,
+                    "bitmap directory entry (in_use)",
+                )?;
+                changed = true;
+            }
+            if changed {
+                self.raw.sync()?;
+            }
         }
         // A writer must clear autoclear bits it does not maintain (bit 1, raw external data,
         // is kept: qcowrs writes data at its guest offset).

@@ -95,6 +95,10 @@ pub fn read_snapshot_table(raw: &QcowRawFile, h: &QcowHeader) -> Result<Snapshot
 /// One bitmap of the bitmap directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapEntry {
+    /// Offset of this directory entry in the host file.
+    pub entry_offset: u64,
+    /// Flags (bit 0 in_use, bit 1 auto).
+    pub flags: u32,
     /// The bitmap table.
     pub bitmap_table_offset: u64,
     /// Entries in the bitmap table.
@@ -131,7 +135,14 @@ pub fn read_bitmap_directory(raw: &QcowRawFile, h: &QcowHeader) -> Result<Vec<Bi
             ));
         }
         let name = String::from_utf8_lossy(&e[24 + extra..end]).into_owned();
-        out.push(BitmapEntry { bitmap_table_offset, bitmap_table_size, name });
+        let flags = be_u32_at(e, 12);
+        out.push(BitmapEntry {
+            entry_offset: ext.bitmap_directory_offset + off as u64,
+            flags,
+            bitmap_table_offset,
+            bitmap_table_size,
+            name,
+        });
         off += end.div_ceil(8) * 8;
     }
     Ok(out)
