@@ -542,15 +542,26 @@ pub fn check_path(path: &Path, repair: Repair, force_rebuild: bool) -> Result<Ch
     let writable = repair != Repair::None;
     let file =
         FsOpenOptions::new().read(true).write(writable).open(path).ctx(|| format!("opening '{}'", path.display()))?;
+    crate::lock::lock_image(&file, writable, &format!("'{}'", path.display()))?;
     let mut h = QcowHeader::read_from_lenient(&file)?;
     let mut raw = QcowRawFile::from(file, h.cluster_size(), h.refcount_order, writable)?;
-    let first = check_image(&mut raw, &mut h, repair, force_rebuild)?;
+    check_file(&mut raw, &mut h, repair, force_rebuild)
+}
+
+/// [`check_path`] on an image that is already open (and locked).
+pub fn check_file(
+    raw: &mut QcowRawFile,
+    h: &mut QcowHeader,
+    repair: Repair,
+    force_rebuild: bool,
+) -> Result<CheckReport> {
+    let first = check_image(raw, h, repair, force_rebuild)?;
     if repair == Repair::None
         || (first.counts.corruptions_fixed == 0 && first.counts.leaks_fixed == 0 && !first.rebuilt)
     {
         return Ok(first);
     }
-    let mut second = check_image(&mut raw, &mut h, Repair::None, false)?;
+    let mut second = check_image(raw, h, Repair::None, false)?;
     second.counts.corruptions_fixed = first.counts.corruptions_fixed;
     second.counts.leaks_fixed = first.counts.leaks_fixed;
     second.rebuilt = first.rebuilt;

@@ -52,6 +52,9 @@ pub enum Error {
     /// The refcounts cannot be trusted: a write needs a rebuild first.
     #[error("refcount rebuild required: {0}")]
     RefcountRebuildRequired(String),
+    /// Another process (QEMU or qcowrs) uses the image in a conflicting way.
+    #[error("image locked: {0}")]
+    Locked(String),
     /// The operation needs an image opened read-write.
     #[error("image is opened read-only: {0}")]
     ReadOnly(String),
@@ -90,6 +93,7 @@ impl From<Error> for io::Error {
         match e {
             Error::Io { source, context } => io::Error::new(source.kind(), Error::Io { context, source }),
             Error::ReadOnly(_) => io::Error::new(io::ErrorKind::PermissionDenied, e),
+            Error::Locked(_) => io::Error::new(io::ErrorKind::ResourceBusy, e),
             Error::UnsupportedFeature(_) | Error::UnsupportedVersion(_) => {
                 io::Error::new(io::ErrorKind::Unsupported, e)
             }

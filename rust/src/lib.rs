@@ -20,6 +20,7 @@ pub mod compression;
 pub mod error;
 pub mod format;
 pub mod header;
+pub mod lock;
 pub mod mapping;
 pub mod qcow_file;
 pub mod raw_file;

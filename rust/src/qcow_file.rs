@@ -160,6 +160,7 @@ impl QcowFile {
             .write(opts.writable)
             .open(path)
             .ctx(|| format!("opening '{}'", path.display()))?;
+        crate::lock::lock_image(&file, opts.writable, &format!("'{}'", path.display()))?;
         let header = QcowHeader::read_from(&file)?;
         if opts.writable && header.is_corrupt() {
             return Err(Error::corrupt(
@@ -177,13 +178,13 @@ impl QcowFile {
             Some(name) if header.has_data_file() => {
                 check_plain_file_name(&name, "data file")?;
                 let p = resolve_relative(path, &name);
-                Some(
-                    FsOpenOptions::new()
-                        .read(true)
-                        .write(opts.writable)
-                        .open(&p)
-                        .ctx(|| format!("opening external data file '{}' of '{}'", p.display(), path.display()))?,
-                )
+                let f = FsOpenOptions::new()
+                    .read(true)
+                    .write(opts.writable)
+                    .open(&p)
+                    .ctx(|| format!("opening external data file '{}' of '{}'", p.display(), path.display()))?;
+                crate::lock::lock_image(&f, opts.writable, &format!("external data file '{}'", p.display()))?;
+                Some(f)
             }
             _ => None,
         };
@@ -228,6 +229,7 @@ impl QcowFile {
     fn rebuild_if_stale(path: &Path) -> Result<Option<CheckReport>> {
         let file =
             FsOpenOptions::new().read(true).write(true).open(path).ctx(|| format!("opening '{}'", path.display()))?;
+        crate::lock::lock_image(&file, true, &format!("'{}'", path.display()))?;
         let mut h = QcowHeader::read_from_lenient(&file)?;
         if h.is_corrupt() {
             // Refused by the normal open below, with the reason.
@@ -251,7 +253,8 @@ impl QcowFile {
         if self.raw.writable() && !self.refcounts_stale {
             self.flush()?;
         }
-        check::check_path(&self.path, Repair::None, false)
+        let mut h = self.header.clone();
+        check::check_file(&mut self.raw, &mut h, Repair::None, false)
     }
 
     /// Rebuilds the refcount structure (and repairs what `qemu-img check -r all` would), then
@@ -263,8 +266,13 @@ impl QcowFile {
         if !self.refcounts_stale {
             self.flush()?;
         }
-        let report = check::check_path(&self.path, Repair::All, true)?;
+        // Everything cached is dropped and re-read after the repair.
+        self.refcounts = None;
+        self.l1_dirty.clear();
+        self.l2_cache.clear();
+        let report = check::check_file(&mut self.raw, &mut self.header, Repair::All, true);
         self.reload()?;
+        let report = report?;
         Ok(report)
     }
 
@@ -304,6 +312,7 @@ impl QcowFile {
         }
         let p = resolve_relative(image, name);
         let file = File::open(&p).ctx(|| format!("opening backing file '{}' of '{}'", p.display(), image.display()))?;
+        crate::lock::lock_image(&file, false, &format!("backing file '{}'", p.display()))?;
         let is_qcow2 = match format {
             Some("qcow2") => true,
             Some("raw") => false,
@@ -625,15 +634,11 @@ fn feature_table() -> Vec<u8> {
 }
 
 fn punch_hole(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
+    use nix::fcntl::{fallocate, FallocateFlags};
     let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else { return };
     // Best effort: a file system without hole punching keeps the bytes (the cluster is free
     // either way).
-    #[allow(unsafe_code)]
-    // SAFETY: fallocate on a valid open descriptor with plain integer arguments.
-    unsafe {
-        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, l);
-    }
+    let _ = fallocate(file, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, off, l);
 }
 
 impl QcowFile {
@@ -722,6 +727,7 @@ impl QcowFile {
             .create_new(true)
             .open(path)
             .ctx(|| format!("creating '{}'", path.display()))?;
+        crate::lock::lock_image(&file, true, &format!("'{}'", path.display()))?;
         let mut raw = QcowRawFile::from(file, cs, h.refcount_order, true)?;
         let reftable: Vec<u64> = (0..rb).map(|i| (1 + rt + i) * cs).collect();
         raw.write_pointer_table(cs, &reftable, 0)?;

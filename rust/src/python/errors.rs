@@ -31,6 +31,8 @@ impl From<Error> for PyErr {
             Error::CorruptImage { .. } => CorruptImage::new_err(msg),
             Error::RefcountRebuildRequired(_) => RefcountRebuildRequired::new_err(msg),
             Error::ReadOnly(_) => PyPermissionError::new_err(msg),
+            // OSError(EAGAIN, ...) like a lock conflict anywhere else.
+            Error::Locked(_) => QcowError::new_err((libc::EAGAIN, msg)),
             Error::Io { source, .. } => match source.raw_os_error() {
                 // OSError(errno, strerror): `e.errno` works as for any OS error.
                 Some(errno) => QcowError::new_err((errno, msg)),

@@ -230,6 +230,9 @@ impl PyQcowRawFile {
                 .write(writable)
                 .open(&path)
                 .ctx(|| format!("opening '{}'", path.display()))?;
+            if writable {
+                crate::lock::lock_image(&f, true, &format!("'{}'", path.display()))?;
+            }
             let h = QcowHeader::read_from(&f)?;
             QcowRawFile::from(f, h.cluster_size(), h.refcount_order, writable)
         })?;
