@@ -14,6 +14,7 @@
 //!
 //! With the `python` feature, `rust/src/python/` exposes it as the `qcowrs._qcowrs` module.
 
+pub mod bitmap;
 pub mod cache;
 pub mod check;
 pub mod compression;

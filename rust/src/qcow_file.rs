@@ -11,6 +11,7 @@ use crate::compression;
 use crate::error::{Error, IoContext, Result};
 use std::collections::BTreeSet;
 
+use crate::bitmap::BitmapTracker;
 use crate::format::{
     CompressedLayout, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, INCOMPAT_DIRTY,
     INCOMPAT_EXTENDED_L2, L1E_COPIED, L1E_OFFSET_MASK, L2E_COMPRESSED, L2E_COPIED, L2E_OFFSET_MASK, L2E_ZERO,
@@ -107,6 +108,8 @@ pub struct QcowFile {
     l1_dirty: BTreeSet<usize>,
     /// We set the dirty bit (lazy refcounts) and must clear it on a clean close.
     set_dirty_bit: bool,
+    /// Persistent bitmaps to update on close.
+    bitmaps: Option<BitmapTracker>,
 }
 
 impl std::fmt::Debug for QcowFile {
@@ -220,6 +223,7 @@ impl QcowFile {
             refcounts: None,
             l1_dirty: BTreeSet::new(),
             set_dirty_bit: false,
+            bitmaps: None,
         })
     }
 
@@ -770,23 +774,8 @@ impl QcowFile {
             self.write_incompatible(self.header.incompatible_features | INCOMPAT_DIRTY)?;
             self.set_dirty_bit = true;
         }
-        // Persistent dirty bitmaps are not updated by qcowrs: flag them in_use (as QEMU does
-        // while it has an image open), so that no one trusts one that misses our writes.
-        if self.header.autoclear_features & crate::format::AUTOCLEAR_BITMAPS != 0 {
-            let dir = crate::snapshot::read_bitmap_directory(&self.raw, &self.header)?;
-            let mut changed = false;
-            for b in dir.iter().filter(|b| b.flags & 1 == 0) {
-                self.raw.write_at(
-                    &(b.flags | 1).to_be_bytes(),
-                    b.entry_offset + 12,
-                    "bitmap directory entry (in_use)",
-                )?;
-                changed = true;
-            }
-            if changed {
-                self.raw.sync()?;
-            }
-        }
+        // Enabled persistent bitmaps: flagged in_use now, updated and unflagged on close.
+        self.bitmaps = BitmapTracker::start(&mut self.raw, &self.header)?;
         // A writer must clear autoclear bits it does not maintain (bit 1, raw external data,
         // is kept: qcowrs writes data at its guest offset).
         let keep = crate::format::AUTOCLEAR_DATA_FILE_RAW | crate::format::AUTOCLEAR_BITMAPS;
@@ -953,6 +942,9 @@ impl QcowFile {
         }
         self.prepare_write()?;
         self.compressed_cache = None;
+        if let Some(b) = self.bitmaps.as_mut() {
+            b.note(offset, buf.len() as u64);
+        }
         let cs = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -1034,6 +1026,9 @@ impl QcowFile {
         }
         self.prepare_write()?;
         self.compressed_cache = None;
+        if let Some(b) = self.bitmaps.as_mut() {
+            b.note(offset, length);
+        }
         let cs = self.cluster_size();
         let end = offset + length;
         let mut off = offset;
@@ -1090,6 +1085,11 @@ impl QcowFile {
         }
         if new_size == self.virtual_size() {
             return Ok(());
+        }
+        if self.header.autoclear_features & crate::format::AUTOCLEAR_BITMAPS != 0 && self.header.bitmaps().is_some() {
+            return Err(Error::UnsupportedFeature(
+                "the image has persistent bitmaps, which cannot follow a resize (QEMU refuses too)".into(),
+            ));
         }
         self.prepare_write()?;
         let mut grown = self.header.clone();
@@ -1194,6 +1194,24 @@ impl QcowFile {
     /// Flushes and, if this handle set the dirty bit (lazy refcounts), clears it.
     pub fn close(&mut self) -> Result<()> {
         self.flush()?;
+        if let Some(tracker) = self.bitmaps.take() {
+            let cb = self.header.cluster_bits;
+            let (raw, header, refcounts, data_file) =
+                (&mut self.raw, &mut self.header, &mut self.refcounts, &self.data_file);
+            let rc = refcounts.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("refcounts not loaded".into()))?;
+            let rc_cell = std::cell::RefCell::new(rc);
+            tracker.finish(raw, &mut |raw| Ok(rc_cell.borrow_mut().alloc(raw, header, 1)? << cb), &mut |raw| {
+                let mut rc = rc_cell.borrow_mut();
+                if rc.is_dirty() {
+                    rc.write_dirty_blocks(raw)?;
+                }
+                raw.sync()?;
+                if let Some(f) = data_file {
+                    f.sync_data().ctx(|| "flushing the external data file".into())?;
+                }
+                Ok(())
+            })?;
+        }
         if self.set_dirty_bit {
             self.write_incompatible(self.header.incompatible_features & !INCOMPAT_DIRTY)?;
             self.set_dirty_bit = false;

@@ -103,6 +103,8 @@ pub struct BitmapEntry {
     pub bitmap_table_offset: u64,
     /// Entries in the bitmap table.
     pub bitmap_table_size: u32,
+    /// log2 of the bytes one bit covers.
+    pub granularity_bits: u8,
     /// Name.
     pub name: String,
 }
@@ -141,6 +143,7 @@ pub fn read_bitmap_directory(raw: &QcowRawFile, h: &QcowHeader) -> Result<Vec<Bi
             flags,
             bitmap_table_offset,
             bitmap_table_size,
+            granularity_bits: e[17],
             name,
         });
         off += end.div_ceil(8) * 8;

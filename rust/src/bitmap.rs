@@ -1,0 +1,175 @@
+//! Persistent dirty bitmaps kept up to date by writes, with QEMU's protocol: every enabled
+//! ("auto") bitmap is flagged in_use before the first write reaches the image; the written
+//! ranges are set in the bitmaps and the flag cleared only on a clean close. A crash leaves the
+//! bitmaps in_use, which QEMU treats as inconsistent, so no incremental backup trusts a bitmap
+//! that may miss a write.
+
+use crate::error::{Error, Result};
+use crate::format::{be_u64, L2E_OFFSET_MASK};
+use crate::header::QcowHeader;
+use crate::raw_file::QcowRawFile;
+use crate::snapshot::{read_bitmap_directory, BitmapEntry};
+
+/// Bitmap flag: in use (may be inconsistent).
+const FLAG_IN_USE: u32 = 1;
+/// Bitmap flag: enabled, tracks every write.
+const FLAG_AUTO: u32 = 2;
+/// Dirty ranges kept before they are merged.
+const MERGE_AT: usize = 4096;
+
+/// The enabled bitmaps of an image being written, and the guest ranges written so far.
+pub struct BitmapTracker {
+    bitmaps: Vec<BitmapEntry>,
+    dirty: Vec<(u64, u64)>,
+}
+
+fn merge(ranges: &mut Vec<(u64, u64)>) {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(s, e) in ranges.iter() {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    *ranges = out;
+}
+
+/// Sets bits `lo..=hi` (LSB first in each byte) of `buf`.
+fn set_bits(buf: &mut [u8], lo: u64, hi: u64) {
+    let mut i = lo;
+    while i <= hi {
+        let byte = usize::try_from(i / 8).unwrap_or(usize::MAX);
+        if i % 8 == 0 && hi - i >= 7 {
+            let full_bytes = usize::try_from((hi - i + 1) / 8).unwrap_or(0);
+            let end = (byte + full_bytes).min(buf.len());
+            if let Some(s) = buf.get_mut(byte..end) {
+                s.fill(0xff);
+            }
+            i += 8 * full_bytes as u64;
+            continue;
+        }
+        if let Some(b) = buf.get_mut(byte) {
+            *b |= 1 << (i % 8);
+        }
+        i += 1;
+    }
+}
+
+impl BitmapTracker {
+    /// Flags every enabled bitmap in_use (synced) and starts tracking; `None` when the image has
+    /// no bitmap to keep.
+    pub fn start(raw: &mut QcowRawFile, h: &QcowHeader) -> Result<Option<Self>> {
+        if h.autoclear_features & crate::format::AUTOCLEAR_BITMAPS == 0 {
+            return Ok(None);
+        }
+        // A bitmap already in use is inconsistent and stays so; a disabled one does not change.
+        let bitmaps: Vec<BitmapEntry> = read_bitmap_directory(raw, h)?
+            .into_iter()
+            .filter(|b| b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0)
+            .collect();
+        if bitmaps.is_empty() {
+            return Ok(None);
+        }
+        for b in &bitmaps {
+            raw.write_at(
+                &(b.flags | FLAG_IN_USE).to_be_bytes(),
+                b.entry_offset + 12,
+                "bitmap directory entry (in_use)",
+            )?;
+        }
+        raw.sync()?;
+        Ok(Some(BitmapTracker { bitmaps, dirty: Vec::new() }))
+    }
+
+    /// Records that `[offset, offset+len)` of the guest changed.
+    pub fn note(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        self.dirty.push((offset, offset.saturating_add(len)));
+        if self.dirty.len() >= MERGE_AT {
+            merge(&mut self.dirty);
+        }
+    }
+
+    /// Sets the recorded ranges in every tracked bitmap, then clears their in_use flags.
+    /// `alloc` hands out a fresh cluster (refcounted by the caller's allocator); `durable` makes
+    /// the new clusters' refcounts and data durable before the tables point at them.
+    pub fn finish(
+        mut self,
+        raw: &mut QcowRawFile,
+        alloc: &mut dyn FnMut(&mut QcowRawFile) -> Result<u64>,
+        durable: &mut dyn FnMut(&mut QcowRawFile) -> Result<()>,
+    ) -> Result<()> {
+        merge(&mut self.dirty);
+        let cs = raw.cluster_size();
+        let bits_per_cluster = cs * 8;
+        for b in &self.bitmaps {
+            let g = u32::from(b.granularity_bits).min(63);
+            let mut tbuf = vec![0u8; usize::try_from(u64::from(b.bitmap_table_size) * 8).unwrap_or(0)];
+            raw.read_table_bytes(b.bitmap_table_offset, &mut tbuf, &format!("bitmap table of '{}'", b.name))?;
+            let mut table: Vec<u64> = tbuf.chunks_exact(8).map(be_u64).collect();
+            let mut touched: std::collections::BTreeMap<u64, Vec<u8>> = std::collections::BTreeMap::new();
+            for &(s, e) in &self.dirty {
+                let (first, last) = (s >> g, (e - 1) >> g);
+                for t in first / bits_per_cluster..=last / bits_per_cluster {
+                    let Some(&entry) = usize::try_from(t).ok().and_then(|i| table.get(i)) else { break };
+                    let off = entry & L2E_OFFSET_MASK;
+                    if off == 0 && entry & 1 != 0 {
+                        continue; // all ones already
+                    }
+                    let buf = match touched.entry(t) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            let mut buf = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+                            if off != 0 {
+                                raw.read_table_bytes(off, &mut buf, &format!("bitmap '{}' data", b.name))?;
+                            }
+                            v.insert(buf)
+                        }
+                    };
+                    let base = t * bits_per_cluster;
+                    set_bits(buf, first.max(base) - base, last.min(base + bits_per_cluster - 1) - base);
+                }
+            }
+            let mut table_changed = false;
+            for (t, buf) in &touched {
+                let i = usize::try_from(*t).map_err(|_| Error::corrupt("bitmap table index", b.bitmap_table_offset))?;
+                let off = table[i] & L2E_OFFSET_MASK;
+                if off != 0 {
+                    raw.write_at(buf, off, "bitmap data")?;
+                } else {
+                    let c = alloc(raw)?;
+                    raw.write_at(buf, c, "bitmap data")?;
+                    table[i] = c;
+                    table_changed = true;
+                }
+            }
+            durable(raw)?;
+            if table_changed {
+                raw.write_pointer_table(b.bitmap_table_offset, &table, 0)?;
+                raw.sync()?;
+            }
+        }
+        for b in &self.bitmaps {
+            raw.write_at(&b.flags.to_be_bytes(), b.entry_offset + 12, "bitmap directory entry (in_use cleared)")?;
+        }
+        raw.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_are_lsb_first_and_ranges_inclusive() {
+        let mut b = vec![0u8; 4];
+        set_bits(&mut b, 3, 17);
+        assert_eq!(b, vec![0b1111_1000, 0xff, 0b0000_0011, 0]);
+        let mut r = vec![(10, 20), (0, 5), (15, 30), (31, 40)];
+        merge(&mut r);
+        assert_eq!(r, vec![(0, 5), (10, 30), (31, 40)]);
+    }
+}
