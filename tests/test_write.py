@@ -43,6 +43,7 @@ from conftest import (
     qemu_map,
     ranges_by_kind,
     raw_bytes,
+    raw_sha256,
     requires_qemu,
     set_header_bits,
     snapshot_sha256,
@@ -1198,3 +1199,50 @@ def test_corrupt_flag_refuses_read_write(builder: ImageBuilder, qcowrs_mod: Any)
     with qcowrs_mod.QcowFile.open(p, mode="rb") as f:
         assert f.read(4) == b"\x11" * 4
     assert file_sha256(p) == before
+
+
+@pytest.mark.parametrize("backing", [False, True], ids=["no_backing", "backing"])
+def test_extended_l2_allocates_subclusters_like_qemu(
+    tmp_path: Path, qcowrs_mod: Any, backing: bool
+) -> None:
+    """On extended-L2 images qcowrs allocates only the subclusters a write touches, and zero
+    writes set subcluster zero bits: `qemu-img map` of a qcowrs-written image equals that of a
+    qemu-io-written twin, range for range (depth 0)."""
+    ops = [("write", 5000, 3000), ("write", 70000, 2048), ("zero", 140000, 9000)]
+    imgs = {}
+    for who in ("qcowrs", "qemu"):
+        p = tmp_path / f"{who}.qcow2"
+        args = ["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"]
+        if backing:
+            base = tmp_path / "base.qcow2"
+            if not base.exists():
+                qemu_img("create", "-q", "-f", "qcow2", str(base), "1M")
+                qemu_io(base, "write -P 0x11 0 1M")
+            args += ["-b", str(base), "-F", "qcow2"]
+        qemu_img(*args, str(p), "1M")
+        imgs[who] = p
+    with qcowrs_mod.QcowFile.open(imgs["qcowrs"], mode="r+b") as f:
+        for kind, off, n in ops:
+            if kind == "write":
+                f.seek(off)
+                f.write(b"\x22" * n)
+            else:
+                f.write_zeroes(off, n)
+    qemu_io(
+        imgs["qemu"],
+        *[
+            f"write -P 0x22 {off} {n}" if kind == "write" else f"write -z {off} {n}"
+            for kind, off, n in ops
+        ],
+    )
+
+    def depth0(p: Path) -> list[tuple[int, int, bool, bool]]:
+        return [
+            (e["start"], e["length"], e["zero"], e["data"])
+            for e in qemu_map(p)
+            if e["depth"] == 0 and e["present"]
+        ]
+
+    assert depth0(imgs["qcowrs"]) == depth0(imgs["qemu"])
+    assert raw_sha256(imgs["qcowrs"]) == raw_sha256(imgs["qemu"])
+    assert_qemu_check(imgs["qcowrs"], "subclusters")

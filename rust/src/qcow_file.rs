@@ -973,6 +973,11 @@ impl QcowFile {
         if kind == L2Kind::Normal && private && fully_allocated {
             return self.write_host(data, host + in_cluster);
         }
+        // Extended L2: only the subclusters the write touches are allocated (as QEMU does);
+        // the others keep their state (backing file, zero).
+        if self.geo.extended && (kind == L2Kind::Unallocated || (kind == L2Kind::Normal && private)) {
+            return self.write_subclusters(ci, in_cluster, data, entry, bitmap, kind);
+        }
         // Build the whole cluster as the guest sees it, with the new data over it.
         let mut full = vec![0u8; usize::try_from(cs).unwrap_or(0)];
         if data.len() as u64 != cs {
@@ -996,6 +1001,90 @@ impl QcowFile {
             self.free_entry_clusters(entry)?;
         }
         Ok(())
+    }
+
+    /// Writes `data` at `in_cluster` of cluster `ci` (extended L2, private or unallocated),
+    /// allocating only the subclusters it touches.
+    fn write_subclusters(
+        &mut self,
+        ci: u64,
+        in_cluster: u64,
+        data: &[u8],
+        entry: u64,
+        bitmap: u64,
+        kind: L2Kind,
+    ) -> Result<()> {
+        let cb = self.header.cluster_bits;
+        let sc_bits = cb - crate::format::SUBCLUSTERS.trailing_zeros();
+        let cluster_start = ci << cb;
+        let len = data.len() as u64;
+        let (first, last) = (in_cluster >> sc_bits, (in_cluster + len - 1) >> sc_bits);
+        let (start, end) = (first << sc_bits, (last + 1) << sc_bits);
+        let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+        if in_cluster != start || in_cluster + len != end {
+            // Edge subclusters: what the guest sees there now (backing, zeros or data).
+            let n = self.read_at(&mut buf, cluster_start + start)?;
+            buf[n..].fill(0);
+        }
+        let s = usize::try_from(in_cluster - start).unwrap_or(0);
+        buf[s..s + data.len()].copy_from_slice(data);
+        let host = if kind != L2Kind::Unallocated {
+            entry & L2E_OFFSET_MASK
+        } else if self.geo.data_file {
+            cluster_start
+        } else {
+            self.alloc_cluster()?
+        };
+        self.write_host(&buf, host + start)?;
+        let mask = ((1u64 << (last - first + 1)) - 1) << first;
+        self.set_l2_entry(ci, host | L2E_COPIED, (bitmap | mask) & !(mask << 32))
+    }
+
+    /// Zeroes `[off, off+n)` inside one cluster of an extended-L2 image: whole subclusters get
+    /// their zero bit, partial ones are written.
+    fn zero_subclusters(&mut self, off: u64, n: u64) -> Result<()> {
+        let cb = self.header.cluster_bits;
+        let sc_bits = cb - crate::format::SUBCLUSTERS.trailing_zeros();
+        let ci = off >> cb;
+        let in_cluster = off - (ci << cb);
+        let mut first_full = in_cluster.div_ceil(1 << sc_bits);
+        let mut end_full = (in_cluster + n) >> sc_bits;
+        // A partial edge subcluster that already reads as zeros is zeroed whole (as QEMU).
+        let (entry0, bitmap0) = self.l2_entry(ci)?;
+        let no_backing = self.backing.is_none();
+        let reads_zero = |sc: u64| -> bool {
+            let compressed = classify_l2(entry0, true, self.geo.data_file) == L2Kind::Compressed;
+            !compressed && (bitmap0 >> (32 + sc) & 1 == 1 || (bitmap0 >> sc & 1 == 0 && no_backing))
+        };
+        if in_cluster % (1 << sc_bits) != 0 && reads_zero(in_cluster >> sc_bits) {
+            first_full = in_cluster >> sc_bits;
+        }
+        let end = in_cluster + n;
+        if end % (1 << sc_bits) != 0 && reads_zero(end >> sc_bits) {
+            end_full = (end >> sc_bits) + 1;
+        }
+        if first_full >= end_full {
+            return self.write_cluster(off, &vec![0u8; usize::try_from(n).unwrap_or(0)]);
+        }
+        let head = (first_full << sc_bits).saturating_sub(in_cluster);
+        let tail = end.saturating_sub(end_full << sc_bits);
+        if head > 0 {
+            self.write_cluster(off, &vec![0u8; usize::try_from(head).unwrap_or(0)])?;
+        }
+        if tail > 0 {
+            self.write_cluster(off + n - tail, &vec![0u8; usize::try_from(tail).unwrap_or(0)])?;
+        }
+        let (entry, bitmap) = self.l2_entry(ci)?;
+        let kind = classify_l2(entry, true, self.geo.data_file);
+        let l1e = self.l1_table[usize::try_from(ci / self.header.l2_entries()).unwrap_or(0)];
+        let private = entry & L2E_COPIED != 0 && l1e & L1E_COPIED != 0;
+        if !(kind == L2Kind::Unallocated || (kind == L2Kind::Normal && private)) {
+            let (b0, b1) = ((first_full << sc_bits).max(in_cluster), (end_full << sc_bits).min(end));
+            let zeros = vec![0u8; usize::try_from(b1 - b0).unwrap_or(0)];
+            return self.write_cluster((ci << cb) + b0, &zeros);
+        }
+        let mask = ((1u64 << (end_full - first_full)) - 1) << first_full;
+        self.set_l2_entry(ci, entry, (bitmap & !mask) | (mask << 32))
     }
 
     fn write_host(&mut self, data: &[u8], host: u64) -> Result<()> {
@@ -1038,6 +1127,8 @@ impl QcowFile {
             let whole = off == cluster_start && (n == cs || off + n == self.virtual_size());
             if whole && !self.geo.data_file && (self.header.version >= 3 || self.backing.is_none() || discard) {
                 self.zero_cluster(off >> self.header.cluster_bits, discard)?;
+            } else if !discard && self.geo.extended {
+                self.zero_subclusters(off, n)?;
             } else if !discard {
                 let zeros = vec![0u8; usize::try_from(n).unwrap_or(0)];
                 self.write_cluster(off, &zeros)?;
