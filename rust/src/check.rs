@@ -12,12 +12,12 @@ use std::path::Path;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
-    be_u64, decode_refcounts, encode_refcounts, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_COPIED, L1E_OFFSET_MASK,
-    L2E_COPIED, L2E_OFFSET_MASK, REFT_OFFSET_MASK,
+    be_u64, decode_refcounts, encode_refcounts, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_COPIED,
+    L2E_OFFSET_MASK, REFT_OFFSET_MASK,
 };
 use crate::header::{field_offset, QcowHeader};
 use crate::raw_file::QcowRawFile;
-use crate::rebuild::{classify_l2, push_problem, write_refcount_structure, Counts, Imrt, L2Kind, Problem, Walker};
+use crate::rebuild::{classify_l2, write_refcount_structure, Counts, Imrt, L2Kind, ProblemLog, Walker};
 
 /// What a check may repair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -47,10 +47,8 @@ pub struct CheckReport {
     pub counts: Counts,
     /// (highest used cluster + 1) * cluster_size.
     pub image_end_offset: u64,
-    /// What was found, one entry per problem (first [`crate::rebuild::MAX_LISTED_PROBLEMS`]).
-    pub problems: Vec<Problem>,
-    /// Problems found but not listed.
-    pub unlisted_problems: u64,
+    /// What was found, one entry per problem (the first [`crate::rebuild::MAX_LISTED_PROBLEMS`]).
+    pub problems: ProblemLog,
     /// The refcount structure was rebuilt.
     pub rebuilt: bool,
 }
@@ -177,7 +175,6 @@ impl DiskRefcounts {
 }
 
 /// QEMU's `compare_refcounts`. Returns the highest cluster in use.
-#[allow(clippy::too_many_arguments)] // QEMU's parameters plus the problem list
 fn compare(
     raw: &mut QcowRawFile,
     h: &QcowHeader,
@@ -185,8 +182,7 @@ fn compare(
     fix: Repair,
     counts: &mut Counts,
     rebuild: &mut bool,
-    problems: &mut Vec<Problem>,
-    unlisted: &mut u64,
+    problems: &mut ProblemLog,
 ) -> Result<u64> {
     let cb = h.cluster_bits;
     let mut disk = DiskRefcounts::load(raw, h);
@@ -196,16 +192,7 @@ fn compare(
             Ok(r) => r,
             Err(why) => {
                 counts.check_errors += 1;
-                push_problem(
-                    problems,
-                    unlisted,
-                    Problem {
-                        kind: "io-error",
-                        host_offset: Some(i << cb),
-                        guest_offset: None,
-                        message: format!("can't get refcount for cluster {i}: {why}"),
-                    },
-                );
+                problems.push("io-error", Some(i << cb), None, format!("can't get refcount for cluster {i}: {why}"));
                 continue;
             }
         };
@@ -238,11 +225,7 @@ fn compare(
             counts.leaks += 1;
             ("leak", format!("leaked cluster {i} (0x{:x}): refcount {r1}, {r2} reference(s)", i << cb))
         };
-        push_problem(
-            problems,
-            unlisted,
-            Problem { kind, host_offset: Some(i << cb), guest_offset: None, message: msg },
-        );
+        problems.push(kind, Some(i << cb), None, msg);
     }
     disk.flush(raw)?;
     Ok(highest)
@@ -255,8 +238,7 @@ fn check_oflag_copied(
     imrt: &Imrt,
     fix: bool,
     counts: &mut Counts,
-    problems: &mut Vec<Problem>,
-    unlisted: &mut u64,
+    problems: &mut ProblemLog,
 ) -> Result<()> {
     let cs = h.cluster_size();
     let cb = h.cluster_bits;
@@ -275,25 +257,10 @@ fn check_oflag_copied(
             continue;
         }
         let Ok(r) = disk.get(raw, l2 >> cb) else { continue };
-        if (r == 1) != (e & L1E_COPIED != 0) {
-            let at = h.l1_table_offset + 8 * i as u64;
-            if fix {
-                let new = if r == 1 { e | L1E_COPIED } else { e & !L1E_COPIED };
-                raw.write_at(&new.to_be_bytes(), at, "L1 entry (OFLAG_COPIED repair)")?;
-                counts.corruptions_fixed += 1;
-            } else {
-                counts.corruptions += 1;
-                push_problem(
-                    problems,
-                    unlisted,
-                    Problem {
-                        kind: "copied-flag",
-                        host_offset: Some(at),
-                        guest_offset: Some(i as u64 * l2_span),
-                        message: format!("OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={r}"),
-                    },
-                );
-            }
+        let at = h.l1_table_offset + 8 * i as u64;
+        let what = || format!("L2 cluster: l1_index={i} l1_entry");
+        if let Some(new) = copied_flag(e, r, fix, counts, problems, at, i as u64 * l2_span, &what) {
+            raw.write_at(&new.to_be_bytes(), at, "L1 entry (OFLAG_COPIED repair)")?;
         }
         if l2 % cs != 0 || l2.checked_add(cs).is_none_or(|end| end > raw.file_len()) {
             continue;
@@ -315,25 +282,11 @@ fn check_oflag_copied(
                     Err(_) => continue,
                 }
             };
-            if (r == 1) != (entry & L2E_COPIED != 0) {
-                if fix {
-                    let new = if r == 1 { entry | L2E_COPIED } else { entry & !L2E_COPIED };
-                    table[j * stride..j * stride + 8].copy_from_slice(&new.to_be_bytes());
-                    dirty = true;
-                    counts.corruptions_fixed += 1;
-                } else {
-                    counts.corruptions += 1;
-                    push_problem(
-                        problems,
-                        unlisted,
-                        Problem {
-                            kind: "copied-flag",
-                            host_offset: Some(l2 + (j * stride) as u64),
-                            guest_offset: Some(i as u64 * l2_span + j as u64 * cs),
-                            message: format!("OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={r}"),
-                        },
-                    );
-                }
+            let (at, guest) = (l2 + (j * stride) as u64, i as u64 * l2_span + j as u64 * cs);
+            let what = || "data cluster: l2_entry".to_string();
+            if let Some(new) = copied_flag(entry, r, fix, counts, problems, at, guest, &what) {
+                table[j * stride..j * stride + 8].copy_from_slice(&new.to_be_bytes());
+                dirty = true;
             }
         }
         if dirty {
@@ -342,20 +295,43 @@ fn check_oflag_copied(
                 raw.write_at(&table, l2, "L2 table (OFLAG_COPIED repair)")?;
             } else {
                 counts.check_errors += 1;
-                push_problem(
-                    problems,
-                    unlisted,
-                    Problem {
-                        kind: "overlap",
-                        host_offset: Some(l2),
-                        guest_offset: Some(i as u64 * l2_span),
-                        message: format!("L2 table at 0x{l2:x} overlaps other metadata; not rewritten"),
-                    },
+                problems.push(
+                    "overlap",
+                    Some(l2),
+                    Some(i as u64 * l2_span),
+                    format!("L2 table at 0x{l2:x} overlaps other metadata; not rewritten"),
                 );
             }
         }
     }
     Ok(())
+}
+
+/// OFLAG_COPIED must be set iff the refcount `r` is 1 (bit 63 in L1 and L2 entries alike). On a
+/// mismatch: when fixing, counts it fixed and returns the corrected entry; otherwise counts a
+/// corruption and records the problem (QEMU's message, "OFLAG_COPIED <what>=<entry>
+/// refcount=<r>").
+#[allow(clippy::too_many_arguments)] // the entry, its place and where to account for it
+fn copied_flag(
+    entry: u64,
+    r: u64,
+    fix: bool,
+    counts: &mut Counts,
+    problems: &mut ProblemLog,
+    at: u64,
+    guest: u64,
+    what: &dyn Fn() -> String,
+) -> Option<u64> {
+    if (r == 1) == (entry & L2E_COPIED != 0) {
+        return None;
+    }
+    if fix {
+        counts.corruptions_fixed += 1;
+        return Some(if r == 1 { entry | L2E_COPIED } else { entry & !L2E_COPIED });
+    }
+    counts.corruptions += 1;
+    problems.push("copied-flag", Some(at), Some(guest), format!("OFLAG_COPIED {}={entry:x} refcount={r}", what()));
+    None
 }
 
 fn write_incompatible_features(raw: &mut QcowRawFile, h: &mut QcowHeader, value: u64) -> Result<()> {
@@ -380,21 +356,11 @@ pub fn check_image(
     let hc = h.clone();
     let mut w = Walker::new(raw, &hc)?;
     w.walk()?;
-    let Walker { mut imrt, counts, problems, unlisted_problems, mut rebuild, incomplete, beyond_eof, .. } = w;
+    let Walker { mut imrt, counts, problems, mut rebuild, incomplete, beyond_eof, .. } = w;
     report.counts = counts;
     report.problems = problems;
-    report.unlisted_problems = unlisted_problems;
     let pre_compare = report.counts.clone();
-    let mut highest = compare(
-        raw,
-        h,
-        &imrt,
-        Repair::None,
-        &mut report.counts,
-        &mut rebuild,
-        &mut report.problems,
-        &mut report.unlisted_problems,
-    )?;
+    let mut highest = compare(raw, h, &imrt, Repair::None, &mut report.counts, &mut rebuild, &mut report.problems)?;
     rebuild |= force_rebuild;
     let original_incompat = h.incompatible_features;
 
@@ -417,28 +383,18 @@ pub fn check_image(
         report.counts.check_errors += w.counts.check_errors;
         imrt = w.imrt;
         let mut fresh = Counts::default();
-        let (mut scratch, mut n) = (Vec::new(), 0);
+        let mut scratch = ProblemLog::default();
         let fix = if incomplete { Repair::None } else { Repair::Leaks };
-        highest = compare(raw, h, &imrt, fix, &mut fresh, &mut rebuild_again, &mut scratch, &mut n)?;
+        highest = compare(raw, h, &imrt, fix, &mut fresh, &mut rebuild_again, &mut scratch)?;
         if rebuild_again {
             report.counts.check_errors += 1;
-            report.problems.push(Problem {
-                kind: "rebuild-failed",
-                host_offset: None,
-                guest_offset: None,
-                message: "the rebuilt refcount structure is still broken".into(),
-            });
+            report.problems.push("rebuild-failed", None, None, "the rebuilt refcount structure is still broken".into());
         }
         if incomplete && fresh.leaks > 0 {
-            report.problems.push(Problem {
-                kind: "leak-repair-skipped",
-                host_offset: None,
-                guest_offset: None,
-                message: format!(
+            report.problems.push("leak-repair-skipped", None, None, format!(
                     "{} leaked clusters were not freed: part of the image could not be walked (see the other problems), so they may still hold live data",
                     fresh.leaks
-                ),
-            });
+                ));
         }
         report.counts.corruptions_fixed += old.corruptions.saturating_sub(report.counts.corruptions);
         report.counts.leaks_fixed += old.leaks.saturating_sub(report.counts.leaks);
@@ -446,32 +402,27 @@ pub fn check_image(
     } else if repair != Repair::None {
         if rebuild {
             report.counts.check_errors += 1;
-            report.problems.push(Problem {
-                kind: "rebuild-needed",
-                host_offset: None,
-                guest_offset: None,
-                message: "need to rebuild refcount structures (repair=\"all\" does it)".into(),
-            });
+            report.problems.push(
+                "rebuild-needed",
+                None,
+                None,
+                "need to rebuild refcount structures (repair=\"all\" does it)".into(),
+            );
             return Ok(finish(report, highest, h));
         }
         if report.counts.leaks > 0 || report.counts.corruptions > 0 {
             if incomplete && report.counts.leaks > 0 {
-                report.problems.push(Problem {
-                    kind: "leak-repair-skipped",
-                    host_offset: None,
-                    guest_offset: None,
-                    message: "leaked clusters were not freed: part of the image could not be walked, so they may still hold live data".into(),
-                });
+                report.problems.push("leak-repair-skipped", None, None, "leaked clusters were not freed: part of the image could not be walked, so they may still hold live data".into());
             }
             report.counts = pre_compare;
-            let (mut scratch, mut n) = (Vec::new(), 0);
+            let mut scratch = ProblemLog::default();
             highest = if !incomplete {
-                compare(raw, h, &imrt, repair, &mut report.counts, &mut rebuild, &mut scratch, &mut n)?
+                compare(raw, h, &imrt, repair, &mut report.counts, &mut rebuild, &mut scratch)?
             } else if repair.errors() {
                 // Raise too-low refcounts, but free nothing.
-                compare_errors_only(raw, h, &imrt, &mut report.counts, &mut rebuild, &mut scratch, &mut n)?
+                compare_errors_only(raw, h, &imrt, &mut report.counts, &mut rebuild, &mut scratch)?
             } else {
-                compare(raw, h, &imrt, Repair::None, &mut report.counts, &mut rebuild, &mut scratch, &mut n)?
+                compare(raw, h, &imrt, Repair::None, &mut report.counts, &mut rebuild, &mut scratch)?
             };
         }
     }
@@ -481,15 +432,7 @@ pub fn check_image(
             && report.counts.check_errors == 0
             && report.counts.corruptions == 0
             && report.counts.leaks == 0);
-    check_oflag_copied(
-        raw,
-        h,
-        &imrt,
-        fix_copied,
-        &mut report.counts,
-        &mut report.problems,
-        &mut report.unlisted_problems,
-    )?;
+    check_oflag_copied(raw, h, &imrt, fix_copied, &mut report.counts, &mut report.problems)?;
 
     if repair != Repair::None {
         let clean = report.counts.check_errors == 0 && report.counts.corruptions == 0;
@@ -512,8 +455,7 @@ fn compare_errors_only(
     imrt: &Imrt,
     counts: &mut Counts,
     rebuild: &mut bool,
-    problems: &mut Vec<Problem>,
-    unlisted: &mut u64,
+    problems: &mut ProblemLog,
 ) -> Result<u64> {
     // Fix only the too-low refcounts: raise the IMRT-less-than-disk ones to the disk value so
     // that they compare equal and stay untouched.
@@ -527,7 +469,7 @@ fn compare_errors_only(
             }
         }
     }
-    compare(raw, h, &adjusted, Repair::All, counts, rebuild, problems, unlisted)
+    compare(raw, h, &adjusted, Repair::All, counts, rebuild, problems)
 }
 
 fn finish(mut report: CheckReport, highest: u64, h: &QcowHeader) -> CheckReport {
@@ -566,7 +508,6 @@ pub fn check_file(
     second.counts.leaks_fixed = first.counts.leaks_fixed;
     second.rebuilt = first.rebuilt;
     second.problems = first.problems;
-    second.unlisted_problems = first.unlisted_problems;
     Ok(second)
 }
 

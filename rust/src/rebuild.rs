@@ -233,6 +233,26 @@ pub struct Problem {
     pub message: String,
 }
 
+/// The problems found by a check: the first [`MAX_LISTED_PROBLEMS`] listed, the rest counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProblemLog {
+    /// The listed problems.
+    pub list: Vec<Problem>,
+    /// Problems found but not listed.
+    pub unlisted: u64,
+}
+
+impl ProblemLog {
+    /// Records a problem.
+    pub fn push(&mut self, kind: &'static str, host_offset: Option<u64>, guest_offset: Option<u64>, message: String) {
+        if self.list.len() < MAX_LISTED_PROBLEMS {
+            self.list.push(Problem { kind, host_offset, guest_offset, message });
+        } else {
+            self.unlisted += 1;
+        }
+    }
+}
+
 /// Counters of a check, named as `qemu-img check`'s.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -257,9 +277,7 @@ pub struct Walker<'a> {
     /// Counters (corruptions and check_errors found while walking, cluster statistics).
     pub counts: Counts,
     /// Problems found.
-    pub problems: Vec<Problem>,
-    /// Problems not listed because of [`MAX_LISTED_PROBLEMS`].
-    pub unlisted_problems: u64,
+    pub problems: ProblemLog,
     /// The refcount structure must be rebuilt (a refblock is unsane).
     pub rebuild: bool,
     /// Something could not be walked (a snapshot skipped, a table unreadable): the counts may
@@ -318,8 +336,7 @@ impl<'a> Walker<'a> {
             h,
             imrt,
             counts: Counts { total_clusters: h.size.div_ceil(cs), ..Counts::default() },
-            problems: Vec::new(),
-            unlisted_problems: 0,
+            problems: ProblemLog::default(),
             rebuild: false,
             incomplete: false,
             beyond_eof: BTreeSet::new(),
@@ -331,11 +348,7 @@ impl<'a> Walker<'a> {
 
     /// Records a problem (listing at most [`MAX_LISTED_PROBLEMS`]).
     pub fn problem(&mut self, kind: &'static str, host: Option<u64>, guest: Option<u64>, message: String) {
-        push_problem(
-            &mut self.problems,
-            &mut self.unlisted_problems,
-            Problem { kind, host_offset: host, guest_offset: guest, message },
-        );
+        self.problems.push(kind, host, guest, message);
     }
 
     fn corruption(&mut self, kind: &'static str, host: Option<u64>, guest: Option<u64>, message: String) {
@@ -803,14 +816,6 @@ impl<'a> Walker<'a> {
             }
         }
         Ok(())
-    }
-}
-
-pub(crate) fn push_problem(list: &mut Vec<Problem>, unlisted: &mut u64, p: Problem) {
-    if list.len() < MAX_LISTED_PROBLEMS {
-        list.push(p);
-    } else {
-        *unlisted += 1;
     }
 }
 
