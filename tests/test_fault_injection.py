@@ -17,6 +17,7 @@ k, the operation must fail with a QcowError, and then
 from __future__ import annotations
 
 import shutil
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,31 @@ def _c512_dirty_stale(p: Path) -> None:
     set_header_bits(p, "incompatible_features", 1)
 
 
+def _v2_cluster0_and_copied(p: Path) -> None:
+    """v2 (no dirty bit): cluster 0's refcount zeroed and OFLAG_COPIED cleared on the first data
+    entry, so the repair both rebuilds and fixes COPIED; an interrupted one must not leave the
+    COPIED error behind (nothing would redo it on the next open)."""
+    _zero_cluster0(p)
+    with p.open("r+b") as f:
+        f.seek(40)
+        (l1,) = struct.unpack(">Q", f.read(8))
+        f.seek(l1)
+        (l2,) = struct.unpack(">Q", f.read(8))
+        l2 &= 0x00FF_FFFF_FFFF_FE00
+        f.seek(l2)
+        table = f.read(65536)
+        for i in range(0, len(table), 8):
+            (e,) = struct.unpack(">Q", table[i : i + 8])
+            if e:
+                f.seek(l2 + i)
+                f.write(struct.pack(">Q", e & ~(1 << 63)))
+                return
+    raise AssertionError("no data entry found")
+
+
 IMAGES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    # v2, cluster 0's refcount zeroed and a COPIED flag cleared
+    "v2_cluster0_copied": ("v2", _v2_cluster0_and_copied),
     # 64 KiB clusters v3, cluster 0's refcount zeroed
     "v3_cluster0": ("v3", _zero_cluster0),
     # 512 B clusters v3, 3 MiB written, dirty bit over zeroed refcounts

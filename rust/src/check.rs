@@ -231,12 +231,25 @@ fn compare(
     Ok(highest)
 }
 
+/// How `check_oflag_copied` runs.
+#[derive(Clone, Copy)]
+struct CopiedPass {
+    /// Repair mismatches (else count them as corruptions).
+    fix: bool,
+    /// Compare with the in-memory counts instead of the on-disk refcounts (before a rebuild's
+    /// commit, the in-memory counts are what is being committed).
+    from_imrt: bool,
+    /// Setting COPIED is allowed; not when the walk was incomplete, since a cluster that looks
+    /// unshared may belong to a snapshot that could not be walked.
+    allow_set: bool,
+}
+
 /// QEMU's `check_oflag_copied`: in the active tree, COPIED must be set iff the refcount is 1.
 fn check_oflag_copied(
     raw: &mut QcowRawFile,
     h: &QcowHeader,
     imrt: &Imrt,
-    fix: bool,
+    pass: CopiedPass,
     counts: &mut Counts,
     problems: &mut ProblemLog,
 ) -> Result<()> {
@@ -256,10 +269,15 @@ fn check_oflag_copied(
         if l2 == 0 {
             continue;
         }
-        let Ok(r) = disk.get(raw, l2 >> cb) else { continue };
+        let r = if pass.from_imrt {
+            imrt.get(l2 >> cb)
+        } else {
+            let Ok(r) = disk.get(raw, l2 >> cb) else { continue };
+            r
+        };
         let at = h.l1_table_offset + 8 * i as u64;
         let what = || format!("L2 cluster: l1_index={i} l1_entry");
-        if let Some(new) = copied_flag(e, r, fix, counts, problems, at, i as u64 * l2_span, &what) {
+        if let Some(new) = copied_flag(e, r, pass, counts, problems, at, i as u64 * l2_span, &what) {
             raw.write_at(&new.to_be_bytes(), at, "L1 entry (OFLAG_COPIED repair)")?;
         }
         if l2 % cs != 0 || l2.checked_add(cs).is_none_or(|end| end > raw.file_len()) {
@@ -276,6 +294,8 @@ fn check_oflag_copied(
             }
             let r = if data_file {
                 1
+            } else if pass.from_imrt {
+                imrt.get((entry & L2E_OFFSET_MASK) >> cb)
             } else {
                 match disk.get(raw, (entry & L2E_OFFSET_MASK) >> cb) {
                     Ok(r) => r,
@@ -284,7 +304,7 @@ fn check_oflag_copied(
             };
             let (at, guest) = (l2 + (j * stride) as u64, i as u64 * l2_span + j as u64 * cs);
             let what = || "data cluster: l2_entry".to_string();
-            if let Some(new) = copied_flag(entry, r, fix, counts, problems, at, guest, &what) {
+            if let Some(new) = copied_flag(entry, r, pass, counts, problems, at, guest, &what) {
                 table[j * stride..j * stride + 8].copy_from_slice(&new.to_be_bytes());
                 dirty = true;
             }
@@ -315,17 +335,17 @@ fn check_oflag_copied(
 fn copied_flag(
     entry: u64,
     r: u64,
-    fix: bool,
+    pass: CopiedPass,
     counts: &mut Counts,
     problems: &mut ProblemLog,
     at: u64,
     guest: u64,
     what: &dyn Fn() -> String,
 ) -> Option<u64> {
-    if (r == 1) == (entry & L2E_COPIED != 0) {
+    if (r == 1) == (entry & L2E_COPIED != 0) || (r == 1 && !pass.allow_set) {
         return None;
     }
-    if fix {
+    if pass.fix {
         counts.corruptions_fixed += 1;
         return Some(if r == 1 { entry | L2E_COPIED } else { entry & !L2E_COPIED });
     }
@@ -368,6 +388,13 @@ pub fn check_image(
         let old = report.counts.clone();
         // Mark the image as having stale refcounts while the structure is replaced.
         write_incompatible_features(raw, h, h.incompatible_features | INCOMPAT_DIRTY)?;
+        // OFLAG_COPIED follows the counts about to be committed, and is fixed before the
+        // commit: an interrupted rebuild then never leaves it wrong, even on v2 images, which
+        // have no dirty bit to make the next open redo the repair.
+        let mut early = Counts::default();
+        let pass = CopiedPass { fix: true, from_imrt: true, allow_set: !incomplete };
+        check_oflag_copied(raw, h, &imrt, pass, &mut early, &mut ProblemLog::default())?;
+        raw.sync()?;
         write_refcount_structure(raw, h, &mut imrt, incomplete, &beyond_eof)?;
         report.rebuilt = true;
         report.counts.corruptions = 0;
@@ -399,6 +426,7 @@ pub fn check_image(
         report.counts.corruptions_fixed += old.corruptions.saturating_sub(report.counts.corruptions);
         report.counts.leaks_fixed += old.leaks.saturating_sub(report.counts.leaks);
         report.counts.leaks += fresh.leaks;
+        report.counts.corruptions_fixed += early.corruptions_fixed;
     } else if repair != Repair::None {
         if rebuild {
             report.counts.check_errors += 1;
@@ -432,7 +460,8 @@ pub fn check_image(
             && report.counts.check_errors == 0
             && report.counts.corruptions == 0
             && report.counts.leaks == 0);
-    check_oflag_copied(raw, h, &imrt, fix_copied, &mut report.counts, &mut report.problems)?;
+    let pass = CopiedPass { fix: fix_copied, from_imrt: false, allow_set: !incomplete };
+    check_oflag_copied(raw, h, &imrt, pass, &mut report.counts, &mut report.problems)?;
 
     if repair != Repair::None {
         let clean = report.counts.check_errors == 0 && report.counts.corruptions == 0;

@@ -229,7 +229,8 @@ impl QcowFile {
 
     /// The seed's trigger, made precise: rebuilds when cluster 0's refcount is 0 (at the
     /// image's width), the refcount table is missing, or the dirty bit is set; with only the
-    /// lazy-refcounts bit set, checks and repairs only if the check finds something wrong.
+    /// lazy-refcounts bit set, or on a v2 image, checks and repairs only if the check finds
+    /// something wrong.
     fn rebuild_if_stale(path: &Path) -> Result<Option<CheckReport>> {
         let file =
             FsOpenOptions::new().read(true).write(true).open(path).ctx(|| format!("opening '{}'", path.display()))?;
@@ -243,7 +244,9 @@ impl QcowFile {
         if check::refcounts_stale(&mut raw, &h) {
             return Ok(Some(check::check_image(&mut raw, &mut h, Repair::All, true)?));
         }
-        if h.lazy_refcounts() {
+        // Lazy refcounts (the seed's trigger) and v2 images (which have no dirty bit to mark an
+        // interrupted repair) are checked, and repaired if the check finds anything.
+        if h.lazy_refcounts() || h.version == 2 {
             let r = check::check_image(&mut raw, &mut h, Repair::None, false)?;
             if !r.is_clean() {
                 return Ok(Some(check::check_image(&mut raw, &mut h, Repair::All, false)?));
