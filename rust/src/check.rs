@@ -372,6 +372,26 @@ pub fn check_image(
     repair: Repair,
     force_rebuild: bool,
 ) -> Result<CheckReport> {
+    check_image_keep(raw, h, repair, force_rebuild).map(|(report, _)| report)
+}
+
+/// What the last walk of a check pass found; a repair changes only refcounts and OFLAG_COPIED
+/// bits, which a new walk would not count differently, so the re-check after a repair reuses
+/// it instead of reading every table again.
+struct LastWalk {
+    imrt: Imrt,
+    counts: Counts,
+    incomplete: bool,
+    /// OFLAG_COPIED may still be wrong (the pass did not fix it, or refused a write).
+    copied_unsettled: bool,
+}
+
+fn check_image_keep(
+    raw: &mut QcowRawFile,
+    h: &mut QcowHeader,
+    repair: Repair,
+    force_rebuild: bool,
+) -> Result<(CheckReport, LastWalk)> {
     let mut report = CheckReport::default();
     let hc = h.clone();
     let mut w = Walker::new(raw, &hc)?;
@@ -380,6 +400,7 @@ pub fn check_image(
     report.counts = counts;
     report.problems = problems;
     let pre_compare = report.counts.clone();
+    let mut walk_counts = pre_compare.clone();
     let mut highest = compare(raw, h, &imrt, Repair::None, &mut report.counts, &mut rebuild, &mut report.problems)?;
     rebuild |= force_rebuild;
     let original_incompat = h.incompatible_features;
@@ -406,6 +427,7 @@ pub fn check_image(
         let mut w = Walker::new(raw, &hc)?;
         w.walk()?;
         let mut rebuild_again = w.rebuild;
+        walk_counts = w.counts.clone();
         report.counts.corruptions += w.counts.corruptions;
         report.counts.check_errors += w.counts.check_errors;
         imrt = w.imrt;
@@ -436,7 +458,8 @@ pub fn check_image(
                 None,
                 "need to rebuild refcount structures (repair=\"all\" does it)".into(),
             );
-            return Ok(finish(report, highest, h));
+            let last = LastWalk { imrt, counts: walk_counts, incomplete, copied_unsettled: true };
+            return Ok((finish(report, highest, h), last));
         }
         if report.counts.leaks > 0 || report.counts.corruptions > 0 {
             if incomplete && report.counts.leaks > 0 {
@@ -461,7 +484,9 @@ pub fn check_image(
             && report.counts.corruptions == 0
             && report.counts.leaks == 0);
     let pass = CopiedPass { fix: fix_copied, from_imrt: false, allow_set: !incomplete };
+    let errors_before = report.counts.check_errors;
     check_oflag_copied(raw, h, &imrt, pass, &mut report.counts, &mut report.problems)?;
+    let copied_unsettled = !fix_copied || report.counts.check_errors != errors_before;
 
     if repair != Repair::None {
         let clean = report.counts.check_errors == 0 && report.counts.corruptions == 0;
@@ -473,6 +498,21 @@ pub fn check_image(
         };
         raw.sync()?;
         write_incompatible_features(raw, h, bits)?;
+    }
+    let last = LastWalk { imrt, counts: walk_counts, incomplete, copied_unsettled };
+    Ok((finish(report, highest, h), last))
+}
+
+/// The check after a repair (qemu-img's "double checking the fixed image"): the refcounts
+/// compared again with the last walk's counts, and OFLAG_COPIED checked again if the repair
+/// left it unsettled.
+fn recheck(raw: &mut QcowRawFile, h: &QcowHeader, last: LastWalk) -> Result<CheckReport> {
+    let mut report = CheckReport { counts: last.counts, ..CheckReport::default() };
+    let mut rebuild = false;
+    let highest = compare(raw, h, &last.imrt, Repair::None, &mut report.counts, &mut rebuild, &mut report.problems)?;
+    if last.copied_unsettled {
+        let pass = CopiedPass { fix: false, from_imrt: false, allow_set: !last.incomplete };
+        check_oflag_copied(raw, h, &last.imrt, pass, &mut report.counts, &mut report.problems)?;
     }
     Ok(finish(report, highest, h))
 }
@@ -526,13 +566,13 @@ pub fn check_file(
     repair: Repair,
     force_rebuild: bool,
 ) -> Result<CheckReport> {
-    let first = check_image(raw, h, repair, force_rebuild)?;
+    let (first, last) = check_image_keep(raw, h, repair, force_rebuild)?;
     if repair == Repair::None
         || (first.counts.corruptions_fixed == 0 && first.counts.leaks_fixed == 0 && !first.rebuilt)
     {
         return Ok(first);
     }
-    let mut second = check_image(raw, h, Repair::None, false)?;
+    let mut second = recheck(raw, h, last)?;
     second.counts.corruptions_fixed = first.counts.corruptions_fixed;
     second.counts.leaks_fixed = first.counts.leaks_fixed;
     second.rebuilt = first.rebuilt;
