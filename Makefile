@@ -31,10 +31,11 @@ test-python: dev ## pytest against QEMU as the oracle
 
 test: test-rust test-python ## everything: set up, build, cargo test, pytest
 
-lint: dev ## clippy (core and bindings), ruff, and the hand-written stubs against the module
+lint: dev ## clippy (core and bindings), ruff, mypy --strict, and the stubs against the module
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --features python -- -D warnings
 	$(VENV)/bin/ruff check python tests bench examples
+	$(PY) -m mypy --strict python/qcowrs
 	$(PY) -m mypy.stubtest qcowrs._qcowrs
 
 fmt: setup ## format Rust and Python

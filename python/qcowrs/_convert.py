@@ -27,16 +27,17 @@ def convert(src_path: str, dst_path: str, fmt: str = "raw", progress: bool = Fal
         total = sum(n for _, n in extents)
         bar = None
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert")
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
         zero = bytes(_CHUNK)
         if fmt == "raw":
-            with open(dst_path, "wb") as dst:
-                dst.truncate(size)
-                _copy(src, extents, view, zero, lambda off, b: os.pwrite(dst.fileno(), b, off), bar)
+            with open(dst_path, "wb") as raw:
+                raw.truncate(size)
+                fd = raw.fileno()
+                _copy(src, extents, view, zero, lambda off, b: os.pwrite(fd, b, off), bar)
         else:
             with QcowFile.create(dst_path, size, cluster_size=src.cluster_size) as dst:
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from qcowrs import _qcowrs
 
 if TYPE_CHECKING:
-    from collections.abc import Buffer
+    from typing_extensions import Buffer
 
 __all__ = ["QcowFile"]
 

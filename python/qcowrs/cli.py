@@ -37,7 +37,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         if h.backing_format:
             info["backing-filename-format"] = h.backing_format
         if h.data_file:
-            info["format-specific"]["data"]["data-file"] = h.data_file  # type: ignore[index]
+            info["format-specific"]["data"]["data-file"] = h.data_file
     if args.json:
         print(json.dumps(info, indent=4))
     else:
@@ -48,7 +48,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         if h.backing_file:
             print(f"backing file: {h.backing_file}")
         print("Format specific information:")
-        for k, v in info["format-specific"]["data"].items():  # type: ignore[index]
+        for k, v in info["format-specific"]["data"].items():
             print(f"    {k}: {str(v).lower() if isinstance(v, bool) else v}")
     return 0
 
