@@ -168,54 +168,55 @@ impl RefcountGeometry {
     }
 }
 
-/// Decodes `count` refcounts of width `1 << order` bits from a refblock buffer.
-/// Sub-byte widths are packed LSB first inside each byte; wider ones are big endian.
-pub fn decode_refcounts(buf: &[u8], order: u32) -> Vec<u64> {
+/// The refcount of entry `i` in a refblock buffer of width `1 << order` bits. Sub-byte widths
+/// are packed LSB first inside each byte; wider ones are big endian. `i` must be in the buffer.
+pub fn refcount_at(buf: &[u8], order: u32, i: usize) -> u64 {
     match order {
         0..=2 => {
             let bits = 1usize << order;
-            let per_byte = 8 / bits;
-            let mask = (1u8 << bits) - 1;
-            let mut out = Vec::with_capacity(buf.len() * per_byte);
-            for &b in buf {
-                for j in 0..per_byte {
-                    out.push(u64::from((b >> (j * bits)) & mask));
-                }
-            }
-            out
+            let per = 8 / bits;
+            u64::from((buf[i / per] >> ((i % per) * bits)) & ((1u8 << bits) - 1))
         }
-        3 => buf.iter().map(|&b| u64::from(b)).collect(),
-        4 => buf.chunks_exact(2).map(|c| u64::from(u16::from_be_bytes([c[0], c[1]]))).collect(),
-        5 => buf.chunks_exact(4).map(|c| u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))).collect(),
-        _ => buf.chunks_exact(8).map(be_u64).collect(),
+        3 => u64::from(buf[i]),
+        4 => u64::from(u16::from_be_bytes([buf[2 * i], buf[2 * i + 1]])),
+        5 => u64::from(be_u32_at(buf, 4 * i)),
+        _ => be_u64_at(buf, 8 * i),
     }
 }
 
-/// Encodes refcounts into a refblock buffer of `buf.len()` bytes (the rest zero-filled).
-/// Values must fit the width (callers check against `refcount_max`); excess bits are masked.
-pub fn encode_refcounts(refcounts: &[u64], order: u32, buf: &mut [u8]) {
-    buf.fill(0);
+/// Sets entry `i` of a refblock buffer to `v` (masked to the width; callers check against
+/// `refcount_max`). `i` must be in the buffer.
+pub fn set_refcount_at(buf: &mut [u8], order: u32, i: usize, v: u64) {
     match order {
         0..=2 => {
             let bits = 1usize << order;
-            let per_byte = 8 / bits;
-            let mask = (1u64 << bits) - 1;
-            for (i, &r) in refcounts.iter().enumerate() {
-                if let Some(b) = buf.get_mut(i / per_byte) {
-                    // Masked to `bits` (< 8) bits above, so the cast cannot truncate.
-                    #[allow(clippy::cast_possible_truncation)]
-                    let v = (r & mask) as u8;
-                    *b |= v << ((i % per_byte) * bits);
-                }
-            }
+            let per = 8 / bits;
+            let shift = (i % per) * bits;
+            let mask = ((1u8 << bits) - 1) << shift;
+            // Masked to `bits` (< 8) bits, so the cast cannot lose anything that is kept.
+            #[allow(clippy::cast_possible_truncation)]
+            let val = ((v as u8) << shift) & mask;
+            buf[i / per] = (buf[i / per] & !mask) | val;
         }
-        _ => {
-            let width = 1usize << (order - 3);
-            for (r, chunk) in refcounts.iter().zip(buf.chunks_exact_mut(width)) {
-                let bytes = r.to_be_bytes();
-                chunk.copy_from_slice(&bytes[8 - width..]);
-            }
+        o => {
+            let w = 1usize << (o - 3);
+            buf[w * i..w * i + w].copy_from_slice(&v.to_be_bytes()[8 - w..]);
         }
+    }
+}
+
+/// Decodes every refcount of a refblock buffer.
+pub fn decode_refcounts(buf: &[u8], order: u32) -> Vec<u64> {
+    let entries = (buf.len() * 8) >> order;
+    (0..entries).map(|i| refcount_at(buf, order, i)).collect()
+}
+
+/// Encodes refcounts into a refblock buffer of `buf.len()` bytes (the rest zero-filled).
+pub fn encode_refcounts(refcounts: &[u64], order: u32, buf: &mut [u8]) {
+    buf.fill(0);
+    let entries = (buf.len() * 8) >> order;
+    for (i, &r) in refcounts.iter().enumerate().take(entries) {
+        set_refcount_at(buf, order, i, r);
     }
 }
 

@@ -100,7 +100,7 @@ impl Imrt {
         let (ri, idx) = self.split(i);
         match self.chunks.get(ri) {
             Some(Chunk::Small(v)) => u64::from((v[idx / 4] >> ((idx % 4) * 2)) & 3),
-            Some(Chunk::Wide(v)) => wide_get(v, self.geo.refcount_order, idx),
+            Some(Chunk::Wide(v)) => crate::format::refcount_at(v, self.geo.refcount_order, idx),
             _ => 0,
         }
     }
@@ -132,14 +132,14 @@ impl Imrt {
             for (j, &b) in small.iter().enumerate() {
                 if b != 0 {
                     for k in 0..4 {
-                        wide_set(&mut wide, order, j * 4 + k, u64::from((b >> (k * 2)) & 3));
+                        crate::format::set_refcount_at(&mut wide, order, j * 4 + k, u64::from((b >> (k * 2)) & 3));
                     }
                 }
             }
             *chunk = Chunk::Wide(wide);
         }
         if let Chunk::Wide(wide) = chunk {
-            wide_set(wide, order, idx, v);
+            crate::format::set_refcount_at(wide, order, idx, v);
         }
         Ok(())
     }
@@ -162,7 +162,12 @@ impl Imrt {
                 for (j, &b) in small.iter().enumerate() {
                     if b != 0 {
                         for k in 0..4 {
-                            wide_set(&mut wide, self.geo.refcount_order, j * 4 + k, u64::from((b >> (k * 2)) & 3));
+                            crate::format::set_refcount_at(
+                                &mut wide,
+                                self.geo.refcount_order,
+                                j * 4 + k,
+                                u64::from((b >> (k * 2)) & 3),
+                            );
                         }
                     }
                 }
@@ -181,42 +186,6 @@ impl Imrt {
     /// Number of refblocks the table spans.
     pub fn refblocks(&self) -> u64 {
         self.len.div_ceil(self.geo.refblock_entries())
-    }
-}
-
-fn wide_get(buf: &[u8], order: u32, i: usize) -> u64 {
-    match order {
-        0..=2 => {
-            let bits = 1usize << order;
-            let per = 8 / bits;
-            u64::from((buf[i / per] >> ((i % per) * bits)) & ((1u8 << bits) - 1))
-        }
-        3 => u64::from(buf[i]),
-        4 => u64::from(u16::from_be_bytes([buf[2 * i], buf[2 * i + 1]])),
-        5 => {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(&buf[4 * i..4 * i + 4]);
-            u64::from(u32::from_be_bytes(a))
-        }
-        _ => crate::format::be_u64(&buf[8 * i..8 * i + 8]),
-    }
-}
-
-fn wide_set(buf: &mut [u8], order: u32, i: usize, v: u64) {
-    match order {
-        0..=2 => {
-            let bits = 1usize << order;
-            let per = 8 / bits;
-            let shift = (i % per) * bits;
-            let mask = ((1u8 << bits) - 1) << shift;
-            #[allow(clippy::cast_possible_truncation)]
-            let val = ((v as u8) << shift) & mask;
-            buf[i / per] = (buf[i / per] & !mask) | val;
-        }
-        o => {
-            let w = 1usize << (o - 3);
-            buf[w * i..w * i + w].copy_from_slice(&v.to_be_bytes()[8 - w..]);
-        }
     }
 }
 
