@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ImageBuilder, file_sha256, raw_bytes, requires_qemu
+from conftest import ImageBuilder, file_sha256, qemu_img, raw_bytes, requires_qemu
 
 pytestmark = requires_qemu
 
@@ -310,3 +310,19 @@ def test_parallel_readers_on_separate_handles(img: Img, qcowrs_mod: Any) -> None
     with ThreadPoolExecutor(4) as pool:
         for fut in [pool.submit(worker, s) for s in range(8)]:
             fut.result()
+
+
+@pytest.mark.skipif(
+    not Path("/proc/sys/vm/overcommit_memory").exists()
+    or Path("/proc/sys/vm/overcommit_memory").read_text().strip() != "0",
+    reason="needs the kernel's heuristic overcommit to refuse a 1 PiB allocation",
+)
+def test_reading_a_huge_disk_whole_raises_memory_error(tmp_path: Path, qcowrs_mod: Any) -> None:
+    """f.read() of a 1 PiB disk fails like any too-large allocation, without crashing."""
+    p = tmp_path / "huge.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), "1P")
+    with qcowrs_mod.QcowFile.open(p, mode="rb") as f:
+        with pytest.raises(MemoryError):
+            f.read()
+        f.seek((1 << 50) - 10)
+        assert f.read() == bytes(10)

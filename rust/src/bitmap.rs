@@ -107,7 +107,15 @@ impl BitmapTracker {
         let bits_per_cluster = cs * 8;
         for b in &self.bitmaps {
             let g = u32::from(b.granularity_bits).min(63);
-            let mut tbuf = vec![0u8; usize::try_from(u64::from(b.bitmap_table_size) * 8).unwrap_or(0)];
+            let table_bytes = u64::from(b.bitmap_table_size) * 8;
+            if b.bitmap_table_offset.checked_add(table_bytes).is_none_or(|end| end > raw.file_len()) {
+                return Err(Error::offset(
+                    format!("bitmap table of '{}'", b.name),
+                    b.bitmap_table_offset,
+                    format!("(0x{table_bytes:x} bytes) lies past the end of the file"),
+                ));
+            }
+            let mut tbuf = vec![0u8; usize::try_from(table_bytes).unwrap_or(0)];
             raw.read_table_bytes(b.bitmap_table_offset, &mut tbuf, &format!("bitmap table of '{}'", b.name))?;
             let mut table: Vec<u64> = tbuf.chunks_exact(8).map(be_u64).collect();
             let mut touched: std::collections::BTreeMap<u64, Vec<u8>> = std::collections::BTreeMap::new();

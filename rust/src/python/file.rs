@@ -142,9 +142,15 @@ impl PyQcowFile {
 
     /// Reads up to `length` bytes of guest data at `offset`.
     fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let v = self.with(py, |q| {
-            let n = usize::try_from(q.virtual_size().saturating_sub(offset)).unwrap_or(usize::MAX).min(length);
-            let mut v = vec![0u8; n];
+        let n = self.with(py, |q| {
+            Ok(usize::try_from(q.virtual_size().saturating_sub(offset)).unwrap_or(usize::MAX).min(length))
+        })?;
+        // A read of a huge disk in one call fails like any too-large allocation in Python.
+        let mut v: Vec<u8> = Vec::new();
+        v.try_reserve_exact(n)
+            .map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
+        v.resize(n, 0);
+        let v = self.with(py, move |q| {
             let got = q.read_at(&mut v, offset)?;
             v.truncate(got);
             Ok(v)
