@@ -23,14 +23,13 @@ from typing import Any
 
 import pytest
 from conftest import (
-    ImageBuilder,
     assert_qemu_clean,
     content_digest,
     file_sha256,
     qemu_check,
     requires_qemu,
 )
-from test_rebuild import BASES, CASES, BaseImage, Case, info_data, make_corrupt
+from test_rebuild import CASES, BaseImage, Case, base_cache, info_data, make_corrupt
 
 pytestmark = requires_qemu
 
@@ -54,16 +53,7 @@ INTENDED_JSON_DIFFERENCES: dict[tuple[str, str, str], str] = {}
 
 @pytest.fixture(scope="module")
 def cli_bases(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], BaseImage]:
-    root = tmp_path_factory.mktemp("cli-bases")
-    cache: dict[str, BaseImage] = {}
-
-    def get(name: str) -> BaseImage:
-        if name not in cache:
-            p = BASES[name](ImageBuilder(root / name))
-            cache[name] = BaseImage(p, content_digest(p), info_data(p))
-        return cache[name]
-
-    return get
+    return base_cache(tmp_path_factory.mktemp("cli-bases"))
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -281,9 +281,8 @@ class BaseImage:
     info: dict[str, Any]  # qemu-img info format-specific data
 
 
-@pytest.fixture(scope="session")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], BaseImage]:
-    root = tmp_path_factory.mktemp("rebuild-bases")
+def base_cache(root: Path) -> Callable[[str], BaseImage]:
+    """Builds each base image of BASES once, under `root`, on first use."""
     cache: dict[str, BaseImage] = {}
 
     def get(name: str) -> BaseImage:
@@ -293,6 +292,11 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], BaseImage
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], BaseImage]:
+    return base_cache(tmp_path_factory.mktemp("rebuild-bases"))
 
 
 # --------------------------------------------------------------------------------------------
