@@ -4,6 +4,8 @@ and against qemu-img."""
 
 from __future__ import annotations
 
+import errno
+
 import json
 import shutil
 import struct
@@ -113,8 +115,11 @@ def test_refusals(tmp_path: Path) -> None:
     before = p.read_bytes()
     ro = qcowrs.QcowRawFile.open(str(p))
     refblock = ro.read_pointer_table(h["refcount_table_offset"], 1)[0]
-    with pytest.raises(PermissionError):
+    # Issue 7: a write through a read-only handle is a QcowError (ReadOnlyImage, EBADF), no
+    # longer a plain PermissionError.
+    with pytest.raises(qcowrs.ReadOnlyImage) as exc:
         ro.write_refcount_block(refblock, [1])
+    assert exc.value.errno == errno.EBADF
     del ro
     rw = qcowrs.QcowRawFile.open(str(p), writable=True)
     with pytest.raises(qcowrs.CorruptImage, match="overflow"):

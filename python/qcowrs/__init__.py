@@ -2,12 +2,14 @@
 
 from qcowrs._errors import (
     CorruptImage,
+    ImageLocked,
     InvalidClusterIndex,
     InvalidClusterSize,
     InvalidMagic,
     InvalidOffset,
     InvalidRefcountTableSize,
     QcowError,
+    ReadOnlyImage,
     RefcountRebuildRequired,
     UnsupportedFeature,
     UnsupportedVersion,
@@ -26,6 +28,7 @@ from qcowrs._qcowrs import (
 __all__ = [
     "CheckReport",
     "CorruptImage",
+    "ImageLocked",
     "InvalidClusterIndex",
     "InvalidClusterSize",
     "InvalidMagic",
@@ -36,6 +39,7 @@ __all__ = [
     "QcowFile",
     "QcowHeader",
     "QcowRawFile",
+    "ReadOnlyImage",
     "RefcountRebuildRequired",
     "UnsupportedFeature",
     "UnsupportedVersion",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
+
 __all__ = [
     "CorruptImage",
+    "ImageLocked",
     "InvalidClusterIndex",
     "InvalidClusterSize",
     "InvalidMagic",
     "InvalidOffset",
     "InvalidRefcountTableSize",
     "QcowError",
+    "ReadOnlyImage",
     "RefcountRebuildRequired",
     "UnsupportedFeature",
     "UnsupportedVersion",
@@ -60,3 +64,14 @@ class CorruptImage(QcowError):
 class RefcountRebuildRequired(QcowError):
     """The refcounts cannot be trusted (dirty bit, or cluster 0 has refcount 0): open with
     ``rebuild=True`` or call ``rebuild_refcounts()`` before writing."""
+
+
+class ImageLocked(QcowError):
+    """Another process (QEMU or qcowrs) holds the image in a conflicting way (errno EAGAIN),
+    as ``qemu-img`` reports 'Failed to get "write" lock'."""
+
+
+class ReadOnlyImage(QcowError, io.UnsupportedOperation):
+    """A write through a handle opened read-only (errno EBADF). Also an
+    ``io.UnsupportedOperation``, what ``io.RawIOBase`` users expect from a write to a file not
+    opened for writing."""

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["QcowFile"]
 
-_MODES = ("rb", "r+b")
+_MODES = {"rb": "rb", "r+b": "r+b", "rb+": "r+b"}
 
 
 class QcowFile(io.RawIOBase):
@@ -32,18 +32,40 @@ class QcowFile(io.RawIOBase):
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], mode: str = "r+b", rebuild: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        mode: str | None = None,
+        rebuild: bool = False,
+        backing: bool | str | os.PathLike[str] = True,
     ) -> QcowFile:
         """Opens the qcow2 image at ``path``.
 
-        ``mode`` is ``"rb"`` (read-only: the file is never modified) or ``"r+b"`` (read-write).
+        ``mode`` is ``"rb"`` (read-only: the file is never modified) or ``"r+b"`` (read-write;
+        ``"rb+"`` is accepted too). The default is ``"rb"``, or ``"r+b"`` with ``rebuild=True``.
         ``rebuild=True`` rebuilds stale refcounts before returning and needs ``"r+b"``.
+        ``backing``: True follows the header's backing file; False opens the image alone (what
+        the backing file would supply reads as zeros); a path uses that file instead.
         """
+        if mode is None:
+            mode = "r+b" if rebuild else "rb"
         if mode not in _MODES:
             raise ValueError(f"mode must be 'rb' or 'r+b', not {mode!r}")
+        mode = _MODES[mode]
         if rebuild and mode != "r+b":
             raise ValueError("rebuild=True needs mode='r+b' (a rebuild writes the image)")
-        native = _qcowrs.QcowFile.open(os.fspath(path), writable=mode == "r+b", rebuild=rebuild)
+        if backing is True:
+            other, alone = None, False
+        elif backing is False:
+            other, alone = None, True
+        else:
+            other, alone = os.fspath(backing), False
+        native = _qcowrs.QcowFile.open(
+            os.fspath(path),
+            writable=mode == "r+b",
+            rebuild=rebuild,
+            backing=other,
+            no_backing=alone,
+        )
         return cls(native, os.fspath(path), mode)
 
     @classmethod
@@ -90,10 +112,36 @@ class QcowFile(io.RawIOBase):
         released. Allocates clusters (copy-on-write where needed); the metadata reaches the
         disk on :meth:`flush`. Writing past ``virtual_size`` raises :class:`InvalidOffset`."""
         self._checkClosed()
-        if self.mode != "r+b":
-            raise io.UnsupportedOperation("write: the image is opened read-only ('rb')")
         n: int = self._native.write_at(data, self._pos)
         self._pos += n
+        return n
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Reads up to ``length`` bytes at guest ``offset`` (short only at the end of the disk).
+        The position is left alone; safe to call from several threads at once, and those reads
+        run in parallel with the GIL released."""
+        self._checkClosed()
+        if length < 0 or offset < 0:
+            raise ValueError("length and offset must be non-negative")
+        data: bytes = self._native.read_at(offset, length)
+        return data
+
+    def preadinto(self, buffer: Buffer, offset: int) -> int:
+        """Reads into ``buffer`` (a writable bytes-like object, no copy) at guest ``offset``;
+        returns the bytes read. The position is left alone; thread-safe and parallel."""
+        self._checkClosed()
+        if offset < 0:
+            raise ValueError("offset must be non-negative")
+        n: int = self._native.readinto_at(buffer, offset)
+        return n
+
+    def pwrite(self, data: Buffer, offset: int) -> int:
+        """Writes ``data`` at guest ``offset``; returns the bytes written. The position is left
+        alone. Writes are serialised (one at a time per handle)."""
+        self._checkClosed()
+        if offset < 0:
+            raise ValueError("offset must be non-negative")
+        n: int = self._native.write_at(data, offset)
         return n
 
     def write_zeroes(self, offset: int, length: int) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "QcowHeader",
     "QcowRawFile",
     "__version__",
+    "_error_for_test",
     "_fail_after_ops",
     "_io_ops",
     "check",
@@ -100,7 +101,13 @@ class QcowRawFile:
 @final
 class QcowFile:
     @staticmethod
-    def open(path: str, writable: bool = False, rebuild: bool = False) -> QcowFile: ...
+    def open(
+        path: str,
+        writable: bool = False,
+        rebuild: bool = False,
+        backing: str | None = None,
+        no_backing: bool = False,
+    ) -> QcowFile: ...
     @staticmethod
     def create(
         path: str,
@@ -142,3 +149,4 @@ def check(path: str, repair: str | None = None) -> CheckReport: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
 def _fail_after_ops(n: int | None) -> None: ...
 def _io_ops() -> int: ...
+def _error_for_test(name: str) -> None: ...

@@ -5,10 +5,68 @@
 //! that may miss a write.
 
 use crate::error::{Error, Result};
-use crate::format::{be_u64, L2E_OFFSET_MASK};
+use crate::format::{be_u16_at, be_u32_at, be_u64, be_u64_at, L2E_OFFSET_MASK};
 use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
-use crate::snapshot::{read_bitmap_directory, BitmapEntry};
+
+/// One bitmap of the bitmap directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapEntry {
+    /// Offset of this directory entry in the host file.
+    pub entry_offset: u64,
+    /// Flags (bit 0 in_use, bit 1 auto).
+    pub flags: u32,
+    /// The bitmap table.
+    pub bitmap_table_offset: u64,
+    /// Entries in the bitmap table.
+    pub bitmap_table_size: u32,
+    /// log2 of the bytes one bit covers.
+    pub granularity_bits: u8,
+    /// Name.
+    pub name: String,
+}
+
+/// Reads the bitmap directory (bounded by the extension's size, itself checked against the file).
+pub fn read_bitmap_directory(raw: &QcowRawFile, h: &QcowHeader) -> Result<Vec<BitmapEntry>> {
+    let Some(ext) = h.bitmaps() else { return Ok(Vec::new()) };
+    let size = ext.bitmap_directory_size.min(raw.file_len());
+    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
+    raw.read_table_bytes(ext.bitmap_directory_offset, &mut buf, "bitmap_directory_offset (bitmap directory)")?;
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    for i in 0..ext.nb_bitmaps {
+        if off + 24 > buf.len() {
+            return Err(Error::corrupt(
+                format!("bitmap directory entry {i} runs past the directory's size 0x{size:x}"),
+                ext.bitmap_directory_offset,
+            ));
+        }
+        let e = &buf[off..];
+        let bitmap_table_offset = be_u64_at(e, 0);
+        let bitmap_table_size = be_u32_at(e, 8);
+        let name_size = usize::from(be_u16_at(e, 18));
+        let extra = be_u32_at(e, 20) as usize;
+        let end = 24 + extra + name_size;
+        if off + end > buf.len() {
+            return Err(Error::corrupt(
+                format!("bitmap directory entry {i} runs past the directory's size 0x{size:x}"),
+                ext.bitmap_directory_offset + off as u64,
+            ));
+        }
+        let name = String::from_utf8_lossy(&e[24 + extra..end]).into_owned();
+        let flags = be_u32_at(e, 12);
+        out.push(BitmapEntry {
+            entry_offset: ext.bitmap_directory_offset + off as u64,
+            flags,
+            bitmap_table_offset,
+            bitmap_table_size,
+            granularity_bits: e[17],
+            name,
+        });
+        off += end.div_ceil(8) * 8;
+    }
+    Ok(out)
+}
 
 /// Bitmap flag: in use (may be inconsistent).
 const FLAG_IN_USE: u32 = 1;
@@ -16,6 +74,14 @@ const FLAG_IN_USE: u32 = 1;
 const FLAG_AUTO: u32 = 2;
 /// Dirty ranges kept before they are merged.
 const MERGE_AT: usize = 4096;
+
+/// Hands out clusters for bitmap data and makes them durable (the writer's allocator).
+pub(crate) trait ClusterAllocator {
+    /// A fresh cluster (refcount 1); its host offset.
+    fn alloc_cluster(&mut self) -> Result<u64>;
+    /// The new clusters' refcounts and data durable, before any table points at them.
+    fn make_durable(&mut self) -> Result<()>;
+}
 
 /// The enabled bitmaps of an image being written, and the guest ranges written so far.
 pub struct BitmapTracker {
@@ -59,7 +125,7 @@ fn set_bits(buf: &mut [u8], lo: u64, hi: u64) {
 impl BitmapTracker {
     /// Flags every enabled bitmap in_use (synced) and starts tracking; `None` when the image has
     /// no bitmap to keep.
-    pub fn start(raw: &mut QcowRawFile, h: &QcowHeader) -> Result<Option<Self>> {
+    pub fn start(raw: &QcowRawFile, h: &QcowHeader) -> Result<Option<Self>> {
         if h.autoclear_features & crate::format::AUTOCLEAR_BITMAPS == 0 {
             return Ok(None);
         }
@@ -94,14 +160,8 @@ impl BitmapTracker {
     }
 
     /// Sets the recorded ranges in every tracked bitmap, then clears their in_use flags.
-    /// `alloc` hands out a fresh cluster (refcounted by the caller's allocator); `durable` makes
-    /// the new clusters' refcounts and data durable before the tables point at them.
-    pub fn finish(
-        mut self,
-        raw: &mut QcowRawFile,
-        alloc: &mut dyn FnMut(&mut QcowRawFile) -> Result<u64>,
-        durable: &mut dyn FnMut(&mut QcowRawFile) -> Result<()>,
-    ) -> Result<()> {
+    /// New bitmap clusters come from `alloc`, and are durable before the tables point at them.
+    pub(crate) fn finish(mut self, raw: &QcowRawFile, alloc: &mut dyn ClusterAllocator) -> Result<()> {
         merge(&mut self.dirty);
         let cs = raw.cluster_size();
         let bits_per_cluster = cs * 8;
@@ -148,13 +208,13 @@ impl BitmapTracker {
                 if off != 0 {
                     raw.write_at(buf, off, "bitmap data")?;
                 } else {
-                    let c = alloc(raw)?;
+                    let c = alloc.alloc_cluster()?;
                     raw.write_at(buf, c, "bitmap data")?;
                     table[i] = c;
                     table_changed = true;
                 }
             }
-            durable(raw)?;
+            alloc.make_durable()?;
             if table_changed {
                 raw.write_pointer_table(b.bitmap_table_offset, &table, 0)?;
                 raw.sync()?;

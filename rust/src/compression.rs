@@ -46,7 +46,8 @@ fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     }
 }
 
-/// Compresses `data` (for tests and writers). Returns `None` if it does not shrink.
+/// Compresses `data`. Returns `None` if it does not shrink.
+#[cfg(test)]
 pub fn compress(compression_type: u8, data: &[u8]) -> Option<Vec<u8>> {
     if compression_type == COMPRESSION_ZSTD {
         let v = zstd::bulk::compress(data, 0).ok()?;

@@ -54,10 +54,10 @@ pub enum Error {
     RefcountRebuildRequired(String),
     /// Another process (QEMU or qcowrs) uses the image in a conflicting way.
     #[error("image locked: {0}")]
-    Locked(String),
+    ImageLocked(String),
     /// The operation needs an image opened read-write.
     #[error("image is opened read-only: {0}")]
-    ReadOnly(String),
+    ReadOnlyImage(String),
     /// An I/O error from the operating system, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -92,8 +92,8 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> Self {
         match e {
             Error::Io { source, context } => io::Error::new(source.kind(), Error::Io { context, source }),
-            Error::ReadOnly(_) => io::Error::new(io::ErrorKind::PermissionDenied, e),
-            Error::Locked(_) => io::Error::new(io::ErrorKind::ResourceBusy, e),
+            Error::ReadOnlyImage(_) => io::Error::new(io::ErrorKind::PermissionDenied, e),
+            Error::ImageLocked(_) => io::Error::new(io::ErrorKind::ResourceBusy, e),
             Error::UnsupportedFeature(_) | Error::UnsupportedVersion(_) => {
                 io::Error::new(io::ErrorKind::Unsupported, e)
             }

@@ -125,10 +125,352 @@ impl CompressedLayout {
     }
 
     /// Encodes a compressed descriptor (without the flag) for `len` bytes at `offset`.
+    #[cfg(test)]
     pub fn encode(&self, offset: u64, len: u64) -> u64 {
         let end = offset + len;
         let nsect = end.div_ceil(COMPRESSED_SECTOR) - offset / COMPRESSED_SECTOR;
         (offset & self.offset_mask) | (((nsect - 1) & self.csize_mask) << self.csize_shift)
+    }
+}
+
+/// QEMU's cluster types (`qcow2_get_cluster_type`), for a whole L2 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterType {
+    /// No host cluster: reads from the backing file (or as zeros).
+    Unallocated,
+    /// Reads as zeros, no host cluster (standard entries only).
+    ZeroPlain,
+    /// Reads as zeros, with a preallocated (refcounted) host cluster (standard entries only).
+    ZeroAlloc,
+    /// A host cluster holds the data (with extended L2: the subclusters marked allocated).
+    Normal,
+    /// The cluster is compressed into a byte range of the image file.
+    Compressed,
+}
+
+/// What one subcluster (or a whole standard cluster) reads as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubclusterState {
+    /// Not allocated in this image: the backing file shows through.
+    Unallocated,
+    /// Reads as zeros.
+    Zero,
+    /// Stored at the entry's host cluster.
+    Data,
+}
+
+/// Something wrong with one L2 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L2Defect {
+    /// Reserved bits of a standard entry are set.
+    ReservedBits,
+    /// The host offset is not cluster aligned.
+    Misaligned(u64),
+    /// A compressed entry has OFLAG_COPIED set.
+    CompressedCopied,
+    /// A compressed entry in an image whose data lives in an external data file.
+    CompressedWithDataFile,
+    /// A compressed entry with a non-zero subcluster bitmap.
+    CompressedWithBitmap,
+    /// Subclusters marked both allocated and zero.
+    AllocatedAndZero,
+    /// An unallocated cluster with subclusters marked allocated.
+    UnallocatedWithAllocBits,
+}
+
+impl std::fmt::Display for L2Defect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            L2Defect::ReservedBits => write!(f, "reserved bits are set"),
+            L2Defect::Misaligned(o) => write!(f, "data cluster offset 0x{o:x} is not cluster aligned"),
+            L2Defect::CompressedCopied => write!(f, "the copied flag must never be set for compressed clusters"),
+            L2Defect::CompressedWithDataFile => write!(f, "compressed cluster in an image with an external data file"),
+            L2Defect::CompressedWithBitmap => write!(f, "compressed cluster with a non-zero subcluster bitmap"),
+            L2Defect::AllocatedAndZero => write!(f, "subcluster bitmap marks subclusters both allocated and zero"),
+            L2Defect::UnallocatedWithAllocBits => write!(f, "unallocated cluster with allocated subclusters"),
+        }
+    }
+}
+
+/// One L2 entry as stored: the descriptor word and, with extended L2, the subcluster bitmap
+/// (bits 0-31 allocated, 32-63 reads-as-zero; 0 for standard entries).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Entry {
+    /// The 64-bit descriptor.
+    pub entry: u64,
+    /// The subcluster bitmap.
+    pub bitmap: u64,
+}
+
+impl L2Entry {
+    /// Whether the entry is all zeros (unallocated, nothing set).
+    pub fn is_empty(&self) -> bool {
+        self.entry == 0 && self.bitmap == 0
+    }
+    /// OFLAG_COPIED: the host cluster's refcount is exactly 1.
+    pub fn is_copied(&self) -> bool {
+        self.entry & L2E_COPIED != 0
+    }
+    /// The host cluster offset of a standard entry (bits 9-55).
+    pub fn host_offset(&self) -> u64 {
+        self.entry & L2E_OFFSET_MASK
+    }
+    /// Subclusters marked allocated (bit i: subcluster i).
+    pub fn alloc_bits(&self) -> u32 {
+        // The low half of the bitmap.
+        #[allow(clippy::cast_possible_truncation)]
+        let v = self.bitmap as u32;
+        v
+    }
+    /// Subclusters marked reads-as-zero.
+    pub fn zero_bits(&self) -> u32 {
+        #[allow(clippy::cast_possible_truncation)]
+        let v = (self.bitmap >> 32) as u32;
+        v
+    }
+}
+
+/// Every subcluster allocated (extended L2 bitmap).
+pub const SUBCLUSTER_ALL_ALLOC: u64 = 0xffff_ffff;
+/// Every subcluster reads as zero (extended L2 bitmap).
+pub const SUBCLUSTER_ALL_ZERO: u64 = 0xffff_ffff << 32;
+
+/// Makes an L1 entry pointing at the L2 table at `l2_offset`.
+pub fn l1_entry_make(l2_offset: u64, copied: bool) -> u64 {
+    (l2_offset & L1E_OFFSET_MASK) | if copied { L1E_COPIED } else { 0 }
+}
+/// The L2 table offset of an L1 entry (0: no table).
+pub fn l1_entry_l2_offset(e: u64) -> u64 {
+    e & L1E_OFFSET_MASK
+}
+/// Whether an L1 entry has OFLAG_COPIED.
+pub fn l1_entry_is_copied(e: u64) -> bool {
+    e & L1E_COPIED != 0
+}
+/// Whether an L1 entry has reserved bits set.
+pub fn l1_entry_has_reserved_bits(e: u64) -> bool {
+    e & L1E_RESERVED_MASK != 0
+}
+
+/// Everything needed to interpret L2 entries: the one place their bits are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Geometry {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// 128-bit entries with subcluster bitmaps.
+    pub extended: bool,
+    /// The image has an external data file.
+    pub data_file: bool,
+    /// Compressed descriptor layout.
+    pub compressed: CompressedLayout,
+}
+
+impl L2Geometry {
+    /// The geometry for an image.
+    pub fn new(cluster_bits: u32, extended: bool, data_file: bool) -> Self {
+        L2Geometry { cluster_bits, extended, data_file, compressed: CompressedLayout::new(cluster_bits) }
+    }
+    /// Bytes per cluster.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// u64 words per entry (1, or 2 with extended L2).
+    pub fn words_per_entry(&self) -> usize {
+        if self.extended {
+            2
+        } else {
+            1
+        }
+    }
+    /// Entries per L2 table.
+    pub fn entries_per_table(&self) -> u64 {
+        self.cluster_size() / (8 * self.words_per_entry() as u64)
+    }
+    /// Guest bytes one L2 table maps.
+    pub fn bytes_per_table(&self) -> u64 {
+        self.entries_per_table() << self.cluster_bits
+    }
+    /// log2 of the subcluster size (extended L2).
+    pub fn subcluster_bits(&self) -> u32 {
+        self.cluster_bits - SUBCLUSTERS.trailing_zeros()
+    }
+    /// Entry `index` of a decoded L2 table (words); empty past the end of a short table.
+    pub fn entry_at(&self, table: &[u64], index: usize) -> L2Entry {
+        let w = self.words_per_entry();
+        let entry = table.get(index * w).copied().unwrap_or(0);
+        let bitmap = if self.extended { table.get(index * w + 1).copied().unwrap_or(0) } else { 0 };
+        L2Entry { entry, bitmap }
+    }
+    /// Stores entry `index` into a decoded L2 table (a table of the right size).
+    pub fn set_entry(&self, table: &mut [u64], index: usize, e: L2Entry) {
+        let w = self.words_per_entry();
+        if let Some(slot) = table.get_mut(index * w) {
+            *slot = e.entry;
+        }
+        if self.extended {
+            if let Some(slot) = table.get_mut(index * w + 1) {
+                *slot = e.bitmap;
+            }
+        }
+    }
+
+    /// QEMU's `qcow2_get_cluster_type`.
+    pub fn cluster_type(&self, e: L2Entry) -> ClusterType {
+        if e.entry & L2E_COMPRESSED != 0 {
+            ClusterType::Compressed
+        } else if e.entry & L2E_ZERO != 0 && !self.extended {
+            if e.host_offset() != 0 {
+                ClusterType::ZeroAlloc
+            } else {
+                ClusterType::ZeroPlain
+            }
+        } else if e.host_offset() == 0 {
+            // Offset 0 is a valid data-file offset; there every cluster has refcount 1, so
+            // OFLAG_COPIED disambiguates (as QEMU).
+            if self.data_file && e.is_copied() {
+                ClusterType::Normal
+            } else {
+                ClusterType::Unallocated
+            }
+        } else {
+            ClusterType::Normal
+        }
+    }
+
+    /// The host byte range `(offset, length)` of a compressed entry.
+    pub fn compressed_range(&self, e: L2Entry) -> (u64, u64) {
+        self.compressed.decode(e.entry & !(L2E_COPIED | L2E_COMPRESSED))
+    }
+
+    /// Makes a compressed entry for `len` bytes at host byte `offset`.
+    #[cfg(test)]
+    pub fn make_compressed(&self, offset: u64, len: u64) -> L2Entry {
+        L2Entry { entry: L2E_COMPRESSED | self.compressed.encode(offset, len), bitmap: 0 }
+    }
+
+    /// Makes an entry whose whole cluster is data at `host` (refcount 1: COPIED set).
+    pub fn make_data(&self, host: u64) -> L2Entry {
+        L2Entry { entry: (host & L2E_OFFSET_MASK) | L2E_COPIED, bitmap: if self.extended { SUBCLUSTER_ALL_ALLOC } else { 0 } }
+    }
+
+    /// Makes an entry whose whole cluster reads as zeros without a host cluster (`version` 2
+    /// has no zero flag: the entry becomes unallocated).
+    pub fn make_zero(&self, version: u32) -> L2Entry {
+        if version < 3 {
+            L2Entry::default()
+        } else if self.extended {
+            L2Entry { entry: 0, bitmap: SUBCLUSTER_ALL_ZERO }
+        } else {
+            L2Entry { entry: L2E_ZERO, bitmap: 0 }
+        }
+    }
+
+    /// The host clusters an entry holds a reference to, as `(first, last)` cluster indexes
+    /// (none for unallocated and plain zero entries, and for data-file data).
+    pub fn referenced_clusters(&self, e: L2Entry) -> Option<(u64, u64)> {
+        match self.cluster_type(e) {
+            ClusterType::Normal | ClusterType::ZeroAlloc if !self.data_file => {
+                let c = e.host_offset() >> self.cluster_bits;
+                Some((c, c))
+            }
+            ClusterType::Compressed => {
+                let (off, len) = self.compressed_range(e);
+                let end = off.checked_add(len)?;
+                Some((off >> self.cluster_bits, (end - 1) >> self.cluster_bits))
+            }
+            _ => None,
+        }
+    }
+
+    /// Every defect of an entry, in QEMU's checking order (calls `f` for each).
+    pub fn for_each_defect(&self, e: L2Entry, mut f: impl FnMut(L2Defect)) {
+        let ty = self.cluster_type(e);
+        if ty != ClusterType::Compressed && e.entry & L2E_STD_RESERVED_MASK != 0 {
+            f(L2Defect::ReservedBits);
+        }
+        match ty {
+            ClusterType::Compressed => {
+                if e.is_copied() {
+                    f(L2Defect::CompressedCopied);
+                }
+                if self.data_file {
+                    f(L2Defect::CompressedWithDataFile);
+                } else if self.extended && e.bitmap != 0 {
+                    f(L2Defect::CompressedWithBitmap);
+                }
+            }
+            ClusterType::Normal | ClusterType::ZeroAlloc => {
+                if self.extended && (e.bitmap >> 32) & e.bitmap != 0 {
+                    f(L2Defect::AllocatedAndZero);
+                }
+                if e.host_offset() & (self.cluster_size() - 1) != 0 {
+                    f(L2Defect::Misaligned(e.host_offset()));
+                }
+            }
+            ClusterType::Unallocated => {
+                if self.extended && e.alloc_bits() != 0 {
+                    f(L2Defect::UnallocatedWithAllocBits);
+                }
+            }
+            ClusterType::ZeroPlain => {}
+        }
+    }
+
+    /// What subcluster `sc` of a non-compressed entry reads as (QEMU's
+    /// `qcow2_get_subcluster_type`; a standard entry is one subcluster).
+    pub fn subcluster_state(&self, e: L2Entry, sc: u32) -> SubclusterState {
+        let ty = self.cluster_type(e);
+        if !self.extended {
+            return match ty {
+                ClusterType::ZeroPlain | ClusterType::ZeroAlloc => SubclusterState::Zero,
+                ClusterType::Normal => SubclusterState::Data,
+                _ => SubclusterState::Unallocated,
+            };
+        }
+        if e.zero_bits() >> sc & 1 == 1 {
+            SubclusterState::Zero
+        } else if ty == ClusterType::Normal && e.alloc_bits() >> sc & 1 == 1 {
+            SubclusterState::Data
+        } else {
+            SubclusterState::Unallocated
+        }
+    }
+
+    /// How the byte at `in_cluster` reads, and the offset within the cluster where that state
+    /// ends (the end of a run of subclusters in the same state). Compressed entries are
+    /// `Data` over the whole cluster (read them with [`L2Geometry::compressed_range`]).
+    /// Fails on entries the read path must not trust (misaligned offsets, invalid bitmaps).
+    pub fn read_state(&self, e: L2Entry, in_cluster: u64) -> Result<(SubclusterState, u64), L2Defect> {
+        let cs = self.cluster_size();
+        let ty = self.cluster_type(e);
+        if ty == ClusterType::Compressed {
+            if self.extended && e.bitmap != 0 {
+                return Err(L2Defect::CompressedWithBitmap);
+            }
+            return Ok((SubclusterState::Data, cs));
+        }
+        if matches!(ty, ClusterType::Normal | ClusterType::ZeroAlloc) && e.host_offset() & (cs - 1) != 0 {
+            return Err(L2Defect::Misaligned(e.host_offset()));
+        }
+        if !self.extended {
+            return Ok((self.subcluster_state(e, 0), cs));
+        }
+        if e.alloc_bits() & e.zero_bits() != 0 {
+            return Err(L2Defect::AllocatedAndZero);
+        }
+        if ty == ClusterType::Unallocated && e.alloc_bits() != 0 {
+            return Err(L2Defect::UnallocatedWithAllocBits);
+        }
+        let sc_bits = self.subcluster_bits();
+        // in_cluster < cluster size, so the subcluster index is below 32.
+        #[allow(clippy::cast_possible_truncation)]
+        let sc = (in_cluster >> sc_bits) as u32;
+        let s0 = self.subcluster_state(e, sc);
+        let mut last = sc;
+        while last + 1 < SUBCLUSTERS && self.subcluster_state(e, last + 1) == s0 {
+            last += 1;
+        }
+        Ok((s0, u64::from(last + 1) << sc_bits))
     }
 }
 
@@ -272,6 +614,56 @@ mod tests {
         let mut buf = [0u8; 1];
         encode_refcounts(&[1, 2, 0, 3], 1, &mut buf);
         assert_eq!(buf[0], 0b1100_1001);
+    }
+
+    fn geo(extended: bool) -> L2Geometry {
+        L2Geometry::new(16, extended, false)
+    }
+
+    #[test]
+    fn classifies_standard_entries_as_qemu() {
+        let g = geo(false);
+        let e = |entry| L2Entry { entry, bitmap: 0 };
+        assert_eq!(g.cluster_type(e(0)), ClusterType::Unallocated);
+        assert_eq!(g.cluster_type(e(L2E_COPIED | 0x50000)), ClusterType::Normal);
+        assert_eq!(g.cluster_type(e(1)), ClusterType::ZeroPlain);
+        assert_eq!(g.cluster_type(e(0x50001)), ClusterType::ZeroAlloc);
+        // Offset 0 with COPIED and no data file is unallocated (QEMU's classification) ...
+        assert_eq!(g.cluster_type(e(L2E_COPIED)), ClusterType::Unallocated);
+        // ... and data at host offset 0 with one.
+        assert_eq!(L2Geometry::new(16, false, true).cluster_type(e(L2E_COPIED)), ClusterType::Normal);
+        assert_eq!(g.cluster_type(e(L2E_COMPRESSED | 5)), ClusterType::Compressed);
+        assert_eq!(g.read_state(e(L2E_COPIED | 0x50000), 100), Ok((SubclusterState::Data, 65536)));
+        assert_eq!(g.read_state(e(0x50200), 0), Err(L2Defect::Misaligned(0x50200)));
+        let mut d = Vec::new();
+        g.for_each_defect(e(0x50200 | 0x2), |x| d.push(x));
+        assert_eq!(d, vec![L2Defect::ReservedBits, L2Defect::Misaligned(0x50200)]);
+        assert_eq!(g.referenced_clusters(e(0x50000)), Some((5, 5)));
+        assert_eq!(g.referenced_clusters(g.make_compressed(0x5ff00, 0x200)), Some((5, 6)));
+        assert_eq!(g.referenced_clusters(e(1)), None);
+    }
+
+    #[test]
+    fn subcluster_states_and_runs() {
+        let g = geo(true);
+        // Subclusters 0-1 allocated, 2 zero, the rest unallocated; subclusters of 2 KiB.
+        let e = L2Entry { entry: 0x50000, bitmap: 0b11 | (0b100u64 << 32) };
+        assert_eq!(g.read_state(e, 0), Ok((SubclusterState::Data, 4096)));
+        assert_eq!(g.read_state(e, 4096), Ok((SubclusterState::Zero, 6144)));
+        assert_eq!(g.read_state(e, 6144), Ok((SubclusterState::Unallocated, 65536)));
+        let bad = L2Entry { entry: 0x50000, bitmap: 1 | (1 << 32) };
+        assert_eq!(g.read_state(bad, 0), Err(L2Defect::AllocatedAndZero));
+        let bad = L2Entry { entry: 0, bitmap: 1 };
+        assert_eq!(g.read_state(bad, 0), Err(L2Defect::UnallocatedWithAllocBits));
+        // An unallocated cluster with zero bits: zero where marked, backing elsewhere.
+        let z = L2Entry { entry: 0, bitmap: 1 << 32 };
+        assert_eq!(g.subcluster_state(z, 0), SubclusterState::Zero);
+        assert_eq!(g.subcluster_state(z, 1), SubclusterState::Unallocated);
+        assert_eq!(g.make_zero(3), L2Entry { entry: 0, bitmap: SUBCLUSTER_ALL_ZERO });
+        let mut t = vec![0u64; 8];
+        g.set_entry(&mut t, 2, e);
+        assert_eq!(g.entry_at(&t, 2), e);
+        assert_eq!(g.entry_at(&t, 100), L2Entry::default());
     }
 
     #[test]

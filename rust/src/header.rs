@@ -3,10 +3,9 @@
 //! Parsing validates every field against the spec and against the real length of the file, so
 //! that later allocations sized from header fields are bounded by the file itself.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-
 use crate::error::{Error, IoContext, Result};
+use crate::raw_file::QcowRawFile;
+use crate::storage::Storage;
 use crate::format::{
     align_up, be_u32_at, be_u64_at, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
     EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
@@ -121,6 +120,15 @@ pub struct QcowHeader {
     pub backing_file: Option<String>,
 }
 
+/// Reads `buf.len()` bytes at offset 0 (the file is known to be at least that long).
+fn read_exact(file: &dyn Storage, buf: &mut [u8], what: &str) -> Result<()> {
+    let n = file.read_at(buf, 0).ctx(|| what.to_string())?;
+    if n < buf.len() {
+        return Err(Error::corrupt(format!("{what}: the file ended after {n} bytes"), n as u64));
+    }
+    Ok(())
+}
+
 fn ext_string(data: &[u8]) -> String {
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
     String::from_utf8_lossy(&data[..end]).into_owned()
@@ -129,15 +137,15 @@ fn ext_string(data: &[u8]) -> String {
 impl QcowHeader {
     /// Reads and validates the header of an open image file, except the refcount table fields
     /// (for check and repair, which can rebuild the refcount table).
-    pub fn read_from_lenient(file: &File) -> Result<Self> {
-        let file_len = file.metadata().ctx(|| "reading image file metadata".to_string())?.len();
+    pub fn read_from_lenient(file: &dyn Storage) -> Result<Self> {
+        let file_len = file.len().ctx(|| "reading the image file's length".to_string())?;
         if file_len < 4 {
             return Err(Error::InvalidMagic(format!(
                 "not a qcow2 image: file is {file_len} bytes, too short for the 'magic' field at 0x0"
             )));
         }
         let mut first = vec![0u8; usize::try_from(file_len.min(u64::from(V3_MIN_HEADER_LEN) + 8)).unwrap_or(112)];
-        file.read_exact_at(&mut first, 0).ctx(|| "reading qcow2 header at 0x0".to_string())?;
+        read_exact(file, &mut first, "reading qcow2 header at 0x0")?;
         let magic = be_u32_at(&first, 0);
         if magic != QCOW_MAGIC {
             return Err(Error::InvalidMagic(format!(
@@ -171,7 +179,7 @@ impl QcowHeader {
         // Everything else (header, extensions, backing name) lives in cluster 0.
         let cluster0_len = file_len.min(1u64 << cluster_bits);
         let mut cluster0 = vec![0u8; usize::try_from(cluster0_len).unwrap_or(0)];
-        file.read_exact_at(&mut cluster0, 0).ctx(|| "reading cluster 0 (header and extensions)".to_string())?;
+        read_exact(file, &mut cluster0, "reading cluster 0 (header and extensions)")?;
         let header = Self::parse(&cluster0)?;
         header.validate(file_len)?;
         Ok(header)
@@ -179,9 +187,9 @@ impl QcowHeader {
 
     /// Reads and validates the header like [`QcowHeader::read_from`], including the refcount
     /// table fields.
-    pub fn read_from(file: &File) -> Result<Self> {
+    pub fn read_from(file: &dyn Storage) -> Result<Self> {
         let header = Self::read_from_lenient(file)?;
-        let file_len = file.metadata().ctx(|| "reading image file metadata".to_string())?.len();
+        let file_len = file.len().ctx(|| "reading the image file's length".to_string())?;
         header.validate_refcount_table(file_len)?;
         Ok(header)
     }
@@ -623,6 +631,63 @@ impl QcowHeader {
         self.feature_names().into_iter().find(|f| f.kind == kind && u32::from(f.bit) == bit).map(|f| f.name)
     }
 
+    /// Switches the image to another refcount table: `refcount_table_offset` and
+    /// `refcount_table_clusters` in one 12-byte write, then a sync. The commit point of every
+    /// refcount-structure change: the new table and its refblocks must already be durable.
+    pub fn commit_refcount_table(&mut self, raw: &QcowRawFile, offset: u64, clusters: u32) -> Result<()> {
+        let mut b = [0u8; 12];
+        b[..8].copy_from_slice(&offset.to_be_bytes());
+        b[8..].copy_from_slice(&clusters.to_be_bytes());
+        raw.write_at(&b, fo::REFCOUNT_TABLE_OFFSET, "header (refcount_table_offset, refcount_table_clusters)")?;
+        raw.sync()?;
+        self.refcount_table_offset = offset;
+        self.refcount_table_clusters = clusters;
+        Ok(())
+    }
+
+    /// Switches the image to another active L1 table: `l1_size` and `l1_table_offset` in one
+    /// 12-byte write, then a sync (the new table must already be durable).
+    pub fn commit_l1_table(&mut self, raw: &QcowRawFile, l1_size: u32, offset: u64) -> Result<()> {
+        let mut b = [0u8; 12];
+        b[..4].copy_from_slice(&l1_size.to_be_bytes());
+        b[4..].copy_from_slice(&offset.to_be_bytes());
+        raw.write_at(&b, fo::L1_SIZE, "header (l1_size, l1_table_offset)")?;
+        raw.sync()?;
+        self.l1_size = l1_size;
+        self.l1_table_offset = offset;
+        Ok(())
+    }
+
+    /// Writes `incompatible_features` (v3 only; a no-op when unchanged), then a sync.
+    pub fn commit_incompatible_features(&mut self, raw: &QcowRawFile, value: u64) -> Result<()> {
+        if self.version < 3 || self.incompatible_features == value {
+            return Ok(());
+        }
+        raw.write_at(&value.to_be_bytes(), fo::INCOMPATIBLE_FEATURES, "header (incompatible_features)")?;
+        raw.sync()?;
+        self.incompatible_features = value;
+        Ok(())
+    }
+
+    /// Writes `autoclear_features` (v3 only), then a sync.
+    pub fn commit_autoclear_features(&mut self, raw: &QcowRawFile, value: u64) -> Result<()> {
+        if self.version < 3 || self.autoclear_features == value {
+            return Ok(());
+        }
+        raw.write_at(&value.to_be_bytes(), fo::AUTOCLEAR_FEATURES, "header (autoclear_features)")?;
+        raw.sync()?;
+        self.autoclear_features = value;
+        Ok(())
+    }
+
+    /// Writes the virtual `size`, then a sync.
+    pub fn commit_size(&mut self, raw: &QcowRawFile, size: u64) -> Result<()> {
+        raw.write_at(&size.to_be_bytes(), fo::SIZE, "header (size)")?;
+        raw.sync()?;
+        self.size = size;
+        Ok(())
+    }
+
     /// Serializes the header, its extensions and the backing file name: the bytes of cluster 0
     /// up to the end of the backing name. `backing_file_offset`/`backing_file_size` are
     /// recomputed. Fails if the result does not fit in one cluster.
@@ -697,8 +762,13 @@ impl QcowHeader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A parsed valid v3 header (64 MiB, 64 KiB clusters), for tests of other modules.
+    pub(crate) fn header_for_tests() -> QcowHeader {
+        QcowHeader::parse(&valid_v3()).unwrap()
+    }
 
     /// A valid v3 header for a 64 MiB image with 64 KiB clusters, as `qemu-img create` makes it.
     pub(crate) fn valid_v3() -> Vec<u8> {

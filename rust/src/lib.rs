@@ -1,7 +1,7 @@
 //! qcowrs: qcow2 disk images — read, write, check and repair.
 //!
 //! The crate mirrors the pieces of crosvm's qcow crate that rebuild reference counts
-//! (`QcowRawFile`, the pointer-table reader, `rebuild_refcounts`) and builds a full qcow2
+//! ([`QcowRawFile`], the pointer-table reader, [`rebuild_refcounts`]) and builds a full qcow2
 //! backend around them. It is usable without Python:
 //!
 //! ```no_run
@@ -9,32 +9,48 @@
 //! let mut disk = qcowrs::QcowFile::open_read_only("disk.qcow2")?;
 //! let mut boot_sector = [0u8; 512];
 //! disk.read_exact(&mut boot_sector)?;
+//! let report = qcowrs::check_path("disk.qcow2".as_ref(), qcowrs::Repair::None, false)?;
+//! assert!(report.is_clean());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! With the `python` feature, `rust/src/python/` exposes it as the `qcowrs._qcowrs` module.
+//! Images need not be files: [`MemStorage`] holds one in memory, and [`RecordingStorage`]
+//! logs every write and sync (for crash-state tests). With the `python` feature,
+//! `rust/src/python/` exposes the crate as the `qcowrs._qcowrs` module. `docs/architecture.md`
+//! describes the modules.
 
-pub mod bitmap;
-pub mod cache;
-pub mod check;
-pub mod compression;
-pub mod error;
-pub mod format;
-pub mod header;
-pub mod lock;
-pub mod mapping;
-pub mod qcow_file;
-pub mod raw_file;
-pub mod rebuild;
-pub mod refcount;
-pub mod snapshot;
+mod backing;
+mod bitmap;
+mod cache;
+mod check;
+mod compression;
+mod count;
+mod create;
+mod error;
+mod format;
+mod header;
+mod lock;
+mod mapping;
+mod qcow_file;
+mod raw_file;
+mod rebuild;
+mod refcount;
+mod report;
+mod snapshot;
+mod storage;
+mod walk;
 
 #[cfg(feature = "python")]
 mod python;
 
-pub use check::{check_path, CheckReport, Repair};
+pub use backing::BackingChoice;
+pub use check::{check_path, check_raw, Repair};
+pub use create::{create_on, CreateOptions};
 pub use error::{Error, Result};
-pub use header::QcowHeader;
-pub use mapping::ClusterMapping;
+pub use header::{field_offset, QcowHeader};
+pub use mapping::ReadPlan;
 pub use qcow_file::{OpenOptions, QcowFile};
-pub use raw_file::QcowRawFile;
+pub use raw_file::{fail_after_ops, io_ops, QcowRawFile};
+pub use rebuild::{rebuild_refcounts, NewStructure};
+pub use report::{CheckReport, Counts, Problem, ProblemLog};
+pub use storage::{replay, FileStorage, MemStorage, RecordingStorage, Storage, StorageOp};

@@ -66,7 +66,7 @@ pub fn lock_image(file: &File, writable: bool, what: &str) -> Result<()> {
     let unshared: &[u32] = &[PERM_WRITE, PERM_RESIZE];
     for &bit in held {
         if locked_by_other(file, SHARED_BASE + i64::from(bit))? {
-            return Err(Error::Locked(format!(
+            return Err(Error::ImageLocked(format!(
                 "{what} is in use: another process (QEMU or qcowrs) does not share the \"{}\" permission",
                 perm_name(bit)
             )));
@@ -74,7 +74,7 @@ pub fn lock_image(file: &File, writable: bool, what: &str) -> Result<()> {
     }
     for &bit in unshared {
         if locked_by_other(file, PERM_BASE + i64::from(bit))? {
-            return Err(Error::Locked(format!(
+            return Err(Error::ImageLocked(format!(
                 "{what} is in use: another process (QEMU or qcowrs) holds the \"{}\" permission",
                 perm_name(bit)
             )));

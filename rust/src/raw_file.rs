@@ -1,13 +1,16 @@
 //! `QcowRawFile`: positioned reads and writes of whole qcow2 tables (pointer tables and
-//! refcount blocks) in single calls. It knows the cluster size and refcount width, nothing of
-//! what the tables mean. Mirrors the seed's `QcowRawFile`.
+//! refcount blocks) in single calls, over a [`Storage`]. It knows the cluster size and refcount
+//! width, nothing of what the tables mean. Mirrors the seed's `QcowRawFile`; it is the one
+//! place that reads and writes tables, and every image write passes through it (the
+//! fault-injection hook lives here).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{be_u64, decode_refcounts, encode_refcounts, RefcountGeometry};
+use crate::storage::{FileStorage, Storage};
 
 /// Fault injection for crash tests: the number of write/sync/resize operations still allowed
 /// (-1: unlimited). At 0 every further operation fails, as if the process had died there.
@@ -43,31 +46,58 @@ fn fault_point(what: &str, offset: u64) -> Result<()> {
     Ok(())
 }
 
-/// A qcow2 host file with table-level I/O.
+/// A qcow2 host file with table-level I/O. Cheap to clone (the storage is shared); every
+/// method takes `&self`.
 #[derive(Debug)]
 pub struct QcowRawFile {
-    file: File,
+    storage: Arc<dyn Storage>,
     cluster_bits: u32,
     refcount_order: u32,
     writable: bool,
     /// Length of the host file, kept up to date by our own writes.
-    file_len: u64,
+    file_len: AtomicU64,
+}
+
+impl Clone for QcowRawFile {
+    fn clone(&self) -> Self {
+        QcowRawFile {
+            storage: Arc::clone(&self.storage),
+            cluster_bits: self.cluster_bits,
+            refcount_order: self.refcount_order,
+            writable: self.writable,
+            file_len: AtomicU64::new(self.file_len()),
+        }
+    }
 }
 
 impl QcowRawFile {
-    /// Wraps an open file. `cluster_size` must be a power of two in 512..=2 MiB and
-    /// `refcount_order` at most 6; returns `None` otherwise (as the seed's `from`).
+    /// Wraps an open file (the seed's constructor). `cluster_size` must be a power of two in
+    /// 512..=2 MiB and `refcount_order` at most 6.
     pub fn from(file: File, cluster_size: u64, refcount_order: u32, writable: bool) -> Result<Self> {
+        Self::new(Arc::new(FileStorage::new(file)), cluster_size, refcount_order, writable)
+    }
+
+    /// Wraps any storage.
+    pub fn new(storage: Arc<dyn Storage>, cluster_size: u64, refcount_order: u32, writable: bool) -> Result<Self> {
         if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
             return Err(Error::InvalidClusterSize(format!(
                 "cluster size {cluster_size} is not a power of two in 512..2M"
             )));
         }
         if refcount_order > 6 {
-            return Err(Error::corrupt(format!("refcount_order {refcount_order} above 6"), 96));
+            return Err(Error::corrupt(
+                format!("refcount_order {refcount_order} above 6"),
+                crate::header::field_offset::REFCOUNT_ORDER,
+            ));
         }
-        let file_len = file.metadata().ctx(|| "reading image file metadata".into())?.len();
-        Ok(QcowRawFile { file, cluster_bits: cluster_size.trailing_zeros(), refcount_order, writable, file_len })
+        let file_len = storage.len().ctx(|| "reading the image file's length".into())?;
+        Ok(QcowRawFile {
+            storage,
+            cluster_bits: cluster_size.trailing_zeros(),
+            refcount_order,
+            writable,
+            file_len: AtomicU64::new(file_len),
+        })
     }
 
     /// Bytes per cluster.
@@ -90,19 +120,23 @@ impl QcowRawFile {
     pub fn writable(&self) -> bool {
         self.writable
     }
+    /// The storage underneath.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
     /// Re-reads the host file length (after another handle changed the file).
-    pub fn refresh_len(&mut self) -> Result<()> {
-        self.file_len = self.file.metadata().ctx(|| "reading image file metadata".into())?.len();
+    pub fn refresh_len(&self) -> Result<()> {
+        let n = self.storage.len().ctx(|| "reading the image file's length".into())?;
+        self.file_len.store(n, Ordering::SeqCst);
         Ok(())
     }
-
     /// Current length of the host file.
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        self.file_len.load(Ordering::SeqCst)
     }
-    /// The underlying file.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The host file length rounded up to whole clusters.
+    pub fn file_clusters(&self) -> u64 {
+        self.file_len().div_ceil(self.cluster_size())
     }
 
     /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros, but
@@ -110,53 +144,74 @@ impl QcowRawFile {
     /// file, or extends past the cluster-rounded end, is an `InvalidOffset` naming `what`.
     pub fn read_table_bytes(&self, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
         let len = buf.len() as u64;
-        let end = offset.checked_add(len);
-        let rounded_eof = self.file_len.div_ceil(self.cluster_size()) * self.cluster_size();
-        match end {
-            Some(end) if len == 0 || (offset < self.file_len && end <= rounded_eof) => {}
+        let file_len = self.file_len();
+        let rounded_eof = self.file_clusters() * self.cluster_size();
+        match offset.checked_add(len) {
+            Some(end) if len == 0 || (offset < file_len && end <= rounded_eof) => {}
             _ => {
                 return Err(Error::offset(
                     what,
                     offset,
-                    format!(
-                        "(0x{len:x} bytes) lies past the end of the file (0x{:x}); the image is truncated",
-                        self.file_len
-                    ),
+                    format!("(0x{len:x} bytes) lies past the end of the file (0x{file_len:x}); the image is truncated"),
                 ))
             }
         }
-        let avail = usize::try_from(self.file_len - offset).unwrap_or(usize::MAX).min(buf.len());
-        let (head, tail) = buf.split_at_mut(avail);
-        self.file.read_exact_at(head, offset).ctx(|| format!("reading {what} at 0x{offset:x}"))?;
-        tail.fill(0);
+        let n = self.read_at(buf, offset)?;
+        buf[n..].fill(0);
         Ok(())
+    }
+
+    /// Reads as much of `[offset, offset+len)` as the file holds: a table whose size field is
+    /// bogus costs no more than the file is long.
+    pub fn read_available(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let avail = self.file_len().saturating_sub(offset).min(len);
+        let mut buf = vec![0u8; usize::try_from(avail).unwrap_or(0)];
+        let n = self.read_at(&mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Reads a table of `count` big-endian u64s at `offset` in one read (see
+    /// [`QcowRawFile::read_table_bytes`] for the bounds).
+    pub fn read_u64_table(&self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {
+        let bytes = count
+            .checked_mul(8)
+            .filter(|&b| b <= self.file_len().saturating_add(self.cluster_size()))
+            .ok_or_else(|| {
+                Error::offset(
+                    what,
+                    offset,
+                    format!("with {count} entries is larger than the file (0x{:x})", self.file_len()),
+                )
+            })?;
+        let mut buf = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
+        self.read_table_bytes(offset, &mut buf, what)?;
+        Ok(buf.chunks_exact(8).map(be_u64).collect())
+    }
+
+    /// Writes `table` as big-endian u64s at `offset` in one write.
+    pub fn write_u64_table(&self, offset: u64, table: &[u64], what: &str) -> Result<()> {
+        let mut buf = Vec::with_capacity(table.len() * 8);
+        for &e in table {
+            buf.extend_from_slice(&e.to_be_bytes());
+        }
+        self.write_at(&buf, offset, what)
     }
 
     /// Reads `count` big-endian u64 entries at `offset`, each masked with `mask` if given.
     pub fn read_pointer_table(&self, offset: u64, count: u64, mask: Option<u64>) -> Result<Vec<u64>> {
-        let bytes = count.checked_mul(8).filter(|&b| b <= self.file_len.saturating_add(self.cluster_size()));
-        let bytes = bytes.ok_or_else(|| {
-            Error::offset(
-                "pointer table",
-                offset,
-                format!("with {count} entries is larger than the file (0x{:x})", self.file_len),
-            )
-        })?;
-        let mut buf = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
-        self.read_table_bytes(offset, &mut buf, "pointer table")?;
-        let m = mask.unwrap_or(u64::MAX);
-        Ok(buf.chunks_exact(8).map(|c| be_u64(c) & m).collect())
+        let mut t = self.read_u64_table(offset, count, "pointer table")?;
+        if let Some(m) = mask {
+            t.iter_mut().for_each(|e| *e &= m);
+        }
+        Ok(t)
     }
 
     /// Writes `table` as big-endian u64s at `offset`, OR-ing `non_zero_flags` into every entry
     /// that is not zero. One write call.
-    pub fn write_pointer_table(&mut self, offset: u64, table: &[u64], non_zero_flags: u64) -> Result<()> {
-        let mut buf = Vec::with_capacity(table.len() * 8);
-        for &e in table {
-            let v = if e == 0 { 0 } else { e | non_zero_flags };
-            buf.extend_from_slice(&v.to_be_bytes());
-        }
-        self.write_at(&buf, offset, "pointer table")
+    pub fn write_pointer_table(&self, offset: u64, table: &[u64], non_zero_flags: u64) -> Result<()> {
+        let t: Vec<u64> = table.iter().map(|&e| if e == 0 { 0 } else { e | non_zero_flags }).collect();
+        self.write_u64_table(offset, &t, "pointer table")
     }
 
     /// Reads the refcount block (one cluster) at `offset`, decoded at the image's width.
@@ -168,7 +223,7 @@ impl QcowRawFile {
 
     /// Writes a refcount block (one whole cluster; missing trailing entries are zero). Values
     /// above the width's maximum are an error, never silently truncated.
-    pub fn write_refcount_block(&mut self, offset: u64, refcounts: &[u64]) -> Result<()> {
+    pub fn write_refcount_block(&self, offset: u64, refcounts: &[u64]) -> Result<()> {
         let geo = self.refcount_geometry();
         if refcounts.len() as u64 > geo.refblock_entries() {
             return Err(Error::InvalidClusterIndex(format!(
@@ -191,26 +246,20 @@ impl QcowRawFile {
 
     /// Reads into `buf` at `offset`; returns the bytes read (short at EOF).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(format!("reading host file at 0x{:x}", offset + done as u64), e)),
-            }
-        }
-        Ok(done)
+        self.storage.read_at(buf, offset).ctx(|| format!("reading the image file at 0x{offset:x}"))
     }
 
     /// Writes all of `buf` at `offset`.
-    pub fn write_at(&mut self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+    pub fn write_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly(format!("cannot write {what} at 0x{offset:x}")));
+            return Err(Error::ReadOnlyImage(format!("cannot write {what} at 0x{offset:x}")));
         }
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::offset(what, offset, "plus its length overflows 64 bits"))?;
         fault_point(what, offset)?;
-        self.file.write_all_at(buf, offset).ctx(|| format!("writing {what} at 0x{offset:x}"))?;
-        self.file_len = self.file_len.max(offset + buf.len() as u64);
+        self.storage.write_at(buf, offset).ctx(|| format!("writing {what} at 0x{offset:x}"))?;
+        self.file_len.fetch_max(end, Ordering::SeqCst);
         Ok(())
     }
 
@@ -218,19 +267,29 @@ impl QcowRawFile {
     pub fn sync(&self) -> Result<()> {
         if self.writable {
             fault_point("flush", 0)?;
-            self.file.sync_data().ctx(|| "flushing the image file (fdatasync)".into())?;
+            self.storage.sync().ctx(|| "flushing the image file (fdatasync)".into())?;
         }
         Ok(())
     }
 
     /// Sets the host file length.
-    pub fn set_len(&mut self, len: u64) -> Result<()> {
+    pub fn set_len(&self, len: u64) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly("cannot resize the image file".into()));
+            return Err(Error::ReadOnlyImage("cannot resize the image file".into()));
         }
         fault_point("resize", len)?;
-        self.file.set_len(len).ctx(|| format!("resizing the image file to 0x{len:x}"))?;
-        self.file_len = len;
+        self.storage.set_len(len).ctx(|| format!("resizing the image file to 0x{len:x}"))?;
+        self.file_len.store(len, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Deallocates `[offset, offset+len)` of the host file (best effort; it then reads as
+    /// zeros). Callers punch only clusters nothing references.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnlyImage(format!("cannot punch a hole at 0x{offset:x}")));
+        }
+        fault_point("punch hole", offset)?;
+        self.storage.punch_hole(offset, len).ctx(|| format!("punching a hole at 0x{offset:x}"))
     }
 }

@@ -1,20 +1,112 @@
-//! `RefcountManager`: the refcounts of a writable image — lookups, cluster allocation (holes
-//! first, never a cluster with a non-zero refcount), deferred frees, new refblocks and reftable
-//! growth.
+//! Refcounts on disk: [`RefcountView`], the read-only view check uses (whole refblocks read
+//! once each, kept in a bounded cache), and [`RefcountManager`], the allocator of a writable
+//! image (lookups, cluster allocation holes first, deferred frees, new refblocks and reftable
+//! growth).
 //!
-//! Ordering contract (kept by `QcowFile::flush`): refblocks reach the disk before the reftable
-//! entries that point at them, and both before any L2/L1 entry that references a newly
-//! allocated cluster; decrements (frees) are applied only after the references are gone from
-//! the disk. A crash therefore leaves at worst leaked clusters.
+//! Refblocks are kept as their on-disk bytes at the image's width (never decoded into one u64
+//! per cluster: a 2 MiB refblock of 1-bit refcounts holds 16 M entries).
+//!
+//! Ordering contract of the manager (kept by `QcowFile::flush`): refblocks reach the disk
+//! before the reftable entries that point at them, and both before any L2/L1 entry that
+//! references a newly allocated cluster; decrements (frees) are applied only after the
+//! references are gone from the disk. A crash therefore leaves at worst leaked clusters.
+
+use std::sync::Arc;
 
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
-use crate::format::{be_u64, decode_refcounts, encode_refcounts, RefcountGeometry, REFT_OFFSET_MASK};
-use crate::header::{field_offset, QcowHeader};
+use crate::format::{be_u64, refcount_at, set_refcount_at, RefcountGeometry, REFT_OFFSET_MASK};
+use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
 
-/// Refblocks kept decoded in memory.
-const REFBLOCK_CACHE: usize = 64;
+/// Memory spent on cached refblocks (at least 4 are kept whatever their size).
+const REFBLOCK_CACHE_BYTES: u64 = 16 << 20;
+
+fn cache_capacity(cluster_size: u64) -> usize {
+    usize::try_from((REFBLOCK_CACHE_BYTES / cluster_size).max(4)).unwrap_or(4)
+}
+
+/// The on-disk refcounts, read-only and lenient: a reftable or refblock that cannot be read
+/// makes the refcounts it covers unreadable (an `Err` naming why), not the whole view.
+pub struct RefcountView {
+    geo: RefcountGeometry,
+    reftable: Vec<u64>,
+    blocks: TableCache<Arc<Vec<u8>>>,
+}
+
+impl RefcountView {
+    /// Reads the reftable named by the header, as far as the file holds it.
+    pub fn load(raw: &QcowRawFile, h: &QcowHeader) -> Self {
+        let cs = h.cluster_size();
+        let mut reftable = Vec::new();
+        if h.refcount_table_offset != 0 && h.refcount_table_offset % cs == 0 {
+            let bytes = u64::from(h.refcount_table_clusters) * cs;
+            if let Ok(buf) = raw.read_available(h.refcount_table_offset, bytes) {
+                reftable = buf.chunks_exact(8).map(be_u64).collect();
+            }
+        }
+        let geo = raw.refcount_geometry();
+        RefcountView { geo, reftable, blocks: TableCache::new(cache_capacity(raw.cluster_size())) }
+    }
+
+    /// The refcount geometry.
+    pub fn geometry(&self) -> RefcountGeometry {
+        self.geo
+    }
+
+    /// The bytes of refblock `ri` (`None`: no refblock, every refcount it covers is 0). A
+    /// refblock (partly) past the end of the file reads as zeros there, as in QEMU.
+    pub fn refblock(&mut self, raw: &QcowRawFile, ri: u64) -> std::result::Result<Option<Arc<Vec<u8>>>, String> {
+        if let Some(b) = self.blocks.get(ri) {
+            return Ok(Some(Arc::clone(b)));
+        }
+        let e = usize::try_from(ri).ok().and_then(|r| self.reftable.get(r)).copied().unwrap_or(0);
+        let off = e & REFT_OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if off % raw.cluster_size() != 0 {
+            return Err(format!("refcount block {ri} at 0x{off:x} is not cluster aligned"));
+        }
+        let mut buf = vec![0u8; usize::try_from(raw.cluster_size()).unwrap_or(0)];
+        let n = if off < raw.file_len() { raw.read_at(&mut buf, off).map_err(|e| e.to_string())? } else { 0 };
+        buf[n..].fill(0);
+        let b = Arc::new(buf);
+        // Read-only: nothing dirty is ever handed back.
+        let _ = self.blocks.insert(ri, Arc::clone(&b), false);
+        Ok(Some(b))
+    }
+
+    /// Refcount of cluster `c`; `Err` names why it cannot be read.
+    pub fn get(&mut self, raw: &QcowRawFile, c: u64) -> std::result::Result<u64, String> {
+        let bits = self.geo.refblock_bits();
+        let idx = usize::try_from(c & ((1 << bits) - 1)).unwrap_or(0);
+        Ok(match self.refblock(raw, c >> bits)? {
+            Some(b) => refcount_at(&b, self.geo.refcount_order, idx),
+            None => 0,
+        })
+    }
+
+    /// Host offset of refblock `ri` (0: none).
+    pub fn refblock_offset(&self, ri: u64) -> u64 {
+        usize::try_from(ri).ok().and_then(|r| self.reftable.get(r)).copied().unwrap_or(0) & REFT_OFFSET_MASK
+    }
+
+    /// Writes a changed refblock back (a repair) and updates the cache.
+    pub fn write_refblock(&mut self, raw: &QcowRawFile, ri: u64, bytes: Vec<u8>, what: &str) -> Result<()> {
+        let off = self.refblock_offset(ri);
+        raw.write_at(&bytes, off, what)?;
+        let _ = self.blocks.insert(ri, Arc::new(bytes), false);
+        Ok(())
+    }
+}
+
+fn write_block_at(raw: &QcowRawFile, off: u64, ri: u64, block: &[u8]) -> Result<()> {
+    if off == 0 {
+        return Err(Error::InvalidClusterIndex(format!("refcount block {ri} has no cluster")));
+    }
+    raw.write_at(block, off, "refcount block")
+}
 
 /// The refcounts of a writable image.
 pub struct RefcountManager {
@@ -24,8 +116,8 @@ pub struct RefcountManager {
     reftable_clusters: u32,
     /// Reftable entries changed in memory (new refblocks) and not yet written.
     reftable_dirty: bool,
-    /// Decoded refblocks keyed by refblock index.
-    blocks: TableCache<Vec<u64>>,
+    /// Refblocks (on-disk bytes) keyed by refblock index.
+    blocks: TableCache<Vec<u8>>,
     /// Every cluster at or past this index has refcount 0.
     end_cluster: u64,
     /// No free cluster below this index.
@@ -37,30 +129,32 @@ pub struct RefcountManager {
 
 impl RefcountManager {
     /// Loads the reftable and finds the end of the used area.
-    pub fn load(raw: &mut QcowRawFile, h: &QcowHeader) -> Result<Self> {
+    pub fn load(raw: &QcowRawFile, h: &QcowHeader) -> Result<Self> {
         let cs = h.cluster_size();
-        let geo = raw.refcount_geometry();
-        let bytes = u64::from(h.refcount_table_clusters) * cs;
-        let mut buf = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
-        raw.read_table_bytes(h.refcount_table_offset, &mut buf, "refcount_table_offset (refcount table)")?;
-        let reftable: Vec<u64> = buf.chunks_exact(8).map(be_u64).collect();
+        let reftable = raw.read_u64_table(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs / 8,
+            "refcount_table_offset (refcount table)",
+        )?;
         let mut m = RefcountManager {
-            geo,
+            geo: raw.refcount_geometry(),
             reftable,
             reftable_offset: h.refcount_table_offset,
             reftable_clusters: h.refcount_table_clusters,
             reftable_dirty: false,
-            blocks: TableCache::new(REFBLOCK_CACHE),
-            end_cluster: raw.file_len().div_ceil(cs),
+            blocks: TableCache::new(cache_capacity(cs)),
+            end_cluster: raw.file_clusters(),
             free_hint: 0,
             pending_frees: Vec::new(),
         };
         // Refcounts may extend past the end of the file: find the last non-zero one.
         if let Some(ri) = m.reftable.iter().rposition(|&e| e & REFT_OFFSET_MASK != 0) {
-            m.load_block(raw, ri as u64)?;
-            if let Some(last) = m.blocks.get(ri as u64).and_then(|b| b.iter().rposition(|&r| r != 0)) {
-                let c = ri as u64 * geo.refblock_entries() + last as u64 + 1;
-                m.end_cluster = m.end_cluster.max(c);
+            let ri = ri as u64;
+            m.load_block(raw, ri)?;
+            let order = m.geo.refcount_order;
+            let n = usize::try_from(m.geo.refblock_entries()).unwrap_or(0);
+            if let Some(last) = m.blocks.get(ri).and_then(|b| (0..n).rev().find(|&i| refcount_at(b, order, i) != 0)) {
+                m.end_cluster = m.end_cluster.max(ri * m.geo.refblock_entries() + last as u64 + 1);
             }
         }
         Ok(m)
@@ -71,29 +165,26 @@ impl RefcountManager {
     }
 
     /// Loads refblock `ri` into the cache (a missing refblock reads as all-zero).
-    fn load_block(&mut self, raw: &mut QcowRawFile, ri: u64) -> Result<()> {
+    fn load_block(&mut self, raw: &QcowRawFile, ri: u64) -> Result<()> {
         if self.blocks.get(ri).is_some() {
             return Ok(());
         }
         let off = self.refblock_offset(ri);
-        let v = if off == 0 {
-            vec![0u64; usize::try_from(self.entries_per_block()).unwrap_or(0)]
-        } else {
-            let mut buf = vec![0u8; usize::try_from(raw.cluster_size()).unwrap_or(0)];
+        let mut buf = vec![0u8; usize::try_from(raw.cluster_size()).unwrap_or(0)];
+        if off != 0 {
             raw.read_table_bytes(off, &mut buf, &format!("refcount block {ri}"))?;
-            decode_refcounts(&buf, self.geo.refcount_order)
-        };
-        self.insert_block(raw, ri, v, false)
+        }
+        self.insert_block(raw, ri, buf, false)
     }
 
-    fn insert_block(&mut self, raw: &mut QcowRawFile, ri: u64, block: Vec<u64>, dirty: bool) -> Result<()> {
+    fn insert_block(&mut self, raw: &QcowRawFile, ri: u64, block: Vec<u8>, dirty: bool) -> Result<()> {
         if let Some((k, evicted)) = self.blocks.insert(ri, block, dirty) {
             // A dirty refblock only holds increments (frees are deferred): it may be written
             // at any time, as long as its reftable entry follows it.
             self.write_block(raw, k, &evicted)?;
             if self.reftable_dirty {
                 raw.sync()?;
-                raw.write_pointer_table(self.reftable_offset, &self.reftable, 0)?;
+                raw.write_u64_table(self.reftable_offset, &self.reftable, "refcount table")?;
                 self.reftable_dirty = false;
             }
         }
@@ -104,34 +195,26 @@ impl RefcountManager {
         usize::try_from(ri).ok().and_then(|r| self.reftable.get(r)).copied().unwrap_or(0) & REFT_OFFSET_MASK
     }
 
-    fn write_block(&self, raw: &mut QcowRawFile, ri: u64, block: &[u64]) -> Result<()> {
-        let off = self.refblock_offset(ri);
-        if off == 0 {
-            return Err(Error::corrupt(format!("refcount block {ri} has no cluster"), self.reftable_offset));
-        }
-        let mut buf = vec![0u8; usize::try_from(raw.cluster_size()).unwrap_or(0)];
-        encode_refcounts(block, self.geo.refcount_order, &mut buf);
-        raw.write_at(&buf, off, "refcount block")
+    fn write_block(&self, raw: &QcowRawFile, ri: u64, block: &[u8]) -> Result<()> {
+        write_block_at(raw, self.refblock_offset(ri), ri, block)
+    }
+
+    fn index(&self, c: u64) -> (u64, usize) {
+        let e = self.entries_per_block();
+        (c / e, usize::try_from(c % e).unwrap_or(0))
     }
 
     /// Refcount of cluster `c`.
-    pub fn get(&mut self, raw: &mut QcowRawFile, c: u64) -> Result<u64> {
-        let e = self.entries_per_block();
-        self.load_block(raw, c / e)?;
-        let idx = usize::try_from(c % e).unwrap_or(0);
-        Ok(self.blocks.get(c / e).and_then(|b| b.get(idx)).copied().unwrap_or(0))
+    pub fn get(&mut self, raw: &QcowRawFile, c: u64) -> Result<u64> {
+        let (ri, idx) = self.index(c);
+        self.load_block(raw, ri)?;
+        let order = self.geo.refcount_order;
+        Ok(self.blocks.get(ri).map_or(0, |b| refcount_at(b, order, idx)))
     }
 
     /// Sets the refcount of cluster `c`; clusters in `reserved` are being allocated together
     /// with it and must not host a new refblock.
-    fn set(
-        &mut self,
-        raw: &mut QcowRawFile,
-        h: &mut QcowHeader,
-        c: u64,
-        v: u64,
-        reserved: std::ops::Range<u64>,
-    ) -> Result<()> {
+    fn set(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, c: u64, v: u64, reserved: std::ops::Range<u64>) -> Result<()> {
         if v > self.geo.refcount_max() {
             return Err(Error::corrupt(
                 format!(
@@ -143,24 +226,18 @@ impl RefcountManager {
             ));
         }
         self.ensure_refblock(raw, h, c, reserved)?;
-        let e = self.entries_per_block();
-        self.load_block(raw, c / e)?;
-        let idx = usize::try_from(c % e).unwrap_or(0);
-        if let Some(b) = self.blocks.get_mut(c / e) {
-            b[idx] = v;
+        let (ri, idx) = self.index(c);
+        self.load_block(raw, ri)?;
+        let order = self.geo.refcount_order;
+        if let Some(b) = self.blocks.get_mut(ri) {
+            set_refcount_at(b, order, idx, v);
         }
         Ok(())
     }
 
     /// Makes sure cluster `c`'s refblock exists, creating it inside its own range if needed
     /// (a self-describing refblock), growing the reftable first if it is too small.
-    fn ensure_refblock(
-        &mut self,
-        raw: &mut QcowRawFile,
-        h: &mut QcowHeader,
-        c: u64,
-        reserved: std::ops::Range<u64>,
-    ) -> Result<()> {
+    fn ensure_refblock(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, c: u64, reserved: std::ops::Range<u64>) -> Result<()> {
         let e = self.entries_per_block();
         let ri = c / e;
         if ri >= self.reftable.len() as u64 {
@@ -182,8 +259,8 @@ impl RefcountManager {
         let idx = usize::try_from(ri).unwrap_or(0);
         self.reftable[idx] = b << self.geo.cluster_bits;
         self.reftable_dirty = true;
-        let mut block = vec![0u64; usize::try_from(e).unwrap_or(0)];
-        block[usize::try_from(b - first).unwrap_or(0)] = 1;
+        let mut block = vec![0u8; usize::try_from(raw.cluster_size()).unwrap_or(0)];
+        set_refcount_at(&mut block, self.geo.refcount_order, usize::try_from(b - first).unwrap_or(0), 1);
         self.insert_block(raw, ri, block, true)?;
         self.end_cluster = self.end_cluster.max(b + 1);
         Ok(())
@@ -191,7 +268,7 @@ impl RefcountManager {
 
     /// Moves the reftable to a larger place at the end of the image and commits it with one
     /// header write; everything it needs is written and synced before the header switches.
-    fn grow_reftable(&mut self, raw: &mut QcowRawFile, h: &mut QcowHeader, min_entries: u64) -> Result<()> {
+    fn grow_reftable(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, min_entries: u64) -> Result<()> {
         // Whatever is pending goes to the old places first (the old table keeps its size).
         self.write_dirty_blocks(raw)?;
         let cb = self.geo.cluster_bits;
@@ -209,11 +286,17 @@ impl RefcountManager {
             }
             entries = reach;
         };
+        if n * cs > crate::format::MAX_REFTABLE_BYTES {
+            return Err(Error::InvalidRefcountTableSize(format!(
+                "the refcount table would need {n} clusters, above QEMU's limit of 8 MiB"
+            )));
+        }
         let entries = n * per_cluster;
         let old = (self.reftable_offset, self.reftable_clusters);
         self.reftable.resize(usize::try_from(entries).unwrap_or(0), 0);
         let mut end = start + n;
         let mut need: Vec<u64> = (start..start + n).collect();
+        let zero_block = vec![0u8; usize::try_from(cs).unwrap_or(0)];
         while let Some(c) = need.pop() {
             let ri = c / e;
             let idx = usize::try_from(ri).unwrap_or(usize::MAX);
@@ -224,37 +307,32 @@ impl RefcountManager {
                 let b = end;
                 end += 1;
                 self.reftable[idx] = b << cb;
-                self.insert_block(raw, ri, vec![0u64; usize::try_from(e).unwrap_or(0)], true)?;
+                self.insert_block(raw, ri, zero_block.clone(), true)?;
                 need.push(b);
             }
             self.load_block(raw, ri)?;
+            let order = self.geo.refcount_order;
             if let Some(bl) = self.blocks.get_mut(ri) {
-                bl[usize::try_from(c % e).unwrap_or(0)] = 1;
+                set_refcount_at(bl, order, usize::try_from(c % e).unwrap_or(0), 1);
             }
         }
         self.end_cluster = end;
         // Every refblock first, then the new table, durable; then one header write.
         self.reftable_dirty = false;
-        let keys = self.blocks.dirty_keys();
-        for ri in keys {
-            if let Some(b) = self.blocks.get(ri).cloned() {
-                self.write_block(raw, ri, &b)?;
+        for ri in self.blocks.dirty_keys() {
+            let off = self.refblock_offset(ri);
+            if let Some(b) = self.blocks.get(ri) {
+                write_block_at(raw, off, ri, b)?;
             }
             self.blocks.mark_clean(ri);
         }
-        raw.write_pointer_table(start << cb, &self.reftable, 0)?;
+        raw.write_u64_table(start << cb, &self.reftable, "new refcount table")?;
         raw.sync()?;
         let clusters =
             u32::try_from(n).map_err(|_| Error::InvalidRefcountTableSize(format!("a reftable of {n} clusters")))?;
-        let mut commit = [0u8; 12];
-        commit[..8].copy_from_slice(&(start << cb).to_be_bytes());
-        commit[8..].copy_from_slice(&clusters.to_be_bytes());
-        raw.write_at(&commit, field_offset::REFCOUNT_TABLE_OFFSET, "header (refcount table)")?;
-        raw.sync()?;
+        h.commit_refcount_table(raw, start << cb, clusters)?;
         self.reftable_offset = start << cb;
         self.reftable_clusters = clusters;
-        h.refcount_table_offset = self.reftable_offset;
-        h.refcount_table_clusters = clusters;
         // The old reftable is no longer referenced by anything on disk.
         for k in 0..u64::from(old.1) {
             self.pending_frees.push((old.0 >> cb) + k);
@@ -264,7 +342,7 @@ impl RefcountManager {
 
     /// Allocates `n` contiguous clusters (holes first for single clusters; at the end of the
     /// image for runs) and sets their refcount to 1. Returns the first cluster index.
-    pub fn alloc(&mut self, raw: &mut QcowRawFile, h: &mut QcowHeader, n: u64) -> Result<u64> {
+    pub fn alloc(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, n: u64) -> Result<u64> {
         let c = if n == 1 {
             let mut c = self.free_hint;
             while c < self.end_cluster && self.get(raw, c)? != 0 {
@@ -275,17 +353,16 @@ impl RefcountManager {
         } else {
             self.end_cluster
         };
-        self.end_cluster = self.end_cluster.max(c + n);
-        for k in c..c + n {
-            self.set(raw, h, k, 1, c..c + n)?;
+        let end = c.checked_add(n).filter(|&e| e <= (1u64 << (56 - self.geo.cluster_bits))).ok_or_else(|| {
+            Error::InvalidClusterIndex(format!(
+                "allocating {n} clusters at cluster {c} would pass the 2^56-byte limit of host offsets"
+            ))
+        })?;
+        self.end_cluster = self.end_cluster.max(end);
+        for k in c..end {
+            self.set(raw, h, k, 1, c..end)?;
         }
         Ok(c)
-    }
-
-    /// Adds one reference to cluster `c` (a shared cluster gaining a user).
-    pub fn increment(&mut self, raw: &mut QcowRawFile, h: &mut QcowHeader, c: u64) -> Result<()> {
-        let r = self.get(raw, c)?;
-        self.set(raw, h, c, r + 1, c..c)
     }
 
     /// Defers dropping one reference to cluster `c` until `apply_frees`.
@@ -300,7 +377,7 @@ impl RefcountManager {
 
     /// Drops the deferred references (call only once the references are gone from the disk).
     /// Returns the clusters whose refcount reached 0.
-    pub fn apply_frees(&mut self, raw: &mut QcowRawFile, h: &mut QcowHeader) -> Result<Vec<u64>> {
+    pub fn apply_frees(&mut self, raw: &QcowRawFile, h: &mut QcowHeader) -> Result<Vec<u64>> {
         let mut freed = Vec::new();
         for c in std::mem::take(&mut self.pending_frees) {
             let r = self.get(raw, c)?;
@@ -318,21 +395,22 @@ impl RefcountManager {
 
     /// Whether any refblock or reftable entry awaits writing.
     pub fn is_dirty(&self) -> bool {
-        self.reftable_dirty || !self.blocks.dirty_keys().is_empty()
+        self.reftable_dirty || self.blocks.has_dirty()
     }
 
     /// Writes dirty refblocks, then (after a sync, so they are durable first) the changed
     /// reftable. Does not sync at the end.
-    pub fn write_dirty_blocks(&mut self, raw: &mut QcowRawFile) -> Result<()> {
+    pub fn write_dirty_blocks(&mut self, raw: &QcowRawFile) -> Result<()> {
         for ri in self.blocks.dirty_keys() {
-            if let Some(b) = self.blocks.get(ri).cloned() {
-                self.write_block(raw, ri, &b)?;
+            let off = self.refblock_offset(ri);
+            if let Some(b) = self.blocks.get(ri) {
+                write_block_at(raw, off, ri, b)?;
             }
             self.blocks.mark_clean(ri);
         }
         if self.reftable_dirty {
             raw.sync()?;
-            raw.write_pointer_table(self.reftable_offset, &self.reftable, 0)?;
+            raw.write_u64_table(self.reftable_offset, &self.reftable, "refcount table")?;
             self.reftable_dirty = false;
         }
         Ok(())

@@ -1,4 +1,4 @@
-//! The snapshot table and the bitmap directory: the other structures that reference clusters.
+//! The snapshot table: its entries, read with QEMU's limits.
 
 use crate::error::{Error, Result};
 use crate::format::{be_u16_at, be_u32_at, be_u64_at, MAX_SNAPSHOTS};
@@ -92,61 +92,3 @@ pub fn read_snapshot_table(raw: &QcowRawFile, h: &QcowHeader) -> Result<Snapshot
     Ok(SnapshotTable { snapshots, size: off as u64 })
 }
 
-/// One bitmap of the bitmap directory.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BitmapEntry {
-    /// Offset of this directory entry in the host file.
-    pub entry_offset: u64,
-    /// Flags (bit 0 in_use, bit 1 auto).
-    pub flags: u32,
-    /// The bitmap table.
-    pub bitmap_table_offset: u64,
-    /// Entries in the bitmap table.
-    pub bitmap_table_size: u32,
-    /// log2 of the bytes one bit covers.
-    pub granularity_bits: u8,
-    /// Name.
-    pub name: String,
-}
-
-/// Reads the bitmap directory (bounded by the extension's size, itself checked against the file).
-pub fn read_bitmap_directory(raw: &QcowRawFile, h: &QcowHeader) -> Result<Vec<BitmapEntry>> {
-    let Some(ext) = h.bitmaps() else { return Ok(Vec::new()) };
-    let size = ext.bitmap_directory_size.min(raw.file_len());
-    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
-    raw.read_table_bytes(ext.bitmap_directory_offset, &mut buf, "bitmap_directory_offset (bitmap directory)")?;
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    for i in 0..ext.nb_bitmaps {
-        if off + 24 > buf.len() {
-            return Err(Error::corrupt(
-                format!("bitmap directory entry {i} runs past the directory's size 0x{size:x}"),
-                ext.bitmap_directory_offset,
-            ));
-        }
-        let e = &buf[off..];
-        let bitmap_table_offset = be_u64_at(e, 0);
-        let bitmap_table_size = be_u32_at(e, 8);
-        let name_size = usize::from(be_u16_at(e, 18));
-        let extra = be_u32_at(e, 20) as usize;
-        let end = 24 + extra + name_size;
-        if off + end > buf.len() {
-            return Err(Error::corrupt(
-                format!("bitmap directory entry {i} runs past the directory's size 0x{size:x}"),
-                ext.bitmap_directory_offset + off as u64,
-            ));
-        }
-        let name = String::from_utf8_lossy(&e[24 + extra..end]).into_owned();
-        let flags = be_u32_at(e, 12);
-        out.push(BitmapEntry {
-            entry_offset: ext.bitmap_directory_offset + off as u64,
-            flags,
-            bitmap_table_offset,
-            bitmap_table_size,
-            granularity_bits: e[17],
-            name,
-        });
-        off += end.div_ceil(8) * 8;
-    }
-    Ok(out)
-}

@@ -7,7 +7,7 @@
 use std::io::{Seek, SeekFrom, Write};
 
 use proptest::prelude::*;
-use qcowrs::qcow_file::CreateOptions;
+use qcowrs::CreateOptions;
 use qcowrs::{check_path, OpenOptions, QcowFile, Repair};
 
 /// A small valid image: 512-byte clusters (so a few KiB of metadata), data spread out.
@@ -31,7 +31,7 @@ fn exercise(bytes: &[u8]) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("img.qcow2");
     std::fs::write(&p, bytes).unwrap();
-    if let Ok(mut f) = QcowFile::open_read_only(&p) {
+    if let Ok(f) = QcowFile::open_read_only(&p) {
         let mut buf = vec![0u8; 64 << 10];
         let size = f.virtual_size().min(4 << 20);
         let mut off = 0;
@@ -47,7 +47,7 @@ fn exercise(bytes: &[u8]) {
     let _ = check_path(&p, Repair::None, false);
     assert_eq!(std::fs::read(&p).unwrap(), bytes, "a check without repair changed the file");
     if check_path(&p, Repair::All, false).is_ok() {
-        if let Ok(mut f) = QcowFile::open(&p, OpenOptions { writable: true, rebuild: true }) {
+        if let Ok(mut f) = QcowFile::open(&p, OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() }) {
             let _ = f.write_at(b"after repair", 0);
             let _ = f.close();
         }

@@ -5,7 +5,7 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 
-use qcowrs::qcow_file::CreateOptions;
+use qcowrs::CreateOptions;
 use qcowrs::{check_path, Error, OpenOptions, QcowFile, Repair};
 
 fn create(dir: &tempfile::TempDir, name: &str, size: u64, cluster_size: u64, refcount_bits: u32) -> std::path::PathBuf {
@@ -22,7 +22,7 @@ fn create_write_reopen_read_every_refcount_width() {
         let p = create(&dir, &format!("img-{cs}-{bits}.qcow2"), 8 << 20, cs, bits);
         let mut model = vec![0u8; 8 << 20];
         {
-            let mut f = QcowFile::open(&p, OpenOptions { writable: true, rebuild: false }).unwrap();
+            let mut f = QcowFile::open(&p, OpenOptions { writable: true, ..OpenOptions::default() }).unwrap();
             for (i, off) in [0u64, 777, 65_000, 3 << 20, (8 << 20) - 5000].into_iter().enumerate() {
                 let data = vec![u8::try_from(i + 1).unwrap(); 4000];
                 f.seek(SeekFrom::Start(off)).unwrap();
@@ -46,7 +46,7 @@ fn rebuild_after_losing_cluster0_refcount_keeps_content() {
     let dir = tempfile::tempdir().unwrap();
     let p = create(&dir, "r.qcow2", 4 << 20, 512, 16);
     {
-        let mut f = QcowFile::open(&p, OpenOptions { writable: true, rebuild: false }).unwrap();
+        let mut f = QcowFile::open(&p, OpenOptions { writable: true, ..OpenOptions::default() }).unwrap();
         f.write_all(&vec![0x5a; 1 << 20]).unwrap();
         f.close().unwrap();
     }
@@ -57,11 +57,11 @@ fn rebuild_after_losing_cluster0_refcount_keeps_content() {
     file.write_all_at(&[0, 0], u64::from_be_bytes(rt)).unwrap();
     drop(file);
     assert!(check_path(&p, Repair::None, false).unwrap().counts.corruptions > 0);
-    let mut f = QcowFile::open(&p, OpenOptions { writable: true, rebuild: false }).unwrap();
+    let mut f = QcowFile::open(&p, OpenOptions { writable: true, ..OpenOptions::default() }).unwrap();
     assert!(f.refcounts_stale());
     assert!(matches!(f.write_all(b"x").map_err(|e| e.into_inner()), Err(Some(_))));
     drop(f);
-    let f = QcowFile::open(&p, OpenOptions { writable: true, rebuild: true }).unwrap();
+    let f = QcowFile::open(&p, OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() }).unwrap();
     assert!(f.rebuild_report().is_some_and(|r| r.rebuilt));
     drop(f);
     let r = check_path(&p, Repair::None, false).unwrap();

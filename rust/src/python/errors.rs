@@ -1,7 +1,6 @@
 //! The only mapping from [`Error`] to Python exceptions. The classes are defined in
 //! `python/qcowrs/_errors.py` and imported here.
 
-use pyo3::exceptions::PyPermissionError;
 use pyo3::PyErr;
 
 use crate::error::Error;
@@ -16,6 +15,8 @@ pyo3::import_exception!(qcowrs._errors, InvalidRefcountTableSize);
 pyo3::import_exception!(qcowrs._errors, InvalidClusterIndex);
 pyo3::import_exception!(qcowrs._errors, CorruptImage);
 pyo3::import_exception!(qcowrs._errors, RefcountRebuildRequired);
+pyo3::import_exception!(qcowrs._errors, ImageLocked);
+pyo3::import_exception!(qcowrs._errors, ReadOnlyImage);
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -30,9 +31,10 @@ impl From<Error> for PyErr {
             Error::InvalidClusterIndex(_) => InvalidClusterIndex::new_err(msg),
             Error::CorruptImage { .. } => CorruptImage::new_err(msg),
             Error::RefcountRebuildRequired(_) => RefcountRebuildRequired::new_err(msg),
-            Error::ReadOnly(_) => PyPermissionError::new_err(msg),
-            // OSError(EAGAIN, ...) like a lock conflict anywhere else.
-            Error::Locked(_) => QcowError::new_err((libc::EAGAIN, msg)),
+            // OSError(errno, strerror) like a lock conflict or a write to a read-only file
+            // anywhere else.
+            Error::ReadOnlyImage(_) => ReadOnlyImage::new_err((libc::EBADF, msg)),
+            Error::ImageLocked(_) => ImageLocked::new_err((libc::EAGAIN, msg)),
             Error::Io { source, .. } => match source.raw_os_error() {
                 // OSError(errno, strerror): `e.errno` works as for any OS error.
                 Some(errno) => QcowError::new_err((errno, msg)),
@@ -42,14 +44,22 @@ impl From<Error> for PyErr {
     }
 }
 
-/// Recovers our [`Error`] from an `io::Error` made by the `Read`/`Write`/`Seek` impls.
-#[allow(dead_code)]
-pub(crate) fn from_io(e: std::io::Error) -> PyErr {
-    if e.get_ref().is_some_and(|r| r.is::<Error>()) {
-        if let Some(Ok(inner)) = e.into_inner().map(|b| b.downcast::<Error>()) {
-            return (*inner).into();
-        }
-        return QcowError::new_err("I/O error");
-    }
-    Error::io("I/O", e).into()
+/// One value of every `Error` variant, named as the Python class it must become (for the
+/// mapping test, `_qcowrs._error_for_test`).
+pub(crate) fn sample(name: &str) -> Option<Error> {
+    Some(match name {
+        "InvalidMagic" => Error::InvalidMagic("field 'magic' at 0x0".into()),
+        "UnsupportedVersion" => Error::UnsupportedVersion(9),
+        "UnsupportedFeature" => Error::UnsupportedFeature("feature".into()),
+        "InvalidClusterSize" => Error::InvalidClusterSize("cluster_bits".into()),
+        "InvalidOffset" => Error::offset("l1_table_offset", 0x200, "is not aligned"),
+        "InvalidRefcountTableSize" => Error::InvalidRefcountTableSize("refcount_table_clusters".into()),
+        "InvalidClusterIndex" => Error::InvalidClusterIndex("cluster".into()),
+        "CorruptImage" => Error::corrupt("L2 entry", 0x40000),
+        "RefcountRebuildRequired" => Error::RefcountRebuildRequired("stale".into()),
+        "ImageLocked" => Error::ImageLocked("in use".into()),
+        "ReadOnlyImage" => Error::ReadOnlyImage("read-only".into()),
+        "QcowError" => Error::io("reading", std::io::Error::from_raw_os_error(libc::EIO)),
+        _ => return None,
+    })
 }

@@ -1,8 +1,10 @@
 //! `QcowFile` for Python: the native object under `qcowrs.QcowFile`. Positioning lives in the
 //! Python façade; every call here takes an explicit offset and runs with the GIL released.
+//! Reads share a read lock, so several Python threads reading one handle run in parallel;
+//! writes and close take the write lock.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{PoisonError, RwLock};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -11,35 +13,60 @@ use pyo3::types::PyBytes;
 use super::buffer::{with_readable_buffer, with_writable_buffer};
 use super::report::PyCheckReport;
 use super::types::PyQcowHeader;
+use crate::backing::BackingChoice;
+use crate::create::CreateOptions;
 use crate::error::Error;
-use crate::qcow_file::{CreateOptions, OpenOptions, QcowFile};
+use crate::qcow_file::{OpenOptions, QcowFile};
 
 /// A qcow2 image (native layer; use `qcowrs.QcowFile`).
 #[pyclass(name = "QcowFile", module = "qcowrs._qcowrs", frozen)]
 pub struct PyQcowFile {
-    inner: Mutex<Option<QcowFile>>,
+    inner: RwLock<Option<QcowFile>>,
+}
+
+fn closed() -> PyErr {
+    PyValueError::new_err("I/O operation on closed file")
 }
 
 impl PyQcowFile {
-    fn with<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut QcowFile) -> Result<R, Error> + Send) -> PyResult<R> {
-        py.detach(|| {
-            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match g.as_mut() {
-                Some(q) => f(q).map_err(PyErr::from),
-                None => Err(PyValueError::new_err("I/O operation on closed file")),
-            }
-        })
+    fn new(q: QcowFile) -> Self {
+        PyQcowFile { inner: RwLock::new(Some(q)) }
+    }
+
+    /// Runs `f` on the image under the read lock (shared with other readers).
+    fn read<R>(&self, f: impl FnOnce(&QcowFile) -> Result<R, Error>) -> PyResult<R> {
+        let g = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        g.as_ref().map_or_else(|| Err(closed()), |q| f(q).map_err(PyErr::from))
+    }
+
+    /// Runs `f` on the image under the write lock.
+    fn write<R>(&self, f: impl FnOnce(&mut QcowFile) -> Result<R, Error>) -> PyResult<R> {
+        let mut g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        g.as_mut().map_or_else(|| Err(closed()), |q| f(q).map_err(PyErr::from))
     }
 }
 
 #[pymethods]
 impl PyQcowFile {
-    /// Opens the image at `path`.
+    /// Opens the image at `path`. `backing`: True follows the header's backing file, False
+    /// opens the image alone, a path uses that file as the backing file.
     #[staticmethod]
-    #[pyo3(signature = (path, writable = false, rebuild = false))]
-    fn open(py: Python<'_>, path: PathBuf, writable: bool, rebuild: bool) -> PyResult<Self> {
-        let q = py.detach(|| QcowFile::open(&path, OpenOptions { writable, rebuild }))?;
-        Ok(PyQcowFile { inner: Mutex::new(Some(q)) })
+    #[pyo3(signature = (path, writable = false, rebuild = false, backing = None, no_backing = false))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        writable: bool,
+        rebuild: bool,
+        backing: Option<PathBuf>,
+        no_backing: bool,
+    ) -> PyResult<Self> {
+        let backing = match (backing, no_backing) {
+            (_, true) => BackingChoice::Disabled,
+            (Some(p), false) => BackingChoice::Path(p),
+            (None, false) => BackingChoice::FromHeader,
+        };
+        let q = py.detach(|| QcowFile::open(&path, OpenOptions { writable, rebuild, backing }))?;
+        Ok(Self::new(q))
     }
 
     /// Creates a new v3 image and opens it read-write.
@@ -68,125 +95,108 @@ impl PyQcowFile {
             extended_l2,
         };
         let q = py.detach(|| QcowFile::create(&path, &opts))?;
-        Ok(PyQcowFile { inner: Mutex::new(Some(q)) })
+        Ok(Self::new(q))
     }
 
     /// Writes the bytes of `buf` (any C-contiguous buffer) at guest `offset`, with the GIL
     /// released; returns the number of bytes written.
     fn write_at(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: u64) -> PyResult<usize> {
-        with_readable_buffer(py, buf, |data| {
-            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match g.as_mut() {
-                Some(q) => q.write_at(data, offset).map(|()| data.len()).map_err(PyErr::from),
-                None => Err(PyValueError::new_err("I/O operation on closed file")),
-            }
-        })?
+        with_readable_buffer(py, buf, |data| self.write(|q| q.write_at(data, offset).map(|()| data.len())))?
     }
 
     /// Makes `[offset, offset+length)` read as zeros (zero flag for whole clusters).
     fn write_zeroes(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
-        self.with(py, |q| q.write_zeroes(offset, length))
+        py.detach(|| self.write(|q| q.write_zeroes(offset, length)))
     }
 
     /// Frees the whole clusters of `[offset, offset+length)`.
     fn discard(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
-        self.with(py, |q| q.discard(offset, length))
+        py.detach(|| self.write(|q| q.discard(offset, length)))
     }
 
     /// Grows the virtual size to `size` bytes.
     fn truncate(&self, py: Python<'_>, size: u64) -> PyResult<()> {
-        self.with(py, |q| q.truncate(size))
+        py.detach(|| self.write(|q| q.truncate(size)))
     }
 
     /// Makes everything written so far durable; the image is then consistent on disk.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        self.with(py, QcowFile::flush)
+        py.detach(|| self.write(QcowFile::flush))
     }
 
     /// Whether the image was opened read-write.
     #[getter]
-    fn writable(&self, py: Python<'_>) -> PyResult<bool> {
-        self.with(py, |q| Ok(q.raw_file().writable()))
+    fn writable(&self) -> PyResult<bool> {
+        self.read(|q| Ok(q.writable()))
     }
 
     /// Guest-visible size in bytes.
     #[getter]
-    fn virtual_size(&self, py: Python<'_>) -> PyResult<u64> {
-        self.with(py, |q| Ok(q.virtual_size()))
+    fn virtual_size(&self) -> PyResult<u64> {
+        self.read(|q| Ok(q.virtual_size()))
     }
 
     /// Bytes per cluster.
     #[getter]
-    fn cluster_size(&self, py: Python<'_>) -> PyResult<u64> {
-        self.with(py, |q| Ok(q.cluster_size()))
+    fn cluster_size(&self) -> PyResult<u64> {
+        self.read(|q| Ok(q.cluster_size()))
     }
 
     /// A snapshot of the parsed header.
     #[getter]
-    fn header(&self, py: Python<'_>) -> PyResult<PyQcowHeader> {
-        let h = self.with(py, |q| Ok(q.header().clone()))?;
+    fn header(&self) -> PyResult<PyQcowHeader> {
+        let h = self.read(|q| Ok(q.header().clone()))?;
         Ok(PyQcowHeader::from(&h))
     }
 
     /// Reads guest data at `offset` straight into the writable buffer `buf`; returns the bytes
-    /// read (short only at the end of the disk).
+    /// read (short only at the end of the disk). Runs in parallel with other reads.
     fn readinto_at(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: u64) -> PyResult<usize> {
-        with_writable_buffer(py, buf, |slice| {
-            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match g.as_mut() {
-                Some(q) => q.read_at(slice, offset).map_err(PyErr::from),
-                None => Err(PyValueError::new_err("I/O operation on closed file")),
-            }
-        })?
+        with_writable_buffer(py, buf, |slice| self.read(|q| q.read_at(slice, offset)))?
     }
 
     /// Reads up to `length` bytes of guest data at `offset`.
-    fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let n = self.with(py, |q| {
-            Ok(usize::try_from(q.virtual_size().saturating_sub(offset)).unwrap_or(usize::MAX).min(length))
-        })?;
+    fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
+        let n = self.read(|q| Ok(q.virtual_size().saturating_sub(offset).min(length)))?;
         // A read of a huge disk in one call fails like any too-large allocation in Python.
+        let n = usize::try_from(n).map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
         let mut v: Vec<u8> = Vec::new();
-        v.try_reserve_exact(n)
-            .map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
+        v.try_reserve_exact(n).map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
         v.resize(n, 0);
-        let v = self.with(py, move |q| {
-            let got = q.read_at(&mut v, offset)?;
-            v.truncate(got);
-            Ok(v)
-        })?;
+        let got = py.detach(|| self.read(|q| q.read_at(&mut v, offset)))?;
+        v.truncate(got);
         Ok(PyBytes::new(py, &v))
     }
 
     /// `[(guest_offset, length, kind)]` of what this image itself holds; kind is "data",
     /// "zero" or "compressed".
     fn allocated_ranges(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64, &'static str)>> {
-        self.with(py, QcowFile::allocated_ranges)
+        py.detach(|| self.read(QcowFile::allocated_ranges))
     }
 
     /// Checks the image (no repair), as `qemu-img check`.
     fn check(&self, py: Python<'_>) -> PyResult<PyCheckReport> {
-        let r = self.with(py, QcowFile::check)?;
+        let r = py.detach(|| self.write(QcowFile::check))?;
         Ok(PyCheckReport::from(&r))
     }
 
     /// Rebuilds the refcount structure (repairing as `qemu-img check -r all`); returns a check
     /// of the result.
     fn rebuild_refcounts(&self, py: Python<'_>) -> PyResult<PyCheckReport> {
-        let r = self.with(py, QcowFile::rebuild_refcounts)?;
+        let r = py.detach(|| self.write(QcowFile::rebuild_refcounts))?;
         Ok(PyCheckReport::from(&r))
     }
 
     /// Whether the refcounts cannot be trusted (a write needs a rebuild first).
     #[getter]
-    fn refcounts_stale(&self, py: Python<'_>) -> PyResult<bool> {
-        self.with(py, |q| Ok(q.refcounts_stale()))
+    fn refcounts_stale(&self) -> PyResult<bool> {
+        self.read(|q| Ok(q.refcounts_stale()))
     }
 
     /// The report of the repair done by `open(..., rebuild=True)`, or None.
     #[getter]
-    fn rebuild_report(&self, py: Python<'_>) -> PyResult<Option<PyCheckReport>> {
-        let r = self.with(py, |q| Ok(q.rebuild_report().cloned()))?;
+    fn rebuild_report(&self) -> PyResult<Option<PyCheckReport>> {
+        let r = self.read(|q| Ok(q.rebuild_report().cloned()))?;
         Ok(r.as_ref().map(PyCheckReport::from))
     }
 
@@ -194,7 +204,7 @@ impl PyQcowFile {
     /// flush fails; the error is raised.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| {
-            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
             match g.take() {
                 Some(mut q) => q.close().map_err(PyErr::from),
                 None => Ok(()),
@@ -205,6 +215,6 @@ impl PyQcowFile {
     /// Whether `close()` was called.
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none()
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).is_none()
     }
 }

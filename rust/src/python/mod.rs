@@ -21,6 +21,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rebuild_refcounts, m)?)?;
     m.add_function(wrap_pyfunction!(_fail_after_ops, m)?)?;
     m.add_function(wrap_pyfunction!(_io_ops, m)?)?;
+    m.add_function(wrap_pyfunction!(_error_for_test, m)?)?;
     Ok(())
 }
 
@@ -55,6 +56,15 @@ fn _fail_after_ops(n: Option<u64>) {
 #[pyfunction]
 fn _io_ops() -> u64 {
     crate::raw_file::io_ops()
+}
+
+/// Test hook: raises the Python exception that the Rust error variant `name` maps to.
+#[pyfunction]
+fn _error_for_test(name: &str) -> PyResult<()> {
+    match errors::sample(name) {
+        Some(e) => Err(e.into()),
+        None => Err(pyo3::exceptions::PyValueError::new_err(format!("no error variant {name:?}"))),
+    }
 }
 
 /// Rebuilds the refcount structure of the image at `path` (repairing as

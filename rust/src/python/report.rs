@@ -3,8 +3,8 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::check::CheckReport;
-use crate::rebuild::Problem;
+use crate::report::CheckReport;
+use crate::report::Problem;
 
 /// One problem found by a check.
 #[pyclass(name = "Problem", module = "qcowrs._qcowrs", frozen, get_all, skip_from_py_object)]

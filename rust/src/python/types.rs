@@ -2,7 +2,7 @@
 
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -10,6 +10,7 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::error::{Error, IoContext};
 use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
+use crate::storage::FileStorage;
 
 /// The parsed qcow2 header (a read-only snapshot). Attribute names are the spec's fields.
 #[pyclass(name = "QcowHeader", module = "qcowrs._qcowrs", frozen)]
@@ -125,7 +126,7 @@ impl PyQcowHeader {
     fn read(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let h = py.detach(|| -> Result<QcowHeader, Error> {
             let f = std::fs::File::open(&path).ctx(|| format!("opening '{}'", path.display()))?;
-            QcowHeader::read_from(&f)
+            QcowHeader::read_from(&FileStorage::new(f))
         })?;
         Ok(PyQcowHeader::from(&h))
     }
@@ -202,19 +203,12 @@ impl PyQcowHeader {
 /// and refcount blocks read and written in single calls.
 #[pyclass(name = "QcowRawFile", module = "qcowrs._qcowrs", frozen)]
 pub struct PyQcowRawFile {
-    inner: Mutex<QcowRawFile>,
+    inner: QcowRawFile,
 }
 
 impl PyQcowRawFile {
-    fn with<R: Send>(
-        &self,
-        py: Python<'_>,
-        f: impl FnOnce(&mut QcowRawFile) -> Result<R, Error> + Send,
-    ) -> PyResult<R> {
-        Ok(py.detach(|| {
-            let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&mut g)
-        })?)
+    fn with<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&QcowRawFile) -> Result<R, Error> + Send) -> PyResult<R> {
+        Ok(py.detach(|| f(&self.inner))?)
     }
 }
 
@@ -233,10 +227,11 @@ impl PyQcowRawFile {
             if writable {
                 crate::lock::lock_image(&f, true, &format!("'{}'", path.display()))?;
             }
-            let h = QcowHeader::read_from(&f)?;
-            QcowRawFile::from(f, h.cluster_size(), h.refcount_order, writable)
+            let storage = Arc::new(FileStorage::new(f));
+            let h = QcowHeader::read_from(&*storage)?;
+            QcowRawFile::new(storage, h.cluster_size(), h.refcount_order, writable)
         })?;
-        Ok(PyQcowRawFile { inner: Mutex::new(raw) })
+        Ok(PyQcowRawFile { inner: raw })
     }
 
     /// Bytes per cluster.

@@ -1,0 +1,148 @@
+//! Backing files: what an image shows where it holds nothing itself. A [`BackingRead`] is
+//! another qcow2 image (read through its own `QcowFile`, so chains nest) or a raw file; an
+//! image may also be opened without its backing file, or with another one
+//! ([`BackingChoice`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::QCOW_MAGIC;
+use crate::qcow_file::{OpenOptions, QcowFile};
+use crate::raw_file::QcowRawFile;
+use crate::storage::{FileStorage, Storage};
+
+/// Longest backing chain followed (a loop in the chain stops here).
+pub const MAX_BACKING_DEPTH: u32 = 32;
+
+/// Which backing file an open uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BackingChoice {
+    /// The one the header names (the default).
+    #[default]
+    FromHeader,
+    /// None: what a backing file would supply reads as zeros (QEMU's `backing: null`).
+    Disabled,
+    /// This file instead (format probed: qcow2 or raw).
+    Path(PathBuf),
+}
+
+/// Guest data below an image.
+pub(crate) trait BackingRead: Send + Sync + std::fmt::Debug {
+    /// Guest-visible size; reads past it return zeros.
+    fn size(&self) -> u64;
+    /// Fills `buf` with the guest data at `offset` (zeros past the end).
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+impl BackingRead for QcowFile {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let n = self.read_at(buf, offset)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+}
+
+/// A raw backing file.
+#[derive(Debug)]
+struct RawBacking {
+    storage: Arc<dyn Storage>,
+    len: u64,
+    name: PathBuf,
+}
+
+impl BackingRead for RawBacking {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut n = 0;
+        if offset < self.len {
+            let want = usize::try_from(self.len - offset).unwrap_or(usize::MAX).min(buf.len());
+            n = self
+                .storage
+                .read_at(&mut buf[..want], offset)
+                .ctx(|| format!("reading backing file '{}' at 0x{offset:x}", self.name.display()))?;
+        }
+        buf[n..].fill(0);
+        Ok(())
+    }
+}
+
+/// `name` resolved against the folder of `image` (as QEMU resolves relative backing names).
+pub(crate) fn resolve_relative(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().map_or_else(|| p.to_path_buf(), |d| d.join(p))
+    }
+}
+
+/// Refuses protocol and JSON names (`nbd://...`, `json:{...}`): only plain file names.
+pub(crate) fn check_plain_file_name(name: &str, field: &str) -> Result<()> {
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(Error::UnsupportedFeature(format!(
+            "{field} '{name}' is a protocol or JSON name; only plain file names are supported"
+        )));
+    }
+    Ok(())
+}
+
+/// Opens the backing file `name` of `image` (read-only, locked like QEMU's), probing its
+/// format unless `format` says it.
+pub(crate) fn open_backing(image: &Path, name: &str, format: Option<&str>, depth: u32) -> Result<Box<dyn BackingRead>> {
+    check_plain_file_name(name, "backing file")?;
+    if depth + 1 >= MAX_BACKING_DEPTH {
+        return Err(Error::corrupt(
+            format!("backing chain deeper than {MAX_BACKING_DEPTH} images at '{name}' (a loop?)"),
+            crate::header::field_offset::BACKING_FILE_OFFSET,
+        ));
+    }
+    let p = resolve_relative(image, name);
+    open_backing_path(image, &p, format, depth)
+}
+
+/// Opens `p` as the backing file of `image`.
+pub(crate) fn open_backing_path(image: &Path, p: &Path, format: Option<&str>, depth: u32) -> Result<Box<dyn BackingRead>> {
+    let file = std::fs::File::open(p).ctx(|| format!("opening backing file '{}' of '{}'", p.display(), image.display()))?;
+    crate::lock::lock_image(&file, false, &format!("backing file '{}'", p.display()))?;
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+    let is_qcow2 = match format {
+        Some("qcow2") => true,
+        Some("raw") => false,
+        Some(other) => {
+            return Err(Error::UnsupportedFeature(format!(
+                "backing file '{}' has format '{other}'; qcowrs reads qcow2 and raw backing files",
+                p.display()
+            )))
+        }
+        None => {
+            let mut magic = [0u8; 4];
+            let n = storage.read_at(&mut magic, 0).ctx(|| format!("reading backing file '{}'", p.display()))?;
+            n == 4 && u32::from_be_bytes(magic) == QCOW_MAGIC
+        }
+    };
+    if is_qcow2 {
+        Ok(Box::new(QcowFile::open_storage_at_depth(storage, p, OpenOptions::default(), depth + 1)?))
+    } else {
+        let len = storage.len().ctx(|| format!("reading the length of backing file '{}'", p.display()))?;
+        Ok(Box::new(RawBacking { storage, len, name: p.to_path_buf() }))
+    }
+}
+
+/// The external data file of an image, opened for the image's mode and locked.
+pub(crate) fn open_data_file(image: &Path, name: &str, writable: bool, cluster_size: u64, refcount_order: u32) -> Result<QcowRawFile> {
+    check_plain_file_name(name, "data file")?;
+    let p = resolve_relative(image, name);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(&p)
+        .ctx(|| format!("opening external data file '{}' of '{}'", p.display(), image.display()))?;
+    crate::lock::lock_image(&f, writable, &format!("external data file '{}'", p.display()))?;
+    QcowRawFile::from(f, cluster_size, refcount_order, writable)
+}

@@ -1,0 +1,487 @@
+//! The write side of `QcowFile`: executes the write plans of `mapping.rs` (in place, subcluster
+//! allocation, whole-cluster copy-on-write), allocates through the `RefcountManager`, and
+//! makes it durable in the one order that leaves at worst leaks after a crash:
+//!
+//! 1. guest data and refblocks, then (after a sync) the reftable, synced;
+//! 2. L2 tables, synced;
+//! 3. L1 entries, synced;
+//! 4. only then the references dropped by the writes are decremented (and their clusters
+//!    punched out of the host file).
+
+use std::sync::PoisonError;
+
+use super::QcowFile;
+use crate::bitmap::{BitmapTracker, ClusterAllocator};
+use crate::check::{self, Repair};
+use crate::error::{Error, Result};
+use crate::format::{
+    ClusterType, L2Entry, SubclusterState, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY, MAX_L1_BYTES,
+};
+use crate::header::QcowHeader;
+use crate::mapping::{L2ForWrite, Target, WritePlan};
+use crate::raw_file::QcowRawFile;
+use crate::refcount::RefcountManager;
+
+/// What a writing handle keeps: the allocator and the promises to keep on close.
+pub(crate) struct Writer {
+    refcounts: RefcountManager,
+    /// This handle set the dirty bit (lazy refcounts) and must clear it on a clean close.
+    set_dirty_bit: bool,
+    /// Persistent bitmaps to update on close.
+    bitmaps: Option<BitmapTracker>,
+}
+
+impl Writer {
+    /// Re-reads the refcounts after a repair replaced them.
+    pub(crate) fn reload(&mut self, raw: &QcowRawFile, h: &QcowHeader) -> Result<()> {
+        self.refcounts = RefcountManager::load(raw, h)?;
+        Ok(())
+    }
+}
+
+/// The allocator a bitmap update uses at close.
+struct CloseAllocator<'a> {
+    raw: &'a QcowRawFile,
+    header: &'a mut QcowHeader,
+    refcounts: &'a mut RefcountManager,
+    data: Option<&'a QcowRawFile>,
+}
+
+impl ClusterAllocator for CloseAllocator<'_> {
+    fn alloc_cluster(&mut self) -> Result<u64> {
+        Ok(self.refcounts.alloc(self.raw, self.header, 1)? << self.header.cluster_bits)
+    }
+    fn make_durable(&mut self) -> Result<()> {
+        durable(self.raw, self.refcounts, self.data)
+    }
+}
+
+/// Refblocks and reftable on disk and synced, together with the guest data written so far.
+fn durable(raw: &QcowRawFile, refcounts: &mut RefcountManager, data: Option<&QcowRawFile>) -> Result<()> {
+    if refcounts.is_dirty() {
+        refcounts.write_dirty_blocks(raw)?;
+    }
+    raw.sync()?;
+    if let Some(d) = data {
+        d.sync()?;
+    }
+    Ok(())
+}
+
+impl QcowFile {
+    fn writer(&mut self) -> Result<&mut Writer> {
+        self.writer.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("the image is not prepared for writing".into()))
+    }
+
+    /// Prepares the first write: the refcounts must be trustworthy, since the allocator hands
+    /// out clusters whose refcount is 0.
+    fn prepare_write(&mut self) -> Result<()> {
+        if !self.raw.writable() {
+            return Err(Error::ReadOnlyImage(format!("'{}' is opened read-only", self.path.display())));
+        }
+        if self.refcounts_stale {
+            return Err(Error::RefcountRebuildRequired(
+                "the refcounts are stale (dirty bit set, or cluster 0 has refcount 0): open with rebuild=True or call rebuild_refcounts()".into(),
+            ));
+        }
+        if self.writer.is_some() {
+            return Ok(());
+        }
+        let report = check::check_image(&self.raw, &mut self.header, Repair::None, false)?;
+        if report.counts.corruptions > 0 || report.counts.check_errors > 0 {
+            return Err(Error::RefcountRebuildRequired(format!(
+                "the image has {} corruption(s) and {} check error(s) (refcounts or OFLAG_COPIED disagree with the tables); repair it (check(repair=\"all\")) before writing",
+                report.counts.corruptions, report.counts.check_errors
+            )));
+        }
+        let refcounts = RefcountManager::load(&self.raw, &self.header)?;
+        let mut set_dirty_bit = false;
+        if self.header.lazy_refcounts() && !self.header.is_dirty() {
+            self.header.commit_incompatible_features(&self.raw, self.header.incompatible_features | INCOMPAT_DIRTY)?;
+            set_dirty_bit = true;
+        }
+        // Enabled persistent bitmaps: flagged in_use now, updated and unflagged on close.
+        let bitmaps = BitmapTracker::start(&self.raw, &self.header)?;
+        // A writer must clear autoclear bits it does not maintain (bit 1, raw external data,
+        // is kept: qcowrs writes data at its guest offset).
+        let keep = AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS;
+        self.header.commit_autoclear_features(&self.raw, self.header.autoclear_features & keep)?;
+        self.writer = Some(Writer { refcounts, set_dirty_bit, bitmaps });
+        Ok(())
+    }
+
+    /// Allocates one cluster; returns its host offset.
+    fn alloc_cluster(&mut self) -> Result<u64> {
+        let w = self.writer.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("the image is not prepared for writing".into()))?;
+        Ok(w.refcounts.alloc(&self.raw, &mut self.header, 1)? << self.header.cluster_bits)
+    }
+
+    /// Defers dropping the references a replaced L2 entry held.
+    fn free_entry_clusters(&mut self, e: L2Entry) -> Result<()> {
+        if let Some((first, last)) = self.tables.geometry().referenced_clusters(e) {
+            let w = self.writer()?;
+            for c in first..=last {
+                w.refcounts.free_later(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Refblocks and reftable on disk and synced (together with the guest data written so far).
+    fn write_refcounts_durably(&mut self) -> Result<()> {
+        let Some(w) = self.writer.as_mut() else { return self.raw.sync() };
+        durable(&self.raw, &mut w.refcounts, self.data.as_ref())
+    }
+
+    /// The L2 table for `l1_index`, made private to the active image (allocated, or copied if
+    /// shared with a snapshot). Returns its host offset.
+    fn l2_for_write(&mut self, l1_index: u64) -> Result<u64> {
+        match self.tables.l2_for_write(&self.raw, l1_index)? {
+            L2ForWrite::Ready(offset) => Ok(offset),
+            L2ForWrite::New { table, shared } => {
+                let new = self.alloc_cluster()?;
+                if let Some((k, t)) = self.tables.install_l2(l1_index, new, table) {
+                    // An evicted dirty table goes to disk after the refcounts it depends on.
+                    self.write_refcounts_durably()?;
+                    self.raw.write_u64_table(k, &t, "L2 table")?;
+                }
+                if let Some(old) = shared {
+                    let cb = self.header.cluster_bits;
+                    self.writer()?.refcounts.free_later(old >> cb);
+                }
+                Ok(new)
+            }
+        }
+    }
+
+    fn set_entry(&mut self, cluster_index: u64, e: L2Entry) -> Result<()> {
+        let l1_index = cluster_index / self.tables.geometry().entries_per_table();
+        let table = self.l2_for_write(l1_index)?;
+        self.tables.set_entry(cluster_index, table, e)
+    }
+
+    fn check_guest_range(&self, offset: u64, len: u64, what: &str) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.virtual_size() => Ok(()),
+            _ => Err(Error::offset(
+                "guest offset",
+                offset,
+                format!(
+                    "{what} of 0x{len:x} bytes extends past the virtual size 0x{:x}; grow the disk with truncate()",
+                    self.virtual_size()
+                ),
+            )),
+        }
+    }
+
+    /// Work common to every change of guest data: the range is checked, the handle prepared,
+    /// stale decompressed clusters dropped and the range noted for the persistent bitmaps.
+    fn begin_change(&mut self, offset: u64, len: u64, what: &str) -> Result<()> {
+        self.check_guest_range(offset, len, what)?;
+        self.prepare_write()?;
+        self.decompressed.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        if let Some(b) = self.writer()?.bitmaps.as_mut() {
+            b.note(offset, len);
+        }
+        Ok(())
+    }
+
+    /// Writes guest data at `offset` (copy-on-write where clusters are shared, compressed,
+    /// zero or backed). Metadata is cached and reaches the disk on `flush()`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return self.check_guest_range(offset, 0, "write");
+        }
+        self.begin_change(offset, buf.len() as u64, "write")?;
+        let cs = self.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let in_cluster = usize::try_from(off & (cs - 1)).unwrap_or(0);
+            let n = (usize::try_from(cs).unwrap_or(0) - in_cluster).min(buf.len() - done);
+            self.write_cluster(off, &buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (within one cluster) at guest offset `off`.
+    fn write_cluster(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let ci = off >> self.header.cluster_bits;
+        let cluster_start = ci << self.header.cluster_bits;
+        let in_cluster = off - cluster_start;
+        let plan = self.tables.write_plan(&self.raw, ci, in_cluster, data.len() as u64)?;
+        if !matches!(plan, WritePlan::InPlace { .. }) {
+            // The L2 table first (as QEMU), so that consecutive data clusters stay contiguous.
+            self.l2_for_write(ci / self.tables.geometry().entries_per_table())?;
+        }
+        match plan {
+            WritePlan::InPlace { host } => self.write_host(data, host),
+            WritePlan::Subclusters { target, first, last, old } => {
+                let sc_bits = self.tables.geometry().subcluster_bits();
+                let (start, end) = (u64::from(first) << sc_bits, u64::from(last + 1) << sc_bits);
+                let buf = self.cluster_image(cluster_start + start, end - start, in_cluster - start, data)?;
+                let host = self.target_host(target)?;
+                self.write_host(&buf, host + start)?;
+                let e = self.tables.subcluster_entry(host, old, first, last);
+                self.set_entry(ci, e)
+            }
+            WritePlan::Rewrite { target, old } => {
+                let full = self.cluster_image(cluster_start, cs, in_cluster, data)?;
+                let host = self.target_host(target)?;
+                self.write_host(&full, host)?;
+                let e = self.tables.data_entry(host);
+                self.set_entry(ci, e)?;
+                if target == Target::Allocate {
+                    self.free_entry_clusters(old)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `len` bytes of the guest at `start` as they read now, with `data` over them at `at`.
+    fn cluster_image(&self, start: u64, len: u64, at: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        if data.len() as u64 != len {
+            let n = self.read_at(&mut buf, start)?;
+            buf[n..].fill(0);
+        }
+        let s = usize::try_from(at).unwrap_or(0);
+        buf[s..s + data.len()].copy_from_slice(data);
+        Ok(buf)
+    }
+
+    fn target_host(&mut self, target: Target) -> Result<u64> {
+        match target {
+            Target::Reuse(h) | Target::DataFile(h) => Ok(h),
+            Target::Allocate => self.alloc_cluster(),
+        }
+    }
+
+    fn write_host(&self, data: &[u8], host: u64) -> Result<()> {
+        match &self.data {
+            Some(d) => d.write_at(data, host, "the external data file"),
+            None => self.raw.write_at(data, host, "guest data"),
+        }
+    }
+
+    /// Makes whole clusters read as zeros (the zero flag on v3; no data written) and writes
+    /// zeros into partial ones.
+    pub fn write_zeroes(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.zero_range(offset, length, false)
+    }
+
+    /// Frees the whole clusters of the range (on v3 they then read as zeros; on v2 they read
+    /// from the backing file, or as zeros without one); partial clusters are left unchanged.
+    /// Freed clusters are punched out of the host file on `flush()`.
+    pub fn discard(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.zero_range(offset, length, true)
+    }
+
+    fn zero_range(&mut self, offset: u64, length: u64, discard: bool) -> Result<()> {
+        let what = if discard { "discard" } else { "write_zeroes" };
+        if length == 0 {
+            return self.check_guest_range(offset, 0, what);
+        }
+        self.begin_change(offset, length, what)?;
+        let cs = self.cluster_size();
+        let geo = self.tables.geometry();
+        let end = offset + length;
+        let mut off = offset;
+        while off < end {
+            let cluster_start = off & !(cs - 1);
+            let n = (cluster_start + cs).min(end) - off;
+            let whole = off == cluster_start && (n == cs || off + n == self.virtual_size());
+            if whole && !geo.data_file && (self.header.version >= 3 || self.backing.is_none() || discard) {
+                let ci = off >> self.header.cluster_bits;
+                let (new, old) = self.tables.zero_plan(&self.raw, ci, self.header.version, self.backing.is_some())?;
+                if let Some(new) = new {
+                    self.set_entry(ci, new)?;
+                    self.free_entry_clusters(old)?;
+                }
+            } else if !discard && geo.extended {
+                self.zero_subclusters(off, n)?;
+            } else if !discard {
+                self.write_cluster(off, &vec![0u8; usize::try_from(n).unwrap_or(0)])?;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[off, off+n)` inside one cluster of an extended-L2 image: whole subclusters get
+    /// their zero bit, partial ones are written.
+    fn zero_subclusters(&mut self, off: u64, n: u64) -> Result<()> {
+        let geo = self.tables.geometry();
+        let cb = geo.cluster_bits;
+        let sc_bits = geo.subcluster_bits();
+        let sc_size = 1u64 << sc_bits;
+        let ci = off >> cb;
+        let in_cluster = off - (ci << cb);
+        let end = in_cluster + n;
+        let mut first_full = in_cluster.div_ceil(sc_size);
+        let mut end_full = end >> sc_bits;
+        // A partial edge subcluster that already reads as zeros is zeroed whole (as QEMU).
+        let (e0, _) = self.tables.entry(&self.raw, ci)?;
+        let no_backing = self.backing.is_none();
+        let reads_zero = |sc: u64| -> bool {
+            // sc < 32.
+            #[allow(clippy::cast_possible_truncation)]
+            let s = geo.subcluster_state(e0, sc as u32);
+            geo.cluster_type(e0) != ClusterType::Compressed
+                && (s == SubclusterState::Zero || (s == SubclusterState::Unallocated && no_backing))
+        };
+        if in_cluster % sc_size != 0 && reads_zero(in_cluster >> sc_bits) {
+            first_full = in_cluster >> sc_bits;
+        }
+        if end % sc_size != 0 && reads_zero(end >> sc_bits) {
+            end_full = (end >> sc_bits) + 1;
+        }
+        let zeros = |len: u64| vec![0u8; usize::try_from(len).unwrap_or(0)];
+        if first_full >= end_full {
+            return self.write_cluster(off, &zeros(n));
+        }
+        let head = (first_full << sc_bits).saturating_sub(in_cluster);
+        let tail = end.saturating_sub(end_full << sc_bits);
+        if head > 0 {
+            self.write_cluster(off, &zeros(head))?;
+        }
+        if tail > 0 {
+            self.write_cluster(off + n - tail, &zeros(tail))?;
+        }
+        let (e, l1e) = self.tables.entry(&self.raw, ci)?;
+        let ty = geo.cluster_type(e);
+        let private = e.is_copied() && crate::format::l1_entry_is_copied(l1e);
+        if !(ty == ClusterType::Unallocated || (ty == ClusterType::Normal && private)) {
+            let (b0, b1) = ((first_full << sc_bits).max(in_cluster), (end_full << sc_bits).min(end));
+            return self.write_cluster((ci << cb) + b0, &zeros(b1 - b0));
+        }
+        let mask = ((1u64 << (end_full - first_full)) - 1) << first_full;
+        self.set_entry(ci, L2Entry { entry: e.entry, bitmap: (e.bitmap & !mask) | (mask << 32) })
+    }
+
+    /// Grows the virtual size (shrinking is refused). The L1 table is reallocated if it must
+    /// grow; the header switches to it in one write.
+    pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        let old_size = self.virtual_size();
+        if new_size < old_size {
+            return Err(Error::UnsupportedFeature(format!(
+                "shrinking the virtual size from {old_size} to {new_size} bytes would drop guest data; only growing is supported"
+            )));
+        }
+        if new_size == old_size {
+            return Ok(());
+        }
+        if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 && self.header.bitmaps().is_some() {
+            return Err(Error::UnsupportedFeature(
+                "the image has persistent bitmaps, which cannot follow a resize (QEMU refuses too)".into(),
+            ));
+        }
+        self.prepare_write()?;
+        let mut grown = self.header.clone();
+        grown.size = new_size;
+        let needed = grown.l1_entries_needed();
+        if needed > u64::from(self.header.l1_size) {
+            self.grow_l1(needed, new_size)?;
+        }
+        // The new area reads as zeros even where a longer backing file has data (as QEMU).
+        // Those zero entries are made durable before the header exposes the area.
+        self.header.size = new_size;
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
+        if backing_end > old_size {
+            self.write_zeroes(old_size, backing_end - old_size)?;
+        }
+        self.flush()?;
+        self.header.commit_size(&self.raw, new_size)
+    }
+
+    /// Moves the L1 table to a new place with room for `entries`, switching the header to it
+    /// in one write once it is durable.
+    fn grow_l1(&mut self, entries: u64, new_size: u64) -> Result<()> {
+        let entries = u32::try_from(entries)
+            .ok()
+            .filter(|&n| u64::from(n) * 8 <= MAX_L1_BYTES)
+            .ok_or_else(|| Error::UnsupportedFeature(format!("size {new_size} needs an L1 table above 32 MiB")))?;
+        self.flush()?;
+        let cs = self.cluster_size();
+        let cb = self.header.cluster_bits;
+        let clusters = (u64::from(entries) * 8).div_ceil(cs);
+        let first = {
+            let w = self.writer.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("not prepared".into()))?;
+            w.refcounts.alloc(&self.raw, &mut self.header, clusters)?
+        };
+        let mut l1 = self.tables.l1().to_vec();
+        l1.resize(entries as usize, 0);
+        let mut padded = l1.clone();
+        padded.resize(usize::try_from(clusters * cs / 8).unwrap_or(0), 0);
+        self.write_refcounts_durably()?;
+        self.raw.write_u64_table(first << cb, &padded, "new L1 table")?;
+        self.raw.sync()?;
+        let old = (self.header.l1_table_offset >> cb, (u64::from(self.header.l1_size) * 8).div_ceil(cs));
+        self.header.commit_l1_table(&self.raw, entries, first << cb)?;
+        self.tables.replace_l1(first << cb, l1);
+        let w = self.writer()?;
+        for k in 0..old.1 {
+            w.refcounts.free_later(old.0 + k);
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable, in an order that leaves only leaks after a
+    /// crash at any point: guest data and refcounts (synced) before L2 tables (synced) before
+    /// L1 entries (synced); references dropped before the refcounts of what they pointed at.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.raw.writable() || self.writer.is_none() {
+            return Ok(());
+        }
+        self.write_refcounts_durably()?;
+        let dirty = self.tables.take_dirty_tables();
+        if !dirty.is_empty() {
+            for (offset, t) in &dirty {
+                self.raw.write_u64_table(*offset, t, "L2 table")?;
+            }
+            self.raw.sync()?;
+        }
+        let l1 = self.tables.take_dirty_l1();
+        if !l1.is_empty() {
+            let l1_offset = self.tables.l1_offset();
+            for (i, e) in l1 {
+                self.raw.write_at(&e.to_be_bytes(), l1_offset + 8 * i as u64, "L1 entry")?;
+            }
+            self.raw.sync()?;
+        }
+        let Some(w) = self.writer.as_mut() else { return Ok(()) };
+        if w.refcounts.has_pending_frees() {
+            let freed = w.refcounts.apply_frees(&self.raw, &mut self.header)?;
+            durable(&self.raw, &mut w.refcounts, self.data.as_ref())?;
+            let cs = self.cluster_size();
+            let cb = self.header.cluster_bits;
+            for c in freed {
+                self.raw.punch_hole(c << cb, cs)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes and, if this handle set the dirty bit (lazy refcounts), clears it; updates the
+    /// persistent bitmaps.
+    pub fn close(&mut self) -> Result<()> {
+        self.flush()?;
+        let Some(mut w) = self.writer.take() else { return Ok(()) };
+        if let Some(tracker) = w.bitmaps.take() {
+            let mut alloc = CloseAllocator {
+                raw: &self.raw,
+                header: &mut self.header,
+                refcounts: &mut w.refcounts,
+                data: self.data.as_ref(),
+            };
+            tracker.finish(&self.raw, &mut alloc)?;
+        }
+        if w.set_dirty_bit {
+            self.header.commit_incompatible_features(&self.raw, self.header.incompatible_features & !INCOMPAT_DIRTY)?;
+        }
+        Ok(())
+    }
+}

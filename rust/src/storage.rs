@@ -1,0 +1,286 @@
+//! The I/O seam: every byte qcowrs reads or writes of an image (and of its external data file)
+//! goes through a [`Storage`]. Three implementations:
+//!
+//! * [`FileStorage`]: a host file (positional I/O, `fdatasync`, hole punching);
+//! * [`MemStorage`]: a growable in-memory buffer, for fast tests and fuzzing;
+//! * [`RecordingStorage`]: wraps another storage and logs every write, sync, resize and punch in
+//!   order, so that a test can rebuild every state a crash or power cut could leave
+//!   ([`replay`]).
+//!
+//! Every method takes `&self`: one storage is shared by readers running in parallel.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// Positional byte storage behind an image.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Reads into `buf` at `offset`; returns the bytes read, short only at the end of the data.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Sets the length (truncating or zero-extending).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates `[offset, offset+len)`, which then reads as zeros; the length is unchanged.
+    /// Best effort: storage that cannot punch holes may write zeros or do nothing (callers only
+    /// punch clusters nothing references).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The host file, for locking (`None` for storage that is not a file).
+    fn file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// A host file.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    /// Wraps an open file.
+    pub fn new(file: File) -> Self {
+        FileStorage { file }
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Ok(());
+        };
+        // A file system without hole punching keeps the bytes (the cluster is free either way).
+        let _ = fallocate(&self.file, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, off, l);
+        Ok(())
+    }
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+/// An image held in memory.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// Storage holding `bytes`.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        MemStorage { data: RwLock::new(bytes) }
+    }
+    /// A copy of the bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.data.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+fn mem_end(offset: u64, len: usize) -> io::Result<usize> {
+    usize::try_from(offset)
+        .ok()
+        .and_then(|o| o.checked_add(len))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond the address space"))
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let d = self.data.read().unwrap_or_else(PoisonError::into_inner);
+        let Ok(start) = usize::try_from(offset) else { return Ok(0) };
+        if start >= d.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(d.len() - start);
+        buf[..n].copy_from_slice(&d[start..start + n]);
+        Ok(n)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = mem_end(offset, buf.len())?;
+        let mut d = self.data.write().unwrap_or_else(PoisonError::into_inner);
+        let have = d.len();
+        if have < end {
+            d.try_reserve(end - have).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            d.resize(end, 0);
+        }
+        d[end - buf.len()..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().unwrap_or_else(PoisonError::into_inner).len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = mem_end(len, 0)?;
+        let mut d = self.data.write().unwrap_or_else(PoisonError::into_inner);
+        let have = d.len();
+        if len > have {
+            d.try_reserve(len - have).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        }
+        d.resize(len, 0);
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut d = self.data.write().unwrap_or_else(PoisonError::into_inner);
+        let size = d.len() as u64;
+        let (s, e) = (offset.min(size), offset.saturating_add(len).min(size));
+        // Both are at most the buffer's length, so they fit in usize.
+        d[usize::try_from(s).unwrap_or(0)..usize::try_from(e).unwrap_or(0)].fill(0);
+        Ok(())
+    }
+}
+
+/// One mutating operation seen by a [`RecordingStorage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageOp {
+    /// Bytes written at an offset.
+    Write {
+        /// Where.
+        offset: u64,
+        /// What.
+        data: Vec<u8>,
+    },
+    /// Everything before it is durable.
+    Sync,
+    /// The length was set.
+    SetLen(u64),
+    /// A range was deallocated.
+    PunchHole {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+}
+
+/// Wraps a storage and records every mutating operation, in order.
+#[derive(Debug)]
+pub struct RecordingStorage {
+    inner: Arc<dyn Storage>,
+    log: Mutex<Vec<StorageOp>>,
+}
+
+impl RecordingStorage {
+    /// Records the operations done on `inner`.
+    pub fn new(inner: Arc<dyn Storage>) -> Self {
+        RecordingStorage { inner, log: Mutex::new(Vec::new()) }
+    }
+    /// The operations so far (the log is emptied).
+    pub fn take_log(&self) -> Vec<StorageOp> {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+    fn record(&self, op: StorageOp) {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner).push(op);
+    }
+}
+
+impl Storage for RecordingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)?;
+        self.record(StorageOp::Write { offset, data: buf.to_vec() });
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()?;
+        self.record(StorageOp::Sync);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)?;
+        self.record(StorageOp::SetLen(len));
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)?;
+        self.record(StorageOp::PunchHole { offset, len });
+        Ok(())
+    }
+    fn file(&self) -> Option<&File> {
+        self.inner.file()
+    }
+}
+
+/// Applies `ops` to a copy of `base`: the bytes a storage holds after those operations.
+pub fn replay(base: &[u8], ops: &[StorageOp]) -> io::Result<Vec<u8>> {
+    let m = MemStorage::new(base.to_vec());
+    for op in ops {
+        match op {
+            StorageOp::Write { offset, data } => m.write_at(data, *offset)?,
+            StorageOp::Sync => {}
+            StorageOp::SetLen(n) => m.set_len(*n)?,
+            StorageOp::PunchHole { offset, len } => m.punch_hole(*offset, *len)?,
+        }
+    }
+    Ok(m.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_storage_reads_writes_grows_and_punches() {
+        let m = MemStorage::default();
+        m.write_at(b"hello", 10).unwrap();
+        assert_eq!(m.len().unwrap(), 15);
+        let mut b = [9u8; 20];
+        assert_eq!(m.read_at(&mut b, 8).unwrap(), 7);
+        assert_eq!(&b[..7], b"\0\0hello");
+        m.punch_hole(11, 2).unwrap();
+        assert_eq!(&m.to_vec()[10..15], b"h\0\0lo");
+        m.set_len(4).unwrap();
+        assert_eq!(m.read_at(&mut b, 8).unwrap(), 0);
+    }
+
+    #[test]
+    fn recording_logs_in_order_and_replays() {
+        let base = vec![1u8; 8];
+        let r = RecordingStorage::new(Arc::new(MemStorage::new(base.clone())));
+        r.write_at(b"ab", 2).unwrap();
+        r.sync().unwrap();
+        r.set_len(12).unwrap();
+        r.punch_hole(0, 1).unwrap();
+        let log = r.take_log();
+        assert_eq!(log.len(), 4);
+        assert_eq!(log[1], StorageOp::Sync);
+        assert_eq!(replay(&base, &log[..1]).unwrap(), vec![1, 1, b'a', b'b', 1, 1, 1, 1]);
+        assert_eq!(replay(&base, &log).unwrap(), vec![0, 1, b'a', b'b', 1, 1, 1, 1, 0, 0, 0, 0]);
+        assert!(r.take_log().is_empty());
+    }
+}
