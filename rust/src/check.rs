@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::count::{count_references, ReferenceCount};
+use crate::count::{count_references, CopiedSeen, ReferenceCount};
 use crate::error::{IoContext, Result};
 use crate::format::{
     l1_entry_l2_offset, refcount_at, set_refcount_at, ClusterType, L2Entry, L2Geometry, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
@@ -58,17 +58,53 @@ enum Fix {
     ErrorsOnly,
 }
 
+/// What a comparison found besides the problems it reports.
+#[derive(Default)]
+struct Compared {
+    /// The highest cluster in use.
+    highest: u64,
+    /// An OFLAG_COPIED flag may be wrong (see [`CopiedSeen`]): a flag set on a cluster whose
+    /// refcount is not 1, or missing on one whose refcount is 1.
+    copied_suspect: bool,
+}
+
+/// Whether the flags seen on clusters `first..end` disagree with the refcounts: `ones(base)`
+/// has bit i set iff the refcount of cluster `base + i` is exactly 1 (`base` a multiple of 64).
+fn seen_disagrees(seen: &CopiedSeen, first: u64, end: u64, ones: &dyn Fn(u64) -> u64) -> bool {
+    if first >= end {
+        return false;
+    }
+    for w in first / 64..=(end - 1) / 64 {
+        let Ok(i) = usize::try_from(w) else { return true };
+        let (set, clear) = (seen.set.get(i).copied().unwrap_or(0), seen.clear.get(i).copied().unwrap_or(0));
+        let base = w * 64;
+        let (lo, hi) = (first.max(base) - base, end.min(base + 64) - base);
+        let mask = (if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 }) & !((1u64 << lo) - 1);
+        if (set | clear) & mask == 0 {
+            continue;
+        }
+        let o = ones(base);
+        if (clear & o | set & !o) & mask != 0 {
+            return true;
+        }
+    }
+    false
+}
+
 /// QEMU's `compare_refcounts`, one whole refblock at a time: each on-disk refblock is read
-/// once, and written once if it was repaired. Returns the highest cluster in use.
+/// once (and compared as a whole when it matches, which is the common case), and written once
+/// if it was repaired. With `seen`, also tells whether an OFLAG_COPIED flag may be wrong.
+#[allow(clippy::too_many_arguments)] // the image, the counts, how to fix, and where to report
 fn compare(
     raw: &QcowRawFile,
     h: &QcowHeader,
     imrt: &Imrt,
     fix: Fix,
+    seen: Option<&CopiedSeen>,
     counts: &mut Counts,
     rebuild: &mut bool,
     problems: &mut ProblemLog,
-) -> Result<u64> {
+) -> Result<Compared> {
     let cb = h.cluster_bits;
     let mut view = RefcountView::load(raw, h);
     let geo = view.geometry();
@@ -79,13 +115,14 @@ fn compare(
         Fix::Repair(r) => (r.leaks(), r.errors()),
         Fix::ErrorsOnly => (false, true),
     };
-    let mut highest = 0;
+    let mut out = Compared::default();
     for ri in 0..imrt.len().div_ceil(per) {
         let first = ri * per;
         let end = (first + per).min(imrt.len());
         let block = match view.refblock(raw, ri) {
             Ok(b) => b,
             Err(why) => {
+                out.copied_suspect = true;
                 for i in first..end {
                     counts.check_errors += 1;
                     problems.push("io-error", Some(i << cb), None, format!("can't get refcount for cluster {i}: {why}"));
@@ -93,6 +130,31 @@ fn compare(
                 continue;
             }
         };
+        // Refcounts past the end of the file are not checked (as QEMU): a partial last
+        // refblock is compared refcount by refcount.
+        if end - first == per && imrt.refblock_equals(ri, block.as_deref().map(Vec::as_slice)) {
+            if let Some(last) = imrt.last_used_in(ri) {
+                out.highest = last;
+            }
+            if let Some(seen) = seen {
+                out.copied_suspect |= seen_disagrees(seen, first, end, &|c| imrt.ones_mask(c));
+            }
+            continue;
+        }
+        if let Some(seen) = seen {
+            let disk_ones = |c: u64| {
+                (0..64u64).filter(|&j| (first..end).contains(&(c + j))).fold(0, |m, j| {
+                    let idx = usize::try_from(c + j - first).unwrap_or(0);
+                    let r1 = block.as_ref().map_or(0, |b| refcount_at(b, order, idx));
+                    if r1 == 1 {
+                        m | 1 << j
+                    } else {
+                        m
+                    }
+                })
+            };
+            out.copied_suspect |= seen_disagrees(seen, first, end, &disk_ones);
+        }
         let mut repaired: Option<Vec<u8>> = None;
         for i in first..end {
             // i - first < per, a refblock's entry count.
@@ -100,7 +162,7 @@ fn compare(
             let r1 = block.as_ref().map_or(0, |b| refcount_at(b, order, idx));
             let r2 = imrt.get(i);
             if r1 > 0 || r2 > 0 {
-                highest = i;
+                out.highest = i;
             }
             if r1 == r2 {
                 continue;
@@ -137,7 +199,14 @@ fn compare(
             view.write_refblock(raw, ri, bytes, "refcount block (repair)")?;
         }
     }
-    Ok(highest)
+    // Flags seen on clusters past the compared range: the full pass judges them.
+    if let Some(seen) = seen {
+        let past = |_| u64::MAX;
+        let words_end = seen.set.len() as u64 * 64;
+        // Any flag at all there disagrees with one of "refcount 1" and "refcount not 1".
+        out.copied_suspect |= seen_disagrees(seen, imrt.len(), words_end, &past) || seen_disagrees(seen, imrt.len(), words_end, &|_| 0);
+    }
+    Ok(out)
 }
 
 /// How the OFLAG_COPIED pass runs.
@@ -163,19 +232,39 @@ enum Refcounts<'a> {
 struct CopiedChecker<'a> {
     raw: &'a QcowRawFile,
     geo: L2Geometry,
-    imrt: &'a Imrt,
     refcounts: Refcounts<'a>,
     pass: CopiedPass,
     counts: &'a mut Counts,
     problems: &'a mut ProblemLog,
     l2_span: u64,
-    /// The current table lies wholly in the file (else its entries are not checked).
-    table_ok: bool,
+    /// The walker is inside an L2 table of the active tree that this pass checks.
+    in_table: bool,
     /// Fixed entries of the current table: (index, new descriptor word).
     fixes: Vec<(usize, u64)>,
 }
 
-impl CopiedChecker<'_> {
+impl<'a> CopiedChecker<'a> {
+    fn new(
+        raw: &'a QcowRawFile,
+        geo: L2Geometry,
+        refcounts: Refcounts<'a>,
+        pass: CopiedPass,
+        counts: &'a mut Counts,
+        problems: &'a mut ProblemLog,
+    ) -> Self {
+        CopiedChecker {
+            raw,
+            geo,
+            refcounts,
+            pass,
+            counts,
+            problems,
+            l2_span: geo.bytes_per_table(),
+            in_table: false,
+            fixes: Vec::new(),
+        }
+    }
+
     fn refcount(&mut self, cluster: u64) -> Option<u64> {
         match &mut self.refcounts {
             Refcounts::Counted(imrt) => Some(imrt.get(cluster)),
@@ -188,68 +277,78 @@ impl CopiedChecker<'_> {
     /// counts a corruption and records the problem (QEMU's message, "OFLAG_COPIED
     /// <what>=<entry> refcount=<r>").
     fn judge(&mut self, entry: u64, r: u64, at: u64, guest: u64, what: &dyn Fn() -> String) -> Option<u64> {
-        if (r == 1) == (entry & L2E_COPIED != 0) || (r == 1 && !self.pass.allow_set) {
+        let missing = r == 1;
+        if missing == (entry & L2E_COPIED != 0) || (missing && !self.pass.allow_set) {
             return None;
         }
         if self.pass.fix {
             self.counts.corruptions_fixed += 1;
-            return Some(if r == 1 { entry | L2E_COPIED } else { entry & !L2E_COPIED });
+            return Some(if missing { entry | L2E_COPIED } else { entry & !L2E_COPIED });
         }
         self.counts.corruptions += 1;
         let msg = format!("OFLAG_COPIED {}={entry:x} refcount={r}", what());
         self.problems.push("copied-flag", Some(at), Some(guest), msg);
         None
     }
+
+    fn l1_entry(&mut self, index: u64, at: u64, entry: u64) -> Result<bool> {
+        let cs = self.geo.cluster_size();
+        let l2 = l1_entry_l2_offset(entry);
+        if l2 == 0 {
+            return Ok(false);
+        }
+        let Some(r) = self.refcount(l2 >> self.geo.cluster_bits) else { return Ok(false) };
+        let guest = index * self.l2_span;
+        if let Some(new) = self.judge(entry, r, at, guest, &|| format!("L2 cluster: l1_index={index} l1_entry")) {
+            self.raw.write_at(&new.to_be_bytes(), at, "L1 entry (OFLAG_COPIED repair)")?;
+        }
+        Ok(l2 % cs == 0 && l2.checked_add(cs).is_some_and(|end| end <= self.raw.file_len()))
+    }
+
+    /// Writes the fixed entries of an L2 table, if nothing else shares the table.
+    fn fix_table(&mut self, l1_index: u64, offset: u64, table: &[u64], refcount: u64) -> Result<()> {
+        // Overlap check: only an L2 table referenced exactly once may be rewritten.
+        if refcount == 1 {
+            let mut t = table.to_vec();
+            for &(i, word) in &self.fixes {
+                let e = self.geo.entry_at(&t, i);
+                self.geo.set_entry(&mut t, i, L2Entry { entry: word, ..e });
+            }
+            self.raw.write_u64_table(offset, &t, "L2 table (OFLAG_COPIED repair)")?;
+        } else {
+            self.counts.check_errors += 1;
+            let msg = format!("L2 table at 0x{offset:x} overlaps other metadata; not rewritten");
+            self.problems.push("overlap", Some(offset), Some(l1_index * self.l2_span), msg);
+        }
+        self.fixes.clear();
+        Ok(())
+    }
 }
 
 impl Visitor for CopiedChecker<'_> {
     fn visit(&mut self, event: Event<'_>) -> Result<Flow> {
-        let cs = self.geo.cluster_size();
-        let cb = self.geo.cluster_bits;
         match event {
-            Event::L1Entry { index, at, entry, .. } => {
-                let l2 = l1_entry_l2_offset(entry);
-                if l2 == 0 {
-                    return Ok(Flow::Skip);
-                }
-                let Some(r) = self.refcount(l2 >> cb) else { return Ok(Flow::Skip) };
-                let guest = index * self.l2_span;
-                if let Some(new) = self.judge(entry, r, at, guest, &|| format!("L2 cluster: l1_index={index} l1_entry")) {
-                    self.raw.write_at(&new.to_be_bytes(), at, "L1 entry (OFLAG_COPIED repair)")?;
-                }
-                if l2 % cs != 0 || l2.checked_add(cs).is_none_or(|end| end > self.raw.file_len()) {
-                    return Ok(Flow::Skip);
-                }
+            Event::L1Entry { tree, index, at, entry } => {
+                self.in_table = tree.is_active() && self.l1_entry(index, at, entry)?;
+                return Ok(if self.in_table { Flow::Continue } else { Flow::Skip });
             }
             Event::L2Table { len, .. } => {
-                self.table_ok = len == cs;
+                self.in_table &= len == self.geo.cluster_size();
                 self.fixes.clear();
             }
-            Event::L2Entry { index, guest, at, entry, .. } if self.table_ok => {
+            Event::L2Entry { index, guest, at, entry, .. } if self.in_table => {
                 if !matches!(self.geo.cluster_type(entry), ClusterType::Normal | ClusterType::ZeroAlloc) {
                     return Ok(Flow::Continue);
                 }
-                let r = if self.geo.data_file { Some(1) } else { self.refcount(entry.host_offset() >> cb) };
+                let r = if self.geo.data_file { Some(1) } else { self.refcount(entry.host_offset() >> self.geo.cluster_bits) };
                 let Some(r) = r else { return Ok(Flow::Continue) };
                 if let Some(new) = self.judge(entry.entry, r, at, guest, &|| "data cluster: l2_entry".to_string()) {
                     self.fixes.push((index, new));
                 }
             }
-            Event::L2TableEnd { l1_index, offset, table, .. } if !self.fixes.is_empty() => {
-                // Overlap check: only an L2 table referenced exactly once may be rewritten.
-                if self.imrt.get(offset >> cb) == 1 {
-                    let mut t = table.to_vec();
-                    for &(i, word) in &self.fixes {
-                        let e = self.geo.entry_at(&t, i);
-                        self.geo.set_entry(&mut t, i, L2Entry { entry: word, ..e });
-                    }
-                    self.raw.write_u64_table(offset, &t, "L2 table (OFLAG_COPIED repair)")?;
-                } else {
-                    self.counts.check_errors += 1;
-                    let msg = format!("L2 table at 0x{offset:x} overlaps other metadata; not rewritten");
-                    self.problems.push("overlap", Some(offset), Some(l1_index * self.l2_span), msg);
-                }
-                self.fixes.clear();
+            Event::L2TableEnd { l1_index, offset, table } if self.in_table && !self.fixes.is_empty() => {
+                let r = self.refcount(offset >> self.geo.cluster_bits).unwrap_or(0);
+                self.fix_table(l1_index, offset, table, r)?;
             }
             _ => {}
         }
@@ -257,31 +356,22 @@ impl Visitor for CopiedChecker<'_> {
     }
 }
 
-/// Runs the OFLAG_COPIED pass over the active tree.
+/// Runs the OFLAG_COPIED pass over the active tree and adds its findings to a report.
+#[allow(clippy::too_many_arguments)] // the image, where refcounts come from, how, and the report
 fn check_oflag_copied(
     raw: &QcowRawFile,
     h: &QcowHeader,
     imrt: &Imrt,
     from_counted: bool,
-    pass: CopiedPass,
+    fix: bool,
+    allow_set: bool,
     counts: &mut Counts,
     problems: &mut ProblemLog,
 ) -> Result<()> {
     let walker = Walker::new(raw, h);
-    let geo = walker.geometry();
     let refcounts = if from_counted { Refcounts::Counted(imrt) } else { Refcounts::OnDisk(RefcountView::load(raw, h)) };
-    let mut v = CopiedChecker {
-        raw,
-        geo,
-        imrt,
-        refcounts,
-        pass,
-        counts,
-        problems,
-        l2_span: geo.bytes_per_table(),
-        table_ok: false,
-        fixes: Vec::new(),
-    };
+    let pass = CopiedPass { fix, allow_set };
+    let mut v = CopiedChecker::new(raw, walker.geometry(), refcounts, pass, counts, problems);
     walker.walk_tree(Tree::Active, h.l1_table_offset, h.l1_size, &mut v)
 }
 
@@ -303,11 +393,13 @@ pub fn check_image(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_
 }
 
 fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebuild: bool) -> Result<(CheckReport, LastWalk)> {
-    let ReferenceCount { mut imrt, counts, problems, mut rebuild, incomplete, beyond_eof } = count_references(raw, h)?;
+    let count = count_references(raw, h, repair == Repair::None)?;
+    let ReferenceCount { mut imrt, counts, problems, mut rebuild, incomplete, beyond_eof, copied_seen } = count;
     let mut report = CheckReport { counts, problems, ..CheckReport::default() };
     let pre_compare = report.counts.clone();
     let mut walk_counts = pre_compare.clone();
-    let mut highest = compare(raw, h, &imrt, Fix::None, &mut report.counts, &mut rebuild, &mut report.problems)?;
+    let first = compare(raw, h, &imrt, Fix::None, copied_seen.as_ref(), &mut report.counts, &mut rebuild, &mut report.problems)?;
+    let mut highest = first.highest;
     rebuild |= force_rebuild;
     let original_incompat = h.incompatible_features;
 
@@ -319,8 +411,7 @@ fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebui
         // commit: an interrupted rebuild then never leaves it wrong, even on v2 images, which
         // have no dirty bit to make the next open redo the repair.
         let mut early = Counts::default();
-        let pass = CopiedPass { fix: true, allow_set: !incomplete };
-        check_oflag_copied(raw, h, &imrt, true, pass, &mut early, &mut ProblemLog::default())?;
+        check_oflag_copied(raw, h, &imrt, true, true, !incomplete, &mut early, &mut ProblemLog::default())?;
         raw.sync()?;
         write_refcount_structure(raw, h, &mut imrt, incomplete, &beyond_eof)?;
         report.rebuilt = true;
@@ -329,7 +420,7 @@ fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebui
         // The old structure is now leaked: recount against the new one and free it. (The old
         // count is dropped first: two of them at once would double the peak memory.)
         imrt.clear();
-        let again = count_references(raw, h)?;
+        let again = count_references(raw, h, false)?;
         let mut rebuild_again = again.rebuild;
         walk_counts = again.counts.clone();
         report.counts.corruptions += again.counts.corruptions;
@@ -337,7 +428,7 @@ fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebui
         imrt = again.imrt;
         let mut fresh = Counts::default();
         let fix = if incomplete { Fix::None } else { Fix::Repair(Repair::Leaks) };
-        highest = compare(raw, h, &imrt, fix, &mut fresh, &mut rebuild_again, &mut ProblemLog::default())?;
+        highest = compare(raw, h, &imrt, fix, None, &mut fresh, &mut rebuild_again, &mut ProblemLog::default())?.highest;
         if rebuild_again {
             report.counts.check_errors += 1;
             report.problems.push("rebuild-failed", None, None, "the rebuilt refcount structure is still broken".into());
@@ -374,15 +465,19 @@ fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebui
                 Fix::None
             };
             let mut scratch = ProblemLog::default();
-            highest = compare(raw, h, &imrt, fix, &mut report.counts, &mut rebuild, &mut scratch)?;
+            highest = compare(raw, h, &imrt, fix, None, &mut report.counts, &mut rebuild, &mut scratch)?.highest;
         }
     }
 
     let fix_copied = repair.errors()
         || (repair.leaks() && report.counts.check_errors == 0 && report.counts.corruptions == 0 && report.counts.leaks == 0);
-    let pass = CopiedPass { fix: fix_copied, allow_set: !incomplete };
     let errors_before = report.counts.check_errors;
-    check_oflag_copied(raw, h, &imrt, false, pass, &mut report.counts, &mut report.problems)?;
+    // Without repair, the refcounts are those the walk saw: the full pass is needed only if a
+    // flag may be wrong.
+    let skip_copied = repair == Repair::None && copied_seen.as_ref().is_some_and(|seen| !seen.beyond_file && !first.copied_suspect);
+    if !skip_copied {
+        check_oflag_copied(raw, h, &imrt, false, fix_copied, !incomplete, &mut report.counts, &mut report.problems)?;
+    }
     let copied_unsettled = !fix_copied || report.counts.check_errors != errors_before;
 
     if repair != Repair::None {
@@ -406,10 +501,9 @@ fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebui
 fn recheck(raw: &QcowRawFile, h: &QcowHeader, last: LastWalk) -> Result<CheckReport> {
     let mut report = CheckReport { counts: last.counts, ..CheckReport::default() };
     let mut rebuild = false;
-    let highest = compare(raw, h, &last.imrt, Fix::None, &mut report.counts, &mut rebuild, &mut report.problems)?;
+    let highest = compare(raw, h, &last.imrt, Fix::None, None, &mut report.counts, &mut rebuild, &mut report.problems)?.highest;
     if last.copied_unsettled {
-        let pass = CopiedPass { fix: false, allow_set: !last.incomplete };
-        check_oflag_copied(raw, h, &last.imrt, false, pass, &mut report.counts, &mut report.problems)?;
+        check_oflag_copied(raw, h, &last.imrt, false, false, !last.incomplete, &mut report.counts, &mut report.problems)?;
     }
     Ok(finish(report, highest, h))
 }

@@ -33,12 +33,48 @@ pub struct ReferenceCount {
     /// Clusters referenced one cluster or more past the end of the file (not counted); an
     /// allocation must never land on them, or the reference would start to read our data.
     pub beyond_eof: BTreeSet<u64>,
+    /// With `see_copied`: the OFLAG_COPIED bits the active tree uses.
+    pub copied_seen: Option<CopiedSeen>,
 }
 
-/// Walks the whole image and counts every reference.
-pub fn count_references(raw: &QcowRawFile, h: &QcowHeader) -> Result<ReferenceCount> {
+/// Which clusters the active tree references with OFLAG_COPIED set, and which without (one bit
+/// per cluster of the file each). A flag can only be wrong where these disagree with the
+/// refcounts, so a check compares them with the refblocks instead of walking every L2 table
+/// again.
+#[derive(Debug, Default)]
+pub struct CopiedSeen {
+    /// Referenced with the flag set.
+    pub set: Vec<u64>,
+    /// Referenced with the flag clear.
+    pub clear: Vec<u64>,
+    /// A flagged reference lies past the end of the file (not recorded).
+    pub beyond_file: bool,
+}
+
+impl CopiedSeen {
+    fn new(clusters: u64) -> Self {
+        let words = usize::try_from(clusters.div_ceil(64)).unwrap_or(0);
+        CopiedSeen { set: vec![0; words], clear: vec![0; words], beyond_file: false }
+    }
+
+    fn note(&mut self, cluster: u64, copied: bool) {
+        let w = usize::try_from(cluster / 64).unwrap_or(usize::MAX);
+        let v = if copied { &mut self.set } else { &mut self.clear };
+        match v.get_mut(w) {
+            Some(word) => *word |= 1 << (cluster % 64),
+            None => self.beyond_file = true,
+        }
+    }
+}
+
+/// Walks the whole image and counts every reference; with `see_copied`, also records the
+/// OFLAG_COPIED bits of the active tree ([`CopiedSeen`]).
+pub fn count_references(raw: &QcowRawFile, h: &QcowHeader, see_copied: bool) -> Result<ReferenceCount> {
     let walker = Walker::new(raw, h);
     let mut c = Counter::new(raw, h, walker.geometry())?;
+    if see_copied && !h.has_data_file() {
+        c.out.copied_seen = Some(CopiedSeen::new(raw.file_clusters()));
+    }
     walker.walk_all(&mut c)?;
     Ok(c.into_count())
 }
@@ -74,6 +110,7 @@ impl<'a> Counter<'a> {
                 rebuild: false,
                 incomplete: false,
                 beyond_eof: BTreeSet::new(),
+                copied_seen: None,
             },
             claimed,
             next_contiguous: 0,
@@ -96,6 +133,10 @@ impl<'a> Counter<'a> {
         }
         let cb = self.h.cluster_bits;
         let cs = 1u64 << cb;
+        // The common case: one whole cluster inside the file.
+        if size == cs && offset & (cs - 1) == 0 && offset < self.file_len && self.out.imrt.increment(offset >> cb)? {
+            return Ok(());
+        }
         let Some(end) = offset.checked_add(size) else {
             let msg = format!("{}: offset 0x{offset:x} size 0x{size:x} overflows", what());
             self.corruption("reference-past-eof", Some(offset), guest, msg);
@@ -198,6 +239,9 @@ impl<'a> Counter<'a> {
         if l2 == 0 {
             return Ok(Flow::Skip);
         }
+        if let (true, Some(seen)) = (tree.is_active(), self.out.copied_seen.as_mut()) {
+            seen.note(l2 >> self.geo.cluster_bits, crate::format::l1_entry_is_copied(entry));
+        }
         let l2what = format!("L2 table {index} of the {what}");
         self.count(l2, self.geo.cluster_size(), tree.is_active(), &|| l2what.clone(), guest)?;
         if l2 % self.geo.cluster_size() != 0 {
@@ -210,6 +254,15 @@ impl<'a> Counter<'a> {
 
     fn l2_entry(&mut self, tree: Tree, guest: u64, at: u64, e: crate::format::L2Entry) -> Result<()> {
         let active = tree.is_active();
+        if self.geo.is_clean_data(e) && self.count_clean_data(e.host_offset(), active, e.is_copied()) {
+            self.stats(ClusterType::Normal, e.host_offset(), active);
+            return Ok(());
+        }
+        self.l2_entry_judged(active, guest, at, e)
+    }
+
+    /// Every other entry: each defect reported as QEMU does, then counted where QEMU counts.
+    fn l2_entry_judged(&mut self, active: bool, guest: u64, at: u64, e: crate::format::L2Entry) -> Result<()> {
         let cs = self.geo.cluster_size();
         let ty = self.geo.cluster_type(e);
         let mut counted = true;
@@ -256,7 +309,7 @@ impl<'a> Counter<'a> {
             } else {
                 self.stats(ty, e.host_offset(), active);
                 self.corruption(kind, Some(at), Some(guest), msg);
-                self.count_data(e.host_offset(), cs, guest, active)?;
+                self.count_data(e.host_offset(), cs, guest, active, e.is_copied())?;
                 return Ok(());
             }
         }
@@ -271,11 +324,37 @@ impl<'a> Counter<'a> {
             }
             ClusterType::Normal | ClusterType::ZeroAlloc => {
                 self.stats(ty, e.host_offset(), active);
-                self.count_data(e.host_offset(), cs, guest, active)?;
+                self.count_data(e.host_offset(), cs, guest, active, e.is_copied())?;
             }
             ClusterType::ZeroPlain | ClusterType::Unallocated => {}
         }
         Ok(())
+    }
+
+    /// The hot path of a check: one data cluster inside the file, counted and claimed without
+    /// anything to report. Returns `false`, changing nothing, if there is something to report
+    /// (overflow, a cross-link): the caller then takes the judged path.
+    #[inline]
+    fn count_clean_data(&mut self, host: u64, active: bool, copied: bool) -> bool {
+        if host >= self.file_len || self.geo.data_file {
+            return false;
+        }
+        let c = host >> self.geo.cluster_bits;
+        let w = usize::try_from(c / 64).unwrap_or(usize::MAX);
+        let bit = 1u64 << (c % 64);
+        if active && self.claimed.get(w).is_none_or(|word| word & bit != 0) {
+            return false;
+        }
+        if !matches!(self.out.imrt.increment(c), Ok(true)) {
+            return false;
+        }
+        if active {
+            self.claimed[w] |= bit;
+            if let Some(seen) = self.out.copied_seen.as_mut() {
+                seen.note(c, copied);
+            }
+        }
+        true
     }
 
     /// Allocation and fragmentation statistics of the active tree.
@@ -296,9 +375,12 @@ impl<'a> Counter<'a> {
         self.next_contiguous = host + self.geo.cluster_size();
     }
 
-    fn count_data(&mut self, host: u64, cs: u64, guest: u64, active: bool) -> Result<()> {
+    fn count_data(&mut self, host: u64, cs: u64, guest: u64, active: bool, copied: bool) -> Result<()> {
         if self.geo.data_file {
             return Ok(());
+        }
+        if let (true, Some(seen)) = (active, self.out.copied_seen.as_mut()) {
+            seen.note(host >> self.geo.cluster_bits, copied);
         }
         self.count(host, cs, active, &|| format!("data cluster for guest 0x{guest:x}"), Some(guest))
     }

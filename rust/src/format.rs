@@ -416,6 +416,15 @@ impl L2Geometry {
         }
     }
 
+    /// Whether `e` is a standard data entry without any defect (the common case, which a check
+    /// can count without looking further).
+    pub fn is_clean_data(&self, e: L2Entry) -> bool {
+        !self.extended
+            && e.entry & (L2E_COMPRESSED | L2E_ZERO | L2E_STD_RESERVED_MASK) == 0
+            && e.host_offset() != 0
+            && e.host_offset() & (self.cluster_size() - 1) == 0
+    }
+
     /// What subcluster `sc` of a non-compressed entry reads as (QEMU's
     /// `qcow2_get_subcluster_type`; a standard entry is one subcluster).
     pub fn subcluster_state(&self, e: L2Entry, sc: u32) -> SubclusterState {

@@ -38,12 +38,30 @@ pub struct Imrt {
     chunks: Vec<Chunk>,
     len: u64,
     geo: RefcountGeometry,
+    /// For compact chunks: the on-disk bytes of the 4 refcounts one compact byte holds, for
+    /// each of the 256 byte values (`256 * (bits / 2)` bytes; empty below 4-bit refcounts).
+    expand: Vec<u8>,
+}
+
+/// Bit j (j < 4): refcount j of a compact byte is exactly 1.
+fn ones_of_compact(b: u8) -> u64 {
+    (0..4).filter(|k| (b >> (2 * k)) & 3 == 1).fold(0, |m, k| m | 1 << k)
 }
 
 impl Imrt {
     /// An all-zero table for `entries` clusters.
     pub fn new(geo: RefcountGeometry, entries: u64) -> Result<Self> {
-        let mut t = Imrt { chunks: Vec::new(), len: 0, geo };
+        let mut expand = Vec::new();
+        if geo.refcount_order >= 2 {
+            let w = (4usize << geo.refcount_order) / 8;
+            expand = vec![0u8; 256 * w];
+            for b in 0..256usize {
+                for k in 0..4 {
+                    crate::format::set_refcount_at(&mut expand[b * w..(b + 1) * w], geo.refcount_order, k, ((b >> (2 * k)) & 3) as u64);
+                }
+            }
+        }
+        let mut t = Imrt { chunks: Vec::new(), len: 0, geo, expand };
         t.ensure(entries)?;
         Ok(t)
     }
@@ -135,6 +153,7 @@ impl Imrt {
 
     /// Adds one to the refcount of cluster `i` (growing the table). Returns `false`, changing
     /// nothing, if the refcount is already at the width's maximum.
+    #[inline]
     pub fn increment(&mut self, i: u64) -> Result<bool> {
         if i < self.len {
             let (ri, idx) = self.split(i);
@@ -153,6 +172,57 @@ impl Imrt {
         }
         self.set(i, r + 1)?;
         Ok(true)
+    }
+
+    /// Whether refblock `ri`'s refcounts equal the on-disk refblock `disk` (`None`: there is
+    /// none, every refcount is 0). Compares whole byte runs, not refcount by refcount.
+    pub fn refblock_equals(&self, ri: u64, disk: Option<&[u8]>) -> bool {
+        let chunk = usize::try_from(ri).ok().and_then(|r| self.chunks.get(r));
+        match (chunk, disk) {
+            (None | Some(Chunk::Zero), None) => true,
+            (None | Some(Chunk::Zero), Some(d)) => d.iter().all(|&b| b == 0),
+            (Some(Chunk::Small(v) | Chunk::Wide(v)), None) => v.iter().all(|&b| b == 0),
+            (Some(Chunk::Wide(v)), Some(d)) => v.as_slice() == d,
+            (Some(Chunk::Small(v)), Some(d)) => {
+                let w = self.expand.len() / 256;
+                w > 0
+                    && d.len() == v.len() * w
+                    && v.iter().zip(d.chunks_exact(w)).all(|(&b, dc)| &self.expand[usize::from(b) * w..][..w] == dc)
+            }
+        }
+    }
+
+    /// Bit j set iff cluster `first + j` has refcount exactly 1 (`first` a multiple of 64).
+    pub fn ones_mask(&self, first: u64) -> u64 {
+        let (ri, idx) = self.split(first);
+        match self.chunks.get(ri) {
+            Some(Chunk::Small(v)) if idx % 4 == 0 => {
+                let bytes = v.get(idx / 4..(idx / 4 + 16).min(v.len())).unwrap_or(&[]);
+                bytes.iter().enumerate().fold(0, |m, (j, &b)| m | ones_of_compact(b) << (4 * j))
+            }
+            _ => (0..64).filter(|&j| self.get(first + j) == 1).fold(0, |m, j| m | 1 << j),
+        }
+    }
+
+    /// The last cluster of refblock `ri`'s range with a non-zero refcount.
+    pub fn last_used_in(&self, ri: u64) -> Option<u64> {
+        let first = ri << self.geo.refblock_bits();
+        let (v, small) = match usize::try_from(ri).ok().and_then(|r| self.chunks.get(r)) {
+            Some(Chunk::Small(v)) => (v, true),
+            Some(Chunk::Wide(v)) => (v, false),
+            _ => return None,
+        };
+        let byte = v.iter().rposition(|&b| b != 0)? as u64;
+        let order = self.geo.refcount_order;
+        // One past the last refcount that the last non-zero byte holds a part of.
+        let end = if small {
+            (byte + 1) * 4
+        } else if order >= 3 {
+            byte / (1 << (order - 3)) + 1
+        } else {
+            (byte + 1) * (8 >> order)
+        };
+        (0..end).rev().map(|i| first + i).find(|&c| self.get(c) != 0)
     }
 
     /// Whether every refcount in refblock `ri`'s range is zero.
@@ -322,7 +392,7 @@ pub fn write_refcount_structure(
 /// structure (no other repair). Prefer `check::check_image` with `Repair::All`, which also fixes
 /// leaks of the old structure and OFLAG_COPIED.
 pub fn rebuild_refcounts(raw: &QcowRawFile, h: &mut QcowHeader) -> Result<NewStructure> {
-    let mut c = crate::count::count_references(raw, h)?;
+    let mut c = crate::count::count_references(raw, h, false)?;
     write_refcount_structure(raw, h, &mut c.imrt, c.incomplete, &c.beyond_eof)
 }
 

@@ -19,8 +19,10 @@ use crate::format::{be_u64, refcount_at, set_refcount_at, RefcountGeometry, REFT
 use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
 
-/// Memory spent on cached refblocks (at least 4 are kept whatever their size).
+/// Memory spent on cached refblocks by a writer (at least 4 are kept whatever their size).
 const REFBLOCK_CACHE_BYTES: u64 = 16 << 20;
+/// Memory spent on cached refblocks by the read-only view.
+const VIEW_CACHE_BYTES: u64 = 4 << 20;
 
 fn cache_capacity(cluster_size: u64) -> usize {
     usize::try_from((REFBLOCK_CACHE_BYTES / cluster_size).max(4)).unwrap_or(4)
@@ -31,6 +33,8 @@ fn cache_capacity(cluster_size: u64) -> usize {
 pub struct RefcountView {
     geo: RefcountGeometry,
     reftable: Vec<u64>,
+    /// The refblock used last (most lookups hit it: metadata and data are mostly near).
+    last: Option<(u64, Option<Arc<Vec<u8>>>)>,
     blocks: TableCache<Arc<Vec<u8>>>,
 }
 
@@ -46,7 +50,8 @@ impl RefcountView {
             }
         }
         let geo = raw.refcount_geometry();
-        RefcountView { geo, reftable, blocks: TableCache::new(cache_capacity(raw.cluster_size())) }
+        let capacity = usize::try_from((VIEW_CACHE_BYTES / raw.cluster_size()).max(4)).unwrap_or(4);
+        RefcountView { geo, reftable, last: None, blocks: TableCache::new(capacity) }
     }
 
     /// The refcount geometry.
@@ -57,6 +62,17 @@ impl RefcountView {
     /// The bytes of refblock `ri` (`None`: no refblock, every refcount it covers is 0). A
     /// refblock (partly) past the end of the file reads as zeros there, as in QEMU.
     pub fn refblock(&mut self, raw: &QcowRawFile, ri: u64) -> std::result::Result<Option<Arc<Vec<u8>>>, String> {
+        if let Some((r, b)) = &self.last {
+            if *r == ri {
+                return Ok(b.clone());
+            }
+        }
+        let b = self.read_refblock(raw, ri)?;
+        self.last = Some((ri, b.clone()));
+        Ok(b)
+    }
+
+    fn read_refblock(&mut self, raw: &QcowRawFile, ri: u64) -> std::result::Result<Option<Arc<Vec<u8>>>, String> {
         if let Some(b) = self.blocks.get(ri) {
             return Ok(Some(Arc::clone(b)));
         }
@@ -81,7 +97,13 @@ impl RefcountView {
     pub fn get(&mut self, raw: &QcowRawFile, c: u64) -> std::result::Result<u64, String> {
         let bits = self.geo.refblock_bits();
         let idx = usize::try_from(c & ((1 << bits) - 1)).unwrap_or(0);
-        Ok(match self.refblock(raw, c >> bits)? {
+        let ri = c >> bits;
+        if let Some((r, b)) = &self.last {
+            if *r == ri {
+                return Ok(b.as_ref().map_or(0, |b| refcount_at(b, self.geo.refcount_order, idx)));
+            }
+        }
+        Ok(match self.refblock(raw, ri)? {
             Some(b) => refcount_at(&b, self.geo.refcount_order, idx),
             None => 0,
         })
@@ -96,7 +118,9 @@ impl RefcountView {
     pub fn write_refblock(&mut self, raw: &QcowRawFile, ri: u64, bytes: Vec<u8>, what: &str) -> Result<()> {
         let off = self.refblock_offset(ri);
         raw.write_at(&bytes, off, what)?;
-        let _ = self.blocks.insert(ri, Arc::new(bytes), false);
+        let b = Arc::new(bytes);
+        self.last = Some((ri, Some(Arc::clone(&b))));
+        let _ = self.blocks.insert(ri, b, false);
         Ok(())
     }
 }

@@ -44,7 +44,7 @@ pub(crate) enum Structure {
 }
 
 /// One step of a walk.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum Event<'a> {
     /// Cluster 0: the header, its extensions and the backing file name.
     Header { cluster_size: u64 },
@@ -138,7 +138,7 @@ impl<'a> Walker<'a> {
     }
 
     /// Visits everything (QEMU's `calculate_refcounts` order). Returns the snapshot table.
-    pub(crate) fn walk_all(&self, v: &mut dyn Visitor) -> Result<SnapshotTable> {
+    pub(crate) fn walk_all<V: Visitor + ?Sized>(&self, v: &mut V) -> Result<SnapshotTable> {
         let h = self.h;
         let cs = h.cluster_size();
         v.visit(Event::Header { cluster_size: cs })?;
@@ -176,7 +176,7 @@ impl<'a> Walker<'a> {
     }
 
     /// Visits one L1/L2 tree: the L1 table, its non-zero entries and the L2 tables they name.
-    pub(crate) fn walk_tree(&self, tree: Tree, l1_offset: u64, l1_size: u32, v: &mut dyn Visitor) -> Result<()> {
+    pub(crate) fn walk_tree<V: Visitor + ?Sized>(&self, tree: Tree, l1_offset: u64, l1_size: u32, v: &mut V) -> Result<()> {
         v.visit(Event::L1Table { tree, offset: l1_offset, entries: l1_size })?;
         let l1 = match self.source.table(l1_offset, u64::from(l1_size)) {
             Ok(t) => t,
@@ -201,7 +201,7 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    fn walk_l2(&self, tree: Tree, l1_index: u64, offset: u64, guest_base: u64, v: &mut dyn Visitor) -> Result<()> {
+    fn walk_l2<V: Visitor + ?Sized>(&self, tree: Tree, l1_index: u64, offset: u64, guest_base: u64, v: &mut V) -> Result<()> {
         let cs = self.geo.cluster_size();
         let table = match self.source.table(offset, cs / 8) {
             Ok(t) => t,
@@ -228,7 +228,7 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    fn walk_bitmaps(&self, v: &mut dyn Visitor) -> Result<()> {
+    fn walk_bitmaps<V: Visitor + ?Sized>(&self, v: &mut V) -> Result<()> {
         let Some(ext) = self.h.bitmaps() else { return Ok(()) };
         let dir_offset = ext.bitmap_directory_offset;
         v.visit(Event::BitmapDirectory { offset: dir_offset, size: ext.bitmap_directory_size })?;
@@ -259,7 +259,7 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    fn walk_reftable(&self, v: &mut dyn Visitor) -> Result<()> {
+    fn walk_reftable<V: Visitor + ?Sized>(&self, v: &mut V) -> Result<()> {
         let h = self.h;
         if h.refcount_table_offset == 0 || h.refcount_table_clusters == 0 {
             return v.visit(Event::NoReftable).map(|_| ());
