@@ -258,6 +258,40 @@ impl Imrt {
         }
     }
 
+    /// Adds the refcounts of `other` (counted over the same image) to these. A sum above the
+    /// width's maximum stays at the maximum; the clusters where that happened are returned, once
+    /// for every reference that did not fit.
+    pub fn absorb(&mut self, other: Imrt) -> Result<Vec<u64>> {
+        self.ensure(other.len)?;
+        let mut overflowed = Vec::new();
+        let per = self.geo.refblock_entries();
+        let max = self.geo.refcount_max();
+        for (ri, theirs) in other.chunks.into_iter().enumerate() {
+            if matches!(theirs, Chunk::Zero) {
+                continue;
+            }
+            if matches!(self.chunks[ri], Chunk::Zero) {
+                self.chunks[ri] = theirs;
+                continue;
+            }
+            let first = ri as u64 * per;
+            let part = Imrt { chunks: vec![theirs], len: per, geo: self.geo, expand: Vec::new() };
+            for i in 0..per.min(self.len - first) {
+                let add = part.get(i);
+                if add == 0 {
+                    continue;
+                }
+                let mine = self.get(first + i);
+                let sum = mine.saturating_add(add);
+                for _ in 0..sum.saturating_sub(max) {
+                    overflowed.push(first + i);
+                }
+                self.set(first + i, sum.min(max))?;
+            }
+        }
+        Ok(overflowed)
+    }
+
     /// Frees the table (it then describes no cluster).
     pub fn clear(&mut self) {
         self.chunks = Vec::new();

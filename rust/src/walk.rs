@@ -98,6 +98,18 @@ pub(crate) trait Visitor {
     fn visit(&mut self, event: Event<'_>) -> Result<Flow>;
 }
 
+/// A visitor that can be split, to walk part of a tree on another thread, and joined back.
+/// Joining must leave the visitor as if it had seen the other's events after its own.
+pub(crate) trait Fork: Visitor + Send + Sized {
+    /// A fresh visitor for the same image, with nothing counted yet.
+    fn fork(&self) -> Result<Self>;
+    /// Takes in what a fork saw.
+    fn join(&mut self, other: Self) -> Result<()>;
+}
+
+/// The active tree is walked on two threads when it has at least this many L2 tables.
+const FORK_MIN_TABLES: usize = 64;
+
 /// Where the walker reads L1 and L2 tables (an open `QcowFile` supplies its cached, possibly
 /// unflushed, tables).
 pub(crate) trait TableSource {
@@ -117,7 +129,7 @@ pub(crate) struct Walker<'a> {
     raw: &'a QcowRawFile,
     h: &'a QcowHeader,
     geo: L2Geometry,
-    source: &'a dyn TableSource,
+    source: &'a (dyn TableSource + Sync),
 }
 
 impl<'a> Walker<'a> {
@@ -127,7 +139,7 @@ impl<'a> Walker<'a> {
     }
 
     /// A walker reading L1/L2 tables from `source`.
-    pub(crate) fn with_source(raw: &'a QcowRawFile, h: &'a QcowHeader, source: &'a dyn TableSource) -> Self {
+    pub(crate) fn with_source(raw: &'a QcowRawFile, h: &'a QcowHeader, source: &'a (dyn TableSource + Sync)) -> Self {
         let geo = L2Geometry::new(h.cluster_bits, h.extended_l2(), h.has_data_file());
         Walker { raw, h, geo, source }
     }
@@ -138,11 +150,22 @@ impl<'a> Walker<'a> {
     }
 
     /// Visits everything (QEMU's `calculate_refcounts` order). Returns the snapshot table.
+    #[cfg(test)]
     pub(crate) fn walk_all<V: Visitor + ?Sized>(&self, v: &mut V) -> Result<SnapshotTable> {
+        self.walk_all_with(v, |w, v| w.walk_tree(Tree::Active, w.h.l1_table_offset, w.h.l1_size, v))
+    }
+
+    /// [`Walker::walk_all`], with the active tree's L2 tables split between two threads when
+    /// there are many (the events of each half arrive in order; the halves are then joined).
+    pub(crate) fn walk_all_forked<V: Fork>(&self, v: &mut V) -> Result<SnapshotTable> {
+        self.walk_all_with(v, |w, v| w.walk_active_forked(v))
+    }
+
+    fn walk_all_with<V: Visitor + ?Sized>(&self, v: &mut V, active: impl FnOnce(&Self, &mut V) -> Result<()>) -> Result<SnapshotTable> {
         let h = self.h;
         let cs = h.cluster_size();
         v.visit(Event::Header { cluster_size: cs })?;
-        self.walk_tree(Tree::Active, h.l1_table_offset, h.l1_size, v)?;
+        active(self, v)?;
 
         let snapshots = match read_snapshot_table(self.raw, h) {
             Ok(t) => t,
@@ -177,15 +200,54 @@ impl<'a> Walker<'a> {
 
     /// Visits one L1/L2 tree: the L1 table, its non-zero entries and the L2 tables they name.
     pub(crate) fn walk_tree<V: Visitor + ?Sized>(&self, tree: Tree, l1_offset: u64, l1_size: u32, v: &mut V) -> Result<()> {
+        let Some(l1) = self.read_l1(tree, l1_offset, l1_size, v)? else { return Ok(()) };
+        self.walk_l1_entries(tree, l1_offset, &l1, 0..l1.len(), v)
+    }
+
+    fn read_l1<V: Visitor + ?Sized>(&self, tree: Tree, l1_offset: u64, l1_size: u32, v: &mut V) -> Result<Option<Cow<'_, [u64]>>> {
         v.visit(Event::L1Table { tree, offset: l1_offset, entries: l1_size })?;
-        let l1 = match self.source.table(l1_offset, u64::from(l1_size)) {
-            Ok(t) => t,
+        match self.source.table(l1_offset, u64::from(l1_size)) {
+            Ok(t) => Ok(Some(t)),
             Err(error) => {
-                return v.visit(Event::Unreadable { what: Structure::L1Table(tree), offset: l1_offset, error: &error }).map(|_| ())
+                v.visit(Event::Unreadable { what: Structure::L1Table(tree), offset: l1_offset, error: &error })?;
+                Ok(None)
             }
-        };
+        }
+    }
+
+    /// The active tree, its second half of L2 tables on another thread when it is large.
+    fn walk_active_forked<V: Fork>(&self, v: &mut V) -> Result<()> {
+        let (tree, l1_offset) = (Tree::Active, self.h.l1_table_offset);
+        let Some(l1) = self.read_l1(tree, l1_offset, self.h.l1_size, v)? else { return Ok(()) };
+        let tables = l1.iter().filter(|&&e| e != 0).count();
+        if tables < FORK_MIN_TABLES {
+            return self.walk_l1_entries(tree, l1_offset, &l1, 0..l1.len(), v);
+        }
+        // Split where half of the tables lie on each side.
+        let mut seen = 0;
+        let mid = l1.iter().position(|&e| {
+            seen += usize::from(e != 0);
+            seen > tables / 2
+        });
+        let mid = mid.unwrap_or(l1.len());
+        let mut other = v.fork()?;
+        let (first, second) = std::thread::scope(|s| {
+            let worker = s.spawn(|| self.walk_l1_entries(tree, l1_offset, &l1, mid..l1.len(), &mut other));
+            let first = self.walk_l1_entries(tree, l1_offset, &l1, 0..mid, v);
+            let second = worker.join().unwrap_or_else(|_| {
+                Err(crate::error::Error::io("walking the active L1 table", std::io::Error::other("a worker thread panicked")))
+            });
+            (first, second)
+        });
+        first?;
+        second?;
+        v.join(other)
+    }
+
+    fn walk_l1_entries<V: Visitor + ?Sized>(&self, tree: Tree, l1_offset: u64, l1: &[u64], range: std::ops::Range<usize>, v: &mut V) -> Result<()> {
         let l2_span = self.geo.bytes_per_table();
-        for (i, &entry) in l1.iter().enumerate() {
+        for i in range {
+            let entry = l1[i];
             if entry == 0 {
                 continue;
             }
