@@ -13,10 +13,19 @@ pub fn decompress(compression_type: u8, input: &[u8], out: &mut [u8]) -> Result<
     }
 }
 
+thread_local! {
+    /// One inflate state per thread, reset between clusters instead of allocated for each.
+    static INFLATE: std::cell::RefCell<flate2::Decompress> = std::cell::RefCell::new(flate2::Decompress::new(false));
+}
+
 fn deflate_decompress(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    INFLATE.with(|d| deflate_with(&mut d.borrow_mut(), input, out))
+}
+
+fn deflate_with(d: &mut flate2::Decompress, input: &[u8], out: &mut [u8]) -> Result<(), String> {
     // QEMU writes raw deflate (window bits -12) and accepts Z_STREAM_END or Z_BUF_ERROR as long
     // as the output buffer is full.
-    let mut d = flate2::Decompress::new(false);
+    d.reset(false);
     match d.decompress(input, out, flate2::FlushDecompress::Finish) {
         Ok(_) if d.total_out() == out.len() as u64 => Ok(()),
         Ok(status) => Err(format!("deflate stream ended after {} of {} bytes ({status:?})", d.total_out(), out.len())),
