@@ -123,7 +123,11 @@ def main() -> None:
             for r in range(args.runs):
                 order = list(times) if r % 2 == 0 else list(reversed(times))
                 for name in order:
-                    s = qemu_img(img, size) if name == "qemu-img" else contenders[name](f, size, chunk)
+                    s = (
+                        qemu_img(img, size)
+                        if name == "qemu-img"
+                        else contenders[name](f, size, chunk)
+                    )
                     times[name].append(s)
                 line = "  ".join(f"{k} {size / MiB / v[-1]:7.1f} MiB/s" for k, v in times.items())
                 print(f"  round {r + 1}: {line}", flush=True)

@@ -206,7 +206,9 @@ def build_core(mode: str) -> bool:
     return p.returncode == 0 and CORE_BIN.exists()
 
 
-def bench_one(master: Path, work: Path, runs: int, mode: str) -> dict[str, list[tuple[float, float]]]:
+def bench_one(
+    master: Path, work: Path, runs: int, mode: str
+) -> dict[str, list[tuple[float, float]]]:
     if mode == "check":
         tools = {
             "qcowrs": lambda p: [sys.executable, "-m", "qcowrs", "check", os.fspath(p)],

@@ -5,7 +5,6 @@ and against qemu-img."""
 from __future__ import annotations
 
 import errno
-
 import json
 import shutil
 import struct

@@ -107,8 +107,14 @@ pub(crate) fn open_backing(image: &Path, name: &str, format: Option<&str>, depth
 }
 
 /// Opens `p` as the backing file of `image`.
-pub(crate) fn open_backing_path(image: &Path, p: &Path, format: Option<&str>, depth: u32) -> Result<Box<dyn BackingRead>> {
-    let file = std::fs::File::open(p).ctx(|| format!("opening backing file '{}' of '{}'", p.display(), image.display()))?;
+pub(crate) fn open_backing_path(
+    image: &Path,
+    p: &Path,
+    format: Option<&str>,
+    depth: u32,
+) -> Result<Box<dyn BackingRead>> {
+    let file =
+        std::fs::File::open(p).ctx(|| format!("opening backing file '{}' of '{}'", p.display(), image.display()))?;
     crate::lock::lock_image(&file, false, &format!("backing file '{}'", p.display()))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
     let is_qcow2 = match format {
@@ -135,7 +141,13 @@ pub(crate) fn open_backing_path(image: &Path, p: &Path, format: Option<&str>, de
 }
 
 /// The external data file of an image, opened for the image's mode and locked.
-pub(crate) fn open_data_file(image: &Path, name: &str, writable: bool, cluster_size: u64, refcount_order: u32) -> Result<QcowRawFile> {
+pub(crate) fn open_data_file(
+    image: &Path,
+    name: &str,
+    writable: bool,
+    cluster_size: u64,
+    refcount_order: u32,
+) -> Result<QcowRawFile> {
     check_plain_file_name(name, "data file")?;
     let p = resolve_relative(image, name);
     let f = std::fs::OpenOptions::new()

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use crate::count::{count_references, CopiedSeen, ReferenceCount};
 use crate::error::{IoContext, Result};
 use crate::format::{
-    l1_entry_l2_offset, refcount_at, set_refcount_at, ClusterType, L2Entry, L2Geometry, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
-    L2E_COPIED,
+    l1_entry_l2_offset, refcount_at, set_refcount_at, ClusterType, L2Entry, L2Geometry, INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY, L2E_COPIED,
 };
 use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
@@ -91,6 +91,88 @@ fn seen_disagrees(seen: &CopiedSeen, first: u64, end: u64, ones: &dyn Fn(u64) ->
     false
 }
 
+/// The refcounts of one refblock's clusters compared one by one (`compare`'s slow path).
+struct BlockCompare<'a> {
+    imrt: &'a Imrt,
+    fix: Fix,
+    cb: u32,
+    order: u32,
+    counts: &'a mut Counts,
+    rebuild: &'a mut bool,
+    problems: &'a mut ProblemLog,
+}
+
+impl BlockCompare<'_> {
+    /// Compares clusters `first..end` with the on-disk refblock `block`; returns the repaired
+    /// refblock if anything was fixed, and the highest cluster in use.
+    fn run(&mut self, first: u64, end: u64, block: Option<&[u8]>) -> (Option<Vec<u8>>, Option<u64>) {
+        let (fix_leaks, fix_errors) = match self.fix {
+            Fix::None => (false, false),
+            Fix::Repair(r) => (r.leaks(), r.errors()),
+            Fix::ErrorsOnly => (false, true),
+        };
+        let mut repaired: Option<Vec<u8>> = None;
+        let mut highest = None;
+        for i in first..end {
+            // i - first < a refblock's entry count.
+            let idx = usize::try_from(i - first).unwrap_or(0);
+            let r1 = block.map_or(0, |b| refcount_at(b, self.order, idx));
+            let r2 = self.imrt.get(i);
+            if r1 > 0 || r2 > 0 {
+                highest = Some(i);
+            }
+            if r1 == r2 {
+                continue;
+            }
+            if r1 == 0 {
+                *self.rebuild = true;
+            } else if r1 > r2 && self.fix == Fix::ErrorsOnly {
+                self.counts.leaks += 1;
+                continue;
+            } else if (r1 > r2 && fix_leaks) || (r1 < r2 && fix_errors) {
+                let b = repaired.get_or_insert_with(|| block.map(<[u8]>::to_vec).unwrap_or_default());
+                set_refcount_at(b, self.order, idx, r2);
+                if r1 > r2 {
+                    self.counts.leaks_fixed += 1;
+                } else {
+                    self.counts.corruptions_fixed += 1;
+                }
+                continue;
+            }
+            self.report(i, r1, r2);
+        }
+        (repaired, highest)
+    }
+
+    fn report(&mut self, i: u64, r1: u64, r2: u64) {
+        let at = i << self.cb;
+        let (kind, msg) = if r1 < r2 {
+            self.counts.corruptions += 1;
+            if r1 == 0 {
+                ("refcount-zero", format!("cluster {i} (0x{at:x}) has refcount 0 but {r2} reference(s): the refcount structure must be rebuilt"))
+            } else {
+                ("refcount-too-low", format!("cluster {i} (0x{at:x}) has refcount {r1} but {r2} references"))
+            }
+        } else {
+            self.counts.leaks += 1;
+            ("leak", format!("leaked cluster {i} (0x{at:x}): refcount {r1}, {r2} reference(s)"))
+        };
+        self.problems.push(kind, Some(at), None, msg);
+    }
+}
+
+/// Bit j set iff cluster `base + j` of refblock `block` (clusters `first..end`) has refcount 1.
+fn disk_ones(block: Option<&[u8]>, order: u32, first: u64, end: u64, base: u64) -> u64 {
+    (0..64u64).filter(|&j| (first..end).contains(&(base + j))).fold(0, |m, j| {
+        let idx = usize::try_from(base + j - first).unwrap_or(0);
+        if block.map_or(0, |b| refcount_at(b, order, idx)) == 1 {
+            m | 1 << j
+        } else {
+            m
+        }
+    })
+}
+
 /// QEMU's `compare_refcounts`, one whole refblock at a time: each on-disk refblock is read
 /// once (and compared as a whole when it matches, which is the common case), and written once
 /// if it was repaired. With `seen`, also tells whether an OFLAG_COPIED flag may be wrong.
@@ -107,15 +189,10 @@ fn compare(
 ) -> Result<Compared> {
     let cb = h.cluster_bits;
     let mut view = RefcountView::load(raw, h);
-    let geo = view.geometry();
-    let per = geo.refblock_entries();
-    let order = geo.refcount_order;
-    let (fix_leaks, fix_errors) = match fix {
-        Fix::None => (false, false),
-        Fix::Repair(r) => (r.leaks(), r.errors()),
-        Fix::ErrorsOnly => (false, true),
-    };
+    let per = view.geometry().refblock_entries();
+    let order = view.geometry().refcount_order;
     let mut out = Compared::default();
+    let mut slow = BlockCompare { imrt, fix, cb, order, counts, rebuild, problems };
     for ri in 0..imrt.len().div_ceil(per) {
         let first = ri * per;
         let end = (first + per).min(imrt.len());
@@ -124,87 +201,38 @@ fn compare(
             Err(why) => {
                 out.copied_suspect = true;
                 for i in first..end {
-                    counts.check_errors += 1;
-                    problems.push("io-error", Some(i << cb), None, format!("can't get refcount for cluster {i}: {why}"));
+                    slow.counts.check_errors += 1;
+                    let msg = format!("can't get refcount for cluster {i}: {why}");
+                    slow.problems.push("io-error", Some(i << cb), None, msg);
                 }
                 continue;
             }
         };
+        let block = block.as_deref().map(Vec::as_slice);
         // Refcounts past the end of the file are not checked (as QEMU): a partial last
         // refblock is compared refcount by refcount.
-        if end - first == per && imrt.refblock_equals(ri, block.as_deref().map(Vec::as_slice)) {
-            if let Some(last) = imrt.last_used_in(ri) {
-                out.highest = last;
-            }
+        if end - first == per && imrt.refblock_equals(ri, block) {
+            out.highest = imrt.last_used_in(ri).unwrap_or(out.highest);
             if let Some(seen) = seen {
                 out.copied_suspect |= seen_disagrees(seen, first, end, &|c| imrt.ones_mask(c));
             }
             continue;
         }
         if let Some(seen) = seen {
-            let disk_ones = |c: u64| {
-                (0..64u64).filter(|&j| (first..end).contains(&(c + j))).fold(0, |m, j| {
-                    let idx = usize::try_from(c + j - first).unwrap_or(0);
-                    let r1 = block.as_ref().map_or(0, |b| refcount_at(b, order, idx));
-                    if r1 == 1 {
-                        m | 1 << j
-                    } else {
-                        m
-                    }
-                })
-            };
-            out.copied_suspect |= seen_disagrees(seen, first, end, &disk_ones);
+            out.copied_suspect |= seen_disagrees(seen, first, end, &|c| disk_ones(block, order, first, end, c));
         }
-        let mut repaired: Option<Vec<u8>> = None;
-        for i in first..end {
-            // i - first < per, a refblock's entry count.
-            let idx = usize::try_from(i - first).unwrap_or(0);
-            let r1 = block.as_ref().map_or(0, |b| refcount_at(b, order, idx));
-            let r2 = imrt.get(i);
-            if r1 > 0 || r2 > 0 {
-                out.highest = i;
-            }
-            if r1 == r2 {
-                continue;
-            }
-            if r1 == 0 {
-                *rebuild = true;
-            } else if r1 > r2 && fix == Fix::ErrorsOnly {
-                counts.leaks += 1;
-                continue;
-            } else if (r1 > r2 && fix_leaks) || (r1 < r2 && fix_errors) {
-                let b = repaired.get_or_insert_with(|| block.as_ref().map(|b| b.to_vec()).unwrap_or_default());
-                set_refcount_at(b, order, idx, r2);
-                if r1 > r2 {
-                    counts.leaks_fixed += 1;
-                } else {
-                    counts.corruptions_fixed += 1;
-                }
-                continue;
-            }
-            let (kind, msg) = if r1 < r2 {
-                counts.corruptions += 1;
-                if r1 == 0 {
-                    ("refcount-zero", format!("cluster {i} (0x{:x}) has refcount 0 but {r2} reference(s): the refcount structure must be rebuilt", i << cb))
-                } else {
-                    ("refcount-too-low", format!("cluster {i} (0x{:x}) has refcount {r1} but {r2} references", i << cb))
-                }
-            } else {
-                counts.leaks += 1;
-                ("leak", format!("leaked cluster {i} (0x{:x}): refcount {r1}, {r2} reference(s)", i << cb))
-            };
-            problems.push(kind, Some(i << cb), None, msg);
-        }
+        let (repaired, highest) = slow.run(first, end, block);
+        out.highest = highest.unwrap_or(out.highest);
         if let Some(bytes) = repaired {
             view.write_refblock(raw, ri, bytes, "refcount block (repair)")?;
         }
     }
-    // Flags seen on clusters past the compared range: the full pass judges them.
+    // Flags seen on clusters past the compared range: the full pass judges them (any flag at
+    // all there disagrees with one of "refcount 1" and "refcount not 1").
     if let Some(seen) = seen {
-        let past = |_| u64::MAX;
         let words_end = seen.set.len() as u64 * 64;
-        // Any flag at all there disagrees with one of "refcount 1" and "refcount not 1".
-        out.copied_suspect |= seen_disagrees(seen, imrt.len(), words_end, &past) || seen_disagrees(seen, imrt.len(), words_end, &|_| 0);
+        out.copied_suspect |= seen_disagrees(seen, imrt.len(), words_end, &|_| u64::MAX)
+            || seen_disagrees(seen, imrt.len(), words_end, &|_| 0);
     }
     Ok(out)
 }
@@ -340,7 +368,11 @@ impl Visitor for CopiedChecker<'_> {
                 if !matches!(self.geo.cluster_type(entry), ClusterType::Normal | ClusterType::ZeroAlloc) {
                     return Ok(Flow::Continue);
                 }
-                let r = if self.geo.data_file { Some(1) } else { self.refcount(entry.host_offset() >> self.geo.cluster_bits) };
+                let r = if self.geo.data_file {
+                    Some(1)
+                } else {
+                    self.refcount(entry.host_offset() >> self.geo.cluster_bits)
+                };
                 let Some(r) = r else { return Ok(Flow::Continue) };
                 if let Some(new) = self.judge(entry.entry, r, at, guest, &|| "data cluster: l2_entry".to_string()) {
                     self.fixes.push((index, new));
@@ -392,58 +424,34 @@ pub fn check_image(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_
     check_pass(raw, h, repair, force_rebuild).map(|(report, _)| report)
 }
 
-fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebuild: bool) -> Result<(CheckReport, LastWalk)> {
+fn check_pass(
+    raw: &QcowRawFile,
+    h: &mut QcowHeader,
+    repair: Repair,
+    force_rebuild: bool,
+) -> Result<(CheckReport, LastWalk)> {
     let count = count_references(raw, h, repair == Repair::None)?;
     let ReferenceCount { mut imrt, counts, problems, mut rebuild, incomplete, beyond_eof, copied_seen } = count;
     let mut report = CheckReport { counts, problems, ..CheckReport::default() };
     let pre_compare = report.counts.clone();
     let mut walk_counts = pre_compare.clone();
-    let first = compare(raw, h, &imrt, Fix::None, copied_seen.as_ref(), &mut report.counts, &mut rebuild, &mut report.problems)?;
+    let first = compare(
+        raw,
+        h,
+        &imrt,
+        Fix::None,
+        copied_seen.as_ref(),
+        &mut report.counts,
+        &mut rebuild,
+        &mut report.problems,
+    )?;
     let mut highest = first.highest;
     rebuild |= force_rebuild;
     let original_incompat = h.incompatible_features;
 
     if rebuild && repair.errors() {
-        let old = report.counts.clone();
-        // Mark the image as having stale refcounts while the structure is replaced.
-        h.commit_incompatible_features(raw, h.incompatible_features | INCOMPAT_DIRTY)?;
-        // OFLAG_COPIED follows the counts about to be committed, and is fixed before the
-        // commit: an interrupted rebuild then never leaves it wrong, even on v2 images, which
-        // have no dirty bit to make the next open redo the repair.
-        let mut early = Counts::default();
-        check_oflag_copied(raw, h, &imrt, true, true, !incomplete, &mut early, &mut ProblemLog::default())?;
-        raw.sync()?;
-        write_refcount_structure(raw, h, &mut imrt, incomplete, &beyond_eof)?;
-        report.rebuilt = true;
-        report.counts.corruptions = 0;
-        report.counts.leaks = 0;
-        // The old structure is now leaked: recount against the new one and free it. (The old
-        // count is dropped first: two of them at once would double the peak memory.)
-        imrt.clear();
-        let again = count_references(raw, h, false)?;
-        let mut rebuild_again = again.rebuild;
-        walk_counts = again.counts.clone();
-        report.counts.corruptions += again.counts.corruptions;
-        report.counts.check_errors += again.counts.check_errors;
-        imrt = again.imrt;
-        let mut fresh = Counts::default();
-        let fix = if incomplete { Fix::None } else { Fix::Repair(Repair::Leaks) };
-        highest = compare(raw, h, &imrt, fix, None, &mut fresh, &mut rebuild_again, &mut ProblemLog::default())?.highest;
-        if rebuild_again {
-            report.counts.check_errors += 1;
-            report.problems.push("rebuild-failed", None, None, "the rebuilt refcount structure is still broken".into());
-        }
-        if incomplete && fresh.leaks > 0 {
-            let msg = format!(
-                "{} leaked clusters were not freed: part of the image could not be walked (see the other problems), so they may still hold live data",
-                fresh.leaks
-            );
-            report.problems.push("leak-repair-skipped", None, None, msg);
-        }
-        report.counts.corruptions_fixed += old.corruptions.saturating_sub(report.counts.corruptions);
-        report.counts.leaks_fixed += old.leaks.saturating_sub(report.counts.leaks);
-        report.counts.leaks += fresh.leaks;
-        report.counts.corruptions_fixed += early.corruptions_fixed;
+        let (recount, counts, top) = rebuild_pass(raw, h, imrt, incomplete, &beyond_eof, &mut report)?;
+        (imrt, walk_counts, highest) = (recount, counts, top);
     } else if repair != Repair::None {
         if rebuild {
             report.counts.check_errors += 1;
@@ -470,11 +478,15 @@ fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebui
     }
 
     let fix_copied = repair.errors()
-        || (repair.leaks() && report.counts.check_errors == 0 && report.counts.corruptions == 0 && report.counts.leaks == 0);
+        || (repair.leaks()
+            && report.counts.check_errors == 0
+            && report.counts.corruptions == 0
+            && report.counts.leaks == 0);
     let errors_before = report.counts.check_errors;
     // Without repair, the refcounts are those the walk saw: the full pass is needed only if a
     // flag may be wrong.
-    let skip_copied = repair == Repair::None && copied_seen.as_ref().is_some_and(|seen| !seen.beyond_file && !first.copied_suspect);
+    let skip_copied =
+        repair == Repair::None && copied_seen.as_ref().is_some_and(|seen| !seen.beyond_file && !first.copied_suspect);
     if !skip_copied {
         check_oflag_copied(raw, h, &imrt, false, fix_copied, !incomplete, &mut report.counts, &mut report.problems)?;
     }
@@ -495,15 +507,79 @@ fn check_pass(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebui
     Ok((finish(report, highest, h), last))
 }
 
+/// `Repair::All` when the refcount structure must be rebuilt: OFLAG_COPIED fixed from the
+/// counts about to be committed, a new structure written and committed (the dirty bit set
+/// meanwhile), then a recount that frees the old structure as leaks. Returns the recount, its
+/// walk counters (for the re-check) and the highest cluster in use.
+fn rebuild_pass(
+    raw: &QcowRawFile,
+    h: &mut QcowHeader,
+    mut imrt: Imrt,
+    incomplete: bool,
+    beyond_eof: &std::collections::BTreeSet<u64>,
+    report: &mut CheckReport,
+) -> Result<(Imrt, Counts, u64)> {
+    let old = report.counts.clone();
+    // Mark the image as having stale refcounts while the structure is replaced.
+    h.commit_incompatible_features(raw, h.incompatible_features | INCOMPAT_DIRTY)?;
+    // OFLAG_COPIED follows the counts about to be committed, and is fixed before the commit:
+    // an interrupted rebuild then never leaves it wrong, even on v2 images, which have no
+    // dirty bit to make the next open redo the repair.
+    let mut early = Counts::default();
+    check_oflag_copied(raw, h, &imrt, true, true, !incomplete, &mut early, &mut ProblemLog::default())?;
+    raw.sync()?;
+    write_refcount_structure(raw, h, &mut imrt, incomplete, beyond_eof)?;
+    report.rebuilt = true;
+    report.counts.corruptions = 0;
+    report.counts.leaks = 0;
+    // The old structure is now leaked: recount against the new one and free it. (The old
+    // count is dropped first: two of them at once would double the peak memory.)
+    drop(imrt);
+    let again = count_references(raw, h, false)?;
+    let mut rebuild_again = again.rebuild;
+    report.counts.corruptions += again.counts.corruptions;
+    report.counts.check_errors += again.counts.check_errors;
+    let mut fresh = Counts::default();
+    let fix = if incomplete { Fix::None } else { Fix::Repair(Repair::Leaks) };
+    let highest =
+        compare(raw, h, &again.imrt, fix, None, &mut fresh, &mut rebuild_again, &mut ProblemLog::default())?.highest;
+    if rebuild_again {
+        report.counts.check_errors += 1;
+        report.problems.push("rebuild-failed", None, None, "the rebuilt refcount structure is still broken".into());
+    }
+    if incomplete && fresh.leaks > 0 {
+        let msg = format!(
+            "{} leaked clusters were not freed: part of the image could not be walked (see the other problems), so they may still hold live data",
+            fresh.leaks
+        );
+        report.problems.push("leak-repair-skipped", None, None, msg);
+    }
+    report.counts.corruptions_fixed += old.corruptions.saturating_sub(report.counts.corruptions);
+    report.counts.leaks_fixed += old.leaks.saturating_sub(report.counts.leaks);
+    report.counts.leaks += fresh.leaks;
+    report.counts.corruptions_fixed += early.corruptions_fixed;
+    Ok((again.imrt, again.counts, highest))
+}
+
 /// The check after a repair (qemu-img's "double checking the fixed image"): the refcounts
 /// compared again with the last walk's counts, and OFLAG_COPIED checked again if the repair
 /// left it unsettled.
 fn recheck(raw: &QcowRawFile, h: &QcowHeader, last: LastWalk) -> Result<CheckReport> {
     let mut report = CheckReport { counts: last.counts, ..CheckReport::default() };
     let mut rebuild = false;
-    let highest = compare(raw, h, &last.imrt, Fix::None, None, &mut report.counts, &mut rebuild, &mut report.problems)?.highest;
+    let highest =
+        compare(raw, h, &last.imrt, Fix::None, None, &mut report.counts, &mut rebuild, &mut report.problems)?.highest;
     if last.copied_unsettled {
-        check_oflag_copied(raw, h, &last.imrt, false, false, !last.incomplete, &mut report.counts, &mut report.problems)?;
+        check_oflag_copied(
+            raw,
+            h,
+            &last.imrt,
+            false,
+            false,
+            !last.incomplete,
+            &mut report.counts,
+            &mut report.problems,
+        )?;
     }
     Ok(finish(report, highest, h))
 }
@@ -533,7 +609,9 @@ pub fn check_path(path: &Path, repair: Repair, force_rebuild: bool) -> Result<Ch
 /// [`check_path`] on an image that is already open (and locked).
 pub fn check_raw(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebuild: bool) -> Result<CheckReport> {
     let (first, last) = check_pass(raw, h, repair, force_rebuild)?;
-    if repair == Repair::None || (first.counts.corruptions_fixed == 0 && first.counts.leaks_fixed == 0 && !first.rebuilt) {
+    if repair == Repair::None
+        || (first.counts.corruptions_fixed == 0 && first.counts.leaks_fixed == 0 && !first.rebuilt)
+    {
         return Ok(first);
     }
     let mut second = recheck(raw, h, last)?;

@@ -5,7 +5,10 @@
 use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
-use crate::format::{l1_entry_has_reserved_bits, l1_entry_l2_offset, ClusterType, L2Defect, L2Geometry, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
+use crate::format::{
+    l1_entry_has_reserved_bits, l1_entry_l2_offset, ClusterType, L2Defect, L2Geometry, REFT_OFFSET_MASK,
+    REFT_RESERVED_MASK,
+};
 use crate::header::{field_offset, QcowHeader};
 use crate::raw_file::QcowRawFile;
 use crate::rebuild::Imrt;
@@ -197,7 +200,14 @@ impl<'a> Counter<'a> {
     }
 
     /// Counts (and, when `unshared`, claims) a structure's bytes.
-    fn count(&mut self, offset: u64, size: u64, unshared: bool, what: &dyn Fn() -> String, guest: Option<u64>) -> Result<()> {
+    fn count(
+        &mut self,
+        offset: u64,
+        size: u64,
+        unshared: bool,
+        what: &dyn Fn() -> String,
+        guest: Option<u64>,
+    ) -> Result<()> {
         self.inc(offset, size, what, guest)?;
         if unshared {
             self.claim(offset, size, what, guest);
@@ -233,7 +243,12 @@ impl<'a> Counter<'a> {
         let guest = index.checked_mul(self.geo.bytes_per_table());
         let what = self.tree_name(tree);
         if l1_entry_has_reserved_bits(entry) {
-            self.corruption("reserved-bits", Some(at), guest, format!("{what}[{index}] = 0x{entry:x} has reserved bits set"));
+            self.corruption(
+                "reserved-bits",
+                Some(at),
+                guest,
+                format!("{what}[{index}] = 0x{entry:x} has reserved bits set"),
+            );
         }
         let l2 = l1_entry_l2_offset(entry);
         if l2 == 0 {
@@ -388,7 +403,8 @@ impl<'a> Counter<'a> {
     fn snapshot(&mut self, index: usize, sn: &crate::snapshot::Snapshot) -> Flow {
         let cs = self.geo.cluster_size();
         if self.h.version >= 3 && sn.extra_data_size < 16 {
-            let msg = format!("snapshot table entry {index} is incomplete (extra_data_size {} < 16)", sn.extra_data_size);
+            let msg =
+                format!("snapshot table entry {index} is incomplete (extra_data_size {} < 16)", sn.extra_data_size);
             self.corruption("snapshot", Some(sn.entry_offset), None, msg);
         }
         if sn.l1_table_offset % cs != 0 {
@@ -424,21 +440,28 @@ impl<'a> Counter<'a> {
         }
         if off % cs != 0 {
             self.out.rebuild = true;
-            let msg = format!("refcount block {index} at 0x{off:x} is not cluster aligned; refcount table entry corrupted");
+            let msg =
+                format!("refcount block {index} at 0x{off:x} is not cluster aligned; refcount table entry corrupted");
             self.corruption("refblock", Some(at), None, msg);
             return Ok(());
         }
         if (off >> self.h.cluster_bits) >= self.out.imrt.len() {
             // QEMU grows the file to make room; qcowrs rebuilds instead (no file growth).
             self.out.rebuild = true;
-            self.corruption("refblock", Some(at), None, format!("refcount block {index} at 0x{off:x} is outside the image"));
+            self.corruption(
+                "refblock",
+                Some(at),
+                None,
+                format!("refcount block {index} at 0x{off:x} is outside the image"),
+            );
             return Ok(());
         }
         self.count(off, cs, true, &|| format!("refcount block {index}"), None)?;
         let r = self.out.imrt.get(off >> self.h.cluster_bits);
         if r != 1 {
             self.out.rebuild = true;
-            let msg = format!("refcount block {index} at 0x{off:x} has refcount={r}: it overlaps other data or metadata");
+            let msg =
+                format!("refcount block {index} at 0x{off:x} has refcount={r}: it overlaps other data or metadata");
             self.corruption("refblock", Some(off), None, msg);
         }
         Ok(())
@@ -532,10 +555,16 @@ impl Visitor for Counter<'_> {
                 }
             }
             Event::Snapshot { index, snapshot } => return Ok(self.snapshot(index, snapshot)),
-            Event::SnapshotTable { offset, size } => self.count(offset, size, true, &|| "snapshot table".into(), None)?,
+            Event::SnapshotTable { offset, size } => {
+                self.count(offset, size, true, &|| "snapshot table".into(), None)?
+            }
             Event::Reftable { offset, bytes } => self.count(offset, bytes, true, &|| "refcount table".into(), None)?,
-            Event::CryptoHeader { offset, len } => self.count(offset, len, true, &|| "encryption header".into(), None)?,
-            Event::BitmapDirectory { offset, size } => self.count(offset, size, true, &|| "bitmap directory".into(), None)?,
+            Event::CryptoHeader { offset, len } => {
+                self.count(offset, len, true, &|| "encryption header".into(), None)?
+            }
+            Event::BitmapDirectory { offset, size } => {
+                self.count(offset, size, true, &|| "bitmap directory".into(), None)?
+            }
             Event::BitmapTable { bitmap, offset, bytes } => {
                 self.count(offset, bytes, true, &|| format!("bitmap table of '{}'", bitmap.name), None)?;
             }
@@ -568,7 +597,8 @@ mod tests {
     fn forked_count_equals_sequential_count() {
         let mem = Arc::new(MemStorage::default());
         // 512-byte clusters: one L2 table maps 32 KiB, so 8 MiB of guest is 256 tables.
-        let opts = CreateOptions { virtual_size: 8 << 20, cluster_size: 512, refcount_bits: 4, ..CreateOptions::default() };
+        let opts =
+            CreateOptions { virtual_size: 8 << 20, cluster_size: 512, refcount_bits: 4, ..CreateOptions::default() };
         let mut f = create_on(mem.clone(), &opts).unwrap();
         for i in 0..300u64 {
             f.write_at(&[u8::try_from(i % 250).unwrap() + 1; 700], i * 27_000).unwrap();

@@ -85,7 +85,9 @@ fn new_header(opts: &CreateOptions) -> Result<QcowHeader> {
         )));
     }
     if opts.extended_l2 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
-        return Err(Error::InvalidClusterSize(format!("extended_l2 needs a cluster size of at least 16 KiB, not {cs}")));
+        return Err(Error::InvalidClusterSize(format!(
+            "extended_l2 needs a cluster size of at least 16 KiB, not {cs}"
+        )));
     }
     let mut extensions = Vec::new();
     if let Some(f) = &opts.backing_format {
@@ -119,9 +121,10 @@ fn new_header(opts: &CreateOptions) -> Result<QcowHeader> {
         extensions,
         backing_file: opts.backing_file.clone(),
     };
-    h.l1_size = u32::try_from(h.l1_entries_needed()).ok().filter(|&n| u64::from(n) * 8 <= MAX_L1_BYTES).ok_or_else(|| {
-        Error::UnsupportedFeature(format!("virtual size {} needs an L1 table above 32 MiB", opts.virtual_size))
-    })?;
+    h.l1_size =
+        u32::try_from(h.l1_entries_needed()).ok().filter(|&n| u64::from(n) * 8 <= MAX_L1_BYTES).ok_or_else(|| {
+            Error::UnsupportedFeature(format!("virtual size {} needs an L1 table above 32 MiB", opts.virtual_size))
+        })?;
     Ok(h)
 }
 

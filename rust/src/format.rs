@@ -350,7 +350,10 @@ impl L2Geometry {
 
     /// Makes an entry whose whole cluster is data at `host` (refcount 1: COPIED set).
     pub fn make_data(&self, host: u64) -> L2Entry {
-        L2Entry { entry: (host & L2E_OFFSET_MASK) | L2E_COPIED, bitmap: if self.extended { SUBCLUSTER_ALL_ALLOC } else { 0 } }
+        L2Entry {
+            entry: (host & L2E_OFFSET_MASK) | L2E_COPIED,
+            bitmap: if self.extended { SUBCLUSTER_ALL_ALLOC } else { 0 },
+        }
     }
 
     /// Makes an entry whose whole cluster reads as zeros without a host cluster (`version` 2

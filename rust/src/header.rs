@@ -4,8 +4,6 @@
 //! that later allocations sized from header fields are bounded by the file itself.
 
 use crate::error::{Error, IoContext, Result};
-use crate::raw_file::QcowRawFile;
-use crate::storage::Storage;
 use crate::format::{
     align_up, be_u32_at, be_u64_at, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
     EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
@@ -13,6 +11,8 @@ use crate::format::{
     MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MAX_SNAPSHOTS, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
     QCOW_MAGIC, V2_HEADER_LEN, V3_MIN_HEADER_LEN,
 };
+use crate::raw_file::QcowRawFile;
+use crate::storage::Storage;
 
 /// Byte offsets of the header fields (for error messages and in-place updates).
 pub mod field_offset {
@@ -265,43 +265,54 @@ impl QcowHeader {
             backing_file: None,
         };
 
-        // Backing file name: inside cluster 0, after the extensions.
-        let ext_end = if h.backing_file_offset != 0 {
-            if h.backing_file_size > MAX_BACKING_FILE_NAME {
-                return Err(Error::corrupt(
-                    format!(
-                        "field 'backing_file_size' is {}, above the limit of {MAX_BACKING_FILE_NAME} bytes",
-                        h.backing_file_size
-                    ),
-                    fo::BACKING_FILE_SIZE,
-                ));
-            }
-            let end = h.backing_file_offset.checked_add(u64::from(h.backing_file_size));
-            match end {
-                Some(end) if end <= buf.len() as u64 && h.backing_file_offset >= u64::from(header_length) => {}
-                _ => {
-                    return Err(Error::offset(
-                        "backing_file_offset",
-                        h.backing_file_offset,
-                        format!(
-                            "with backing_file_size {} lies outside the header area of cluster 0 (0x{:x}..0x{:x})",
-                            h.backing_file_size,
-                            header_length,
-                            buf.len()
-                        ),
-                    ))
-                }
-            }
-            let start = h.backing_file_offset as usize;
-            let name = &buf[start..start + h.backing_file_size as usize];
-            h.backing_file = Some(String::from_utf8_lossy(name).into_owned());
-            start
-        } else {
-            buf.len()
-        };
+        let ext_end = h.parse_backing_name(buf)?;
+        h.parse_extensions(buf, ext_end)?;
+        Ok(h)
+    }
 
-        // Header extensions (v3; v2 images written by QEMU can carry them too).
-        let mut off = header_length as usize;
+    /// The backing file name (inside cluster 0, after the extensions); returns where the
+    /// extension area ends.
+    fn parse_backing_name(&mut self, buf: &[u8]) -> Result<usize> {
+        if self.backing_file_offset == 0 {
+            return Ok(buf.len());
+        }
+        if self.backing_file_size > MAX_BACKING_FILE_NAME {
+            return Err(Error::corrupt(
+                format!(
+                    "field 'backing_file_size' is {}, above the limit of {MAX_BACKING_FILE_NAME} bytes",
+                    self.backing_file_size
+                ),
+                fo::BACKING_FILE_SIZE,
+            ));
+        }
+        let end = self.backing_file_offset.checked_add(u64::from(self.backing_file_size));
+        match end {
+            Some(end) if end <= buf.len() as u64 && self.backing_file_offset >= u64::from(self.header_length) => {}
+            _ => {
+                return Err(Error::offset(
+                    "backing_file_offset",
+                    self.backing_file_offset,
+                    format!(
+                        "with backing_file_size {} lies outside the header area of cluster 0 (0x{:x}..0x{:x})",
+                        self.backing_file_size,
+                        self.header_length,
+                        buf.len()
+                    ),
+                ))
+            }
+        }
+        // Both bounded by the buffer's length (checked above).
+        let start = usize::try_from(self.backing_file_offset).unwrap_or(0);
+        let name = &buf[start..start + self.backing_file_size as usize];
+        self.backing_file = Some(String::from_utf8_lossy(name).into_owned());
+        Ok(start)
+    }
+
+    /// The header extensions (v3; v2 images written by QEMU can carry them too), from
+    /// `header_length` to `ext_end`. Each type may appear once.
+    fn parse_extensions(&mut self, buf: &[u8], ext_end: usize) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        let mut off = self.header_length as usize;
         while off + 8 <= ext_end {
             let kind = be_u32_at(buf, off);
             let len = be_u32_at(buf, off + 4) as usize;
@@ -315,18 +326,23 @@ impl QcowHeader {
                     off as u64,
                 )
             })?;
-            if h.extensions.iter().any(|e| e.kind == kind) {
+            if !seen.insert(kind) {
                 return Err(Error::corrupt(format!("header extension 0x{kind:08x} appears twice"), off as u64));
             }
-            h.extensions.push(HeaderExtension { kind, data: buf[data_start..data_end].to_vec() });
+            self.extensions.push(HeaderExtension { kind, data: buf[data_start..data_end].to_vec() });
             off = data_start + len.div_ceil(8) * 8;
         }
-        Ok(h)
+        Ok(())
     }
 
     /// Checks the field values against the spec and the real file length.
     pub fn validate(&self, file_len: u64) -> Result<()> {
-        let cluster_size = self.cluster_size();
+        self.validate_features()?;
+        self.validate_tables(file_len)
+    }
+
+    /// Cluster size, encryption, feature bits, refcount width and compression type.
+    fn validate_features(&self) -> Result<()> {
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
             return Err(Error::InvalidClusterSize(format!(
                 "field 'cluster_bits' at header offset 0x{:x} is {}; it must be {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}",
@@ -371,6 +387,31 @@ impl QcowHeader {
                 fo::REFCOUNT_ORDER,
             ));
         }
+        self.validate_compression_type()?;
+        if self.extended_l2() && self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
+            return Err(Error::InvalidClusterSize(format!(
+                "field 'cluster_bits' is {}; extended L2 entries (incompatible_features bit 4) need at least {MIN_EXTENDED_L2_CLUSTER_BITS} (16 KiB clusters)",
+                self.cluster_bits
+            )));
+        }
+        if self.has_data_file() && self.data_file().is_none() {
+            return Err(Error::corrupt(
+                "incompatible_features bit 2 (external data file) is set but there is no data file name extension",
+                fo::INCOMPATIBLE_FEATURES,
+            ));
+        }
+        if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 && !self.has_data_file() {
+            return Err(Error::corrupt(
+                "autoclear_features bit 1 (raw external data) is set without incompatible bit 2 (external data file)",
+                fo::AUTOCLEAR_FEATURES,
+            ));
+        }
+
+        Ok(())
+    }
+
+    /// `compression_type` and incompatible bit 3 agree, and the type is known.
+    fn validate_compression_type(&self) -> Result<()> {
         let has_compression_bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
         match (self.compression_type, has_compression_bit) {
             (COMPRESSION_ZLIB, false) | (COMPRESSION_ZSTD, true) => {}
@@ -393,26 +434,12 @@ impl QcowHeader {
                 )))
             }
         }
-        if self.extended_l2() && self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
-            return Err(Error::InvalidClusterSize(format!(
-                "field 'cluster_bits' is {}; extended L2 entries (incompatible_features bit 4) need at least {MIN_EXTENDED_L2_CLUSTER_BITS} (16 KiB clusters)",
-                self.cluster_bits
-            )));
-        }
-        if self.has_data_file() && self.data_file().is_none() {
-            return Err(Error::corrupt(
-                "incompatible_features bit 2 (external data file) is set but there is no data file name extension",
-                fo::INCOMPATIBLE_FEATURES,
-            ));
-        }
-        if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 && !self.has_data_file() {
-            return Err(Error::corrupt(
-                "autoclear_features bit 1 (raw external data) is set without incompatible bit 2 (external data file)",
-                fo::AUTOCLEAR_FEATURES,
-            ));
-        }
+        Ok(())
+    }
 
-        // L1 table.
+    /// The L1 table, the snapshot table and the bitmap directory against the file.
+    fn validate_tables(&self, file_len: u64) -> Result<()> {
+        let cluster_size = self.cluster_size();
         let check_table = |field: &str, offset: u64, bytes: u64, limit: u64| -> Result<()> {
             if offset % cluster_size != 0 {
                 return Err(Error::offset(

@@ -132,7 +132,13 @@ impl L2Tables {
     }
 
     /// Reads the L1 table at `l1_offset` (a snapshot's, for a read-only view).
-    pub(crate) fn with_l1(raw: &QcowRawFile, geo: L2Geometry, l1_offset: u64, l1_size: u32, what: &str) -> Result<Self> {
+    pub(crate) fn with_l1(
+        raw: &QcowRawFile,
+        geo: L2Geometry,
+        l1_offset: u64,
+        l1_size: u32,
+        what: &str,
+    ) -> Result<Self> {
         let l1 = raw.read_u64_table(l1_offset, u64::from(l1_size), what)?;
         let capacity = usize::try_from((L2_CACHE_BYTES / geo.cluster_size()).max(16)).unwrap_or(16);
         Ok(L2Tables { geo, l1_offset, l1, l1_dirty: BTreeSet::new(), cache: Mutex::new(TableCache::new(capacity)) })
@@ -252,7 +258,13 @@ impl L2Tables {
     }
 
     /// How to write `len` bytes at `in_cluster` of guest cluster `cluster_index`.
-    pub(crate) fn write_plan(&self, raw: &QcowRawFile, cluster_index: u64, in_cluster: u64, len: u64) -> Result<WritePlan> {
+    pub(crate) fn write_plan(
+        &self,
+        raw: &QcowRawFile,
+        cluster_index: u64,
+        in_cluster: u64,
+        len: u64,
+    ) -> Result<WritePlan> {
         let geo = self.geo;
         let (e, l1e) = self.entry(raw, cluster_index)?;
         let ty = geo.cluster_type(e);
@@ -293,7 +305,13 @@ impl L2Tables {
 
     /// The entry that makes guest cluster `cluster_index` read as zeros (whole cluster), or
     /// `None` when it already does. `has_backing`: unallocated clusters show a backing file.
-    pub(crate) fn zero_plan(&self, raw: &QcowRawFile, cluster_index: u64, version: u32, has_backing: bool) -> Result<(Option<L2Entry>, L2Entry)> {
+    pub(crate) fn zero_plan(
+        &self,
+        raw: &QcowRawFile,
+        cluster_index: u64,
+        version: u32,
+        has_backing: bool,
+    ) -> Result<(Option<L2Entry>, L2Entry)> {
         let (e, _) = self.entry(raw, cluster_index)?;
         let new = self.geo.make_zero(version);
         let reads_zero = match self.geo.cluster_type(e) {
@@ -340,7 +358,9 @@ impl L2Tables {
         let per = self.geo.entries_per_table();
         let geo = self.geo;
         let cache = self.cache.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let t = cache.get_mut(table_offset).ok_or_else(|| Error::corrupt("L2 table vanished from the cache", table_offset))?;
+        let t = cache
+            .get_mut(table_offset)
+            .ok_or_else(|| Error::corrupt("L2 table vanished from the cache", table_offset))?;
         geo.set_entry(Arc::make_mut(t).as_mut_slice(), usize::try_from(cluster_index % per).unwrap_or(0), e);
         Ok(())
     }

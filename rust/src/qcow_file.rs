@@ -60,7 +60,10 @@ pub struct QcowFile {
 
 impl std::fmt::Debug for QcowFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QcowFile").field("path", &self.path).field("virtual_size", &self.header.size).finish_non_exhaustive()
+        f.debug_struct("QcowFile")
+            .field("path", &self.path)
+            .field("virtual_size", &self.header.size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,7 +94,12 @@ impl QcowFile {
         Self::open_storage_at_depth(storage, path, opts, 0)
     }
 
-    pub(crate) fn open_storage_at_depth(storage: Arc<dyn Storage>, path: &Path, opts: OpenOptions, depth: u32) -> Result<Self> {
+    pub(crate) fn open_storage_at_depth(
+        storage: Arc<dyn Storage>,
+        path: &Path,
+        opts: OpenOptions,
+        depth: u32,
+    ) -> Result<Self> {
         let mut rebuild_report = None;
         if opts.rebuild {
             let mut h = QcowHeader::read_from_lenient(&*storage)?;
@@ -118,7 +126,9 @@ impl QcowFile {
             BackingChoice::Disabled => None,
             BackingChoice::Path(p) => Some(open_backing_path(path, p, None, depth)?),
             BackingChoice::FromHeader => match &header.backing_file {
-                Some(name) if !name.is_empty() => Some(open_backing(path, name, header.backing_format().as_deref(), depth)?),
+                Some(name) if !name.is_empty() => {
+                    Some(open_backing(path, name, header.backing_format().as_deref(), depth)?)
+                }
                 _ => None,
             },
         };
@@ -285,7 +295,9 @@ impl QcowFile {
         input.truncate(n);
         compression::decompress(self.header.compression_type, &input, out).map_err(|why| {
             Error::corrupt(
-                format!("compressed cluster for guest offset 0x{guest:x} (0x{clen:x} bytes) cannot be decompressed: {why}"),
+                format!(
+                    "compressed cluster for guest offset 0x{guest:x} (0x{clen:x} bytes) cannot be decompressed: {why}"
+                ),
                 host,
             )
         })
@@ -325,8 +337,14 @@ impl QcowFile {
     pub fn allocated_ranges(&self) -> Result<Vec<(u64, u64, &'static str)>> {
         let source = CachedTables { raw: &self.raw, tables: &self.tables };
         let walker = Walker::with_source(&self.raw, &self.header, &source);
-        let mut v = RangeCollector { size: self.virtual_size(), geo: self.tables.geometry(), table_ok: true, out: Vec::new() };
-        walker.walk_tree(Tree::Active, self.tables.l1_offset(), u32::try_from(self.tables.l1().len()).unwrap_or(u32::MAX), &mut v)?;
+        let mut v =
+            RangeCollector { size: self.virtual_size(), geo: self.tables.geometry(), table_ok: true, out: Vec::new() };
+        walker.walk_tree(
+            Tree::Active,
+            self.tables.l1_offset(),
+            u32::try_from(self.tables.l1().len()).unwrap_or(u32::MAX),
+            &mut v,
+        )?;
         Ok(v.out)
     }
 }
@@ -380,7 +398,9 @@ impl Visitor for RangeCollector {
                     return Ok(Flow::Continue);
                 }
                 if self.geo.cluster_type(entry) == ClusterType::Compressed {
-                    self.geo.read_state(entry, 0).map_err(|d| Error::corrupt(format!("L2 entry 0x{:x}: {d}", entry.entry), at))?;
+                    self.geo
+                        .read_state(entry, 0)
+                        .map_err(|d| Error::corrupt(format!("L2 entry 0x{:x}: {d}", entry.entry), at))?;
                     self.push(guest, cs, "compressed");
                     return Ok(Flow::Continue);
                 }

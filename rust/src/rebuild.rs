@@ -57,7 +57,12 @@ impl Imrt {
             expand = vec![0u8; 256 * w];
             for b in 0..256usize {
                 for k in 0..4 {
-                    crate::format::set_refcount_at(&mut expand[b * w..(b + 1) * w], geo.refcount_order, k, ((b >> (2 * k)) & 3) as u64);
+                    crate::format::set_refcount_at(
+                        &mut expand[b * w..(b + 1) * w],
+                        geo.refcount_order,
+                        k,
+                        ((b >> (2 * k)) & 3) as u64,
+                    );
                 }
             }
         }
@@ -290,12 +295,6 @@ impl Imrt {
             }
         }
         Ok(overflowed)
-    }
-
-    /// Frees the table (it then describes no cluster).
-    pub fn clear(&mut self) {
-        self.chunks = Vec::new();
-        self.len = 0;
     }
 
     /// Number of refblocks the table spans.

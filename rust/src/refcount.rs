@@ -238,7 +238,14 @@ impl RefcountManager {
 
     /// Sets the refcount of cluster `c`; clusters in `reserved` are being allocated together
     /// with it and must not host a new refblock.
-    fn set(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, c: u64, v: u64, reserved: std::ops::Range<u64>) -> Result<()> {
+    fn set(
+        &mut self,
+        raw: &QcowRawFile,
+        h: &mut QcowHeader,
+        c: u64,
+        v: u64,
+        reserved: std::ops::Range<u64>,
+    ) -> Result<()> {
         if v > self.geo.refcount_max() {
             return Err(Error::corrupt(
                 format!(
@@ -261,7 +268,13 @@ impl RefcountManager {
 
     /// Makes sure cluster `c`'s refblock exists, creating it inside its own range if needed
     /// (a self-describing refblock), growing the reftable first if it is too small.
-    fn ensure_refblock(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, c: u64, reserved: std::ops::Range<u64>) -> Result<()> {
+    fn ensure_refblock(
+        &mut self,
+        raw: &QcowRawFile,
+        h: &mut QcowHeader,
+        c: u64,
+        reserved: std::ops::Range<u64>,
+    ) -> Result<()> {
         let e = self.entries_per_block();
         let ri = c / e;
         if ri >= self.reftable.len() as u64 {

@@ -91,4 +91,3 @@ pub fn read_snapshot_table(raw: &QcowRawFile, h: &QcowHeader) -> Result<Snapshot
     }
     Ok(SnapshotTable { snapshots, size: off as u64 })
 }
-

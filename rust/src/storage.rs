@@ -24,6 +24,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn sync(&self) -> io::Result<()>;
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the storage holds no byte.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Sets the length (truncating or zero-extending).
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Deallocates `[offset, offset+len)`, which then reads as zeros; the length is unchanged.
@@ -80,7 +84,8 @@ impl Storage for FileStorage {
             return Ok(());
         };
         // A file system without hole punching keeps the bytes (the cluster is free either way).
-        let _ = fallocate(&self.file, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, off, l);
+        let _ =
+            fallocate(&self.file, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, off, l);
         Ok(())
     }
     fn file(&self) -> Option<&File> {

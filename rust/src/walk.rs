@@ -161,7 +161,11 @@ impl<'a> Walker<'a> {
         self.walk_all_with(v, |w, v| w.walk_active_forked(v))
     }
 
-    fn walk_all_with<V: Visitor + ?Sized>(&self, v: &mut V, active: impl FnOnce(&Self, &mut V) -> Result<()>) -> Result<SnapshotTable> {
+    fn walk_all_with<V: Visitor + ?Sized>(
+        &self,
+        v: &mut V,
+        active: impl FnOnce(&Self, &mut V) -> Result<()>,
+    ) -> Result<SnapshotTable> {
         let h = self.h;
         let cs = h.cluster_size();
         v.visit(Event::Header { cluster_size: cs })?;
@@ -199,12 +203,24 @@ impl<'a> Walker<'a> {
     }
 
     /// Visits one L1/L2 tree: the L1 table, its non-zero entries and the L2 tables they name.
-    pub(crate) fn walk_tree<V: Visitor + ?Sized>(&self, tree: Tree, l1_offset: u64, l1_size: u32, v: &mut V) -> Result<()> {
+    pub(crate) fn walk_tree<V: Visitor + ?Sized>(
+        &self,
+        tree: Tree,
+        l1_offset: u64,
+        l1_size: u32,
+        v: &mut V,
+    ) -> Result<()> {
         let Some(l1) = self.read_l1(tree, l1_offset, l1_size, v)? else { return Ok(()) };
         self.walk_l1_entries(tree, l1_offset, &l1, 0..l1.len(), v)
     }
 
-    fn read_l1<V: Visitor + ?Sized>(&self, tree: Tree, l1_offset: u64, l1_size: u32, v: &mut V) -> Result<Option<Cow<'_, [u64]>>> {
+    fn read_l1<V: Visitor + ?Sized>(
+        &self,
+        tree: Tree,
+        l1_offset: u64,
+        l1_size: u32,
+        v: &mut V,
+    ) -> Result<Option<Cow<'_, [u64]>>> {
         v.visit(Event::L1Table { tree, offset: l1_offset, entries: l1_size })?;
         match self.source.table(l1_offset, u64::from(l1_size)) {
             Ok(t) => Ok(Some(t)),
@@ -235,7 +251,10 @@ impl<'a> Walker<'a> {
             let worker = s.spawn(|| self.walk_l1_entries(tree, l1_offset, &l1, mid..l1.len(), &mut other));
             let first = self.walk_l1_entries(tree, l1_offset, &l1, 0..mid, v);
             let second = worker.join().unwrap_or_else(|_| {
-                Err(crate::error::Error::io("walking the active L1 table", std::io::Error::other("a worker thread panicked")))
+                Err(crate::error::Error::io(
+                    "walking the active L1 table",
+                    std::io::Error::other("a worker thread panicked"),
+                ))
             });
             (first, second)
         });
@@ -244,7 +263,14 @@ impl<'a> Walker<'a> {
         v.join(other)
     }
 
-    fn walk_l1_entries<V: Visitor + ?Sized>(&self, tree: Tree, l1_offset: u64, l1: &[u64], range: std::ops::Range<usize>, v: &mut V) -> Result<()> {
+    fn walk_l1_entries<V: Visitor + ?Sized>(
+        &self,
+        tree: Tree,
+        l1_offset: u64,
+        l1: &[u64],
+        range: std::ops::Range<usize>,
+        v: &mut V,
+    ) -> Result<()> {
         let l2_span = self.geo.bytes_per_table();
         for i in range {
             let entry = l1[i];
@@ -263,7 +289,14 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    fn walk_l2<V: Visitor + ?Sized>(&self, tree: Tree, l1_index: u64, offset: u64, guest_base: u64, v: &mut V) -> Result<()> {
+    fn walk_l2<V: Visitor + ?Sized>(
+        &self,
+        tree: Tree,
+        l1_index: u64,
+        offset: u64,
+        guest_base: u64,
+        v: &mut V,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let table = match self.source.table(offset, cs / 8) {
             Ok(t) => t,
@@ -297,7 +330,9 @@ impl<'a> Walker<'a> {
         let dir = match read_bitmap_directory(self.raw, self.h) {
             Ok(d) => d,
             Err(error) => {
-                return v.visit(Event::Unreadable { what: Structure::BitmapDirectory, offset: dir_offset, error: &error }).map(|_| ())
+                return v
+                    .visit(Event::Unreadable { what: Structure::BitmapDirectory, offset: dir_offset, error: &error })
+                    .map(|_| ())
             }
         };
         for b in &dir {

@@ -5,10 +5,11 @@
 #![allow(clippy::unwrap_used)] // a test crate: a failed unwrap is a failed test
 
 use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::Arc;
 
 use proptest::prelude::*;
-use qcowrs::CreateOptions;
-use qcowrs::{check_path, OpenOptions, QcowFile, Repair};
+use qcowrs::{check_raw, CreateOptions, MemStorage, OpenOptions, QcowFile, QcowHeader, QcowRawFile, Repair};
 
 /// A small valid image: 512-byte clusters (so a few KiB of metadata), data spread out.
 fn base_image() -> Vec<u8> {
@@ -27,11 +28,16 @@ fn base_image() -> Vec<u8> {
     std::fs::read(&p).unwrap()
 }
 
+fn check_mem(mem: &Arc<MemStorage>, repair: Repair) -> qcowrs::Result<qcowrs::CheckReport> {
+    let mut h = QcowHeader::read_from_lenient(&**mem)?;
+    let raw = QcowRawFile::new(mem.clone(), h.cluster_size(), h.refcount_order, repair != Repair::None)?;
+    check_raw(&raw, &mut h, repair, false)
+}
+
+/// Everything a user may do with an image, on an in-memory copy (the storage seam).
 fn exercise(bytes: &[u8]) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("img.qcow2");
-    std::fs::write(&p, bytes).unwrap();
-    if let Ok(f) = QcowFile::open_read_only(&p) {
+    let mem = Arc::new(MemStorage::new(bytes.to_vec()));
+    if let Ok(f) = QcowFile::open_storage(mem.clone(), Path::new("<fuzzed>"), OpenOptions::default()) {
         let mut buf = vec![0u8; 64 << 10];
         let size = f.virtual_size().min(4 << 20);
         let mut off = 0;
@@ -43,11 +49,12 @@ fn exercise(bytes: &[u8]) {
         }
         let _ = f.allocated_ranges();
     }
-    assert_eq!(std::fs::read(&p).unwrap(), bytes, "a read-only open changed the file");
-    let _ = check_path(&p, Repair::None, false);
-    assert_eq!(std::fs::read(&p).unwrap(), bytes, "a check without repair changed the file");
-    if check_path(&p, Repair::All, false).is_ok() {
-        if let Ok(mut f) = QcowFile::open(&p, OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() }) {
+    assert_eq!(mem.to_vec(), bytes, "a read-only open changed the image");
+    let _ = check_mem(&mem, Repair::None);
+    assert_eq!(mem.to_vec(), bytes, "a check without repair changed the image");
+    if check_mem(&mem, Repair::All).is_ok() {
+        let opts = OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() };
+        if let Ok(mut f) = QcowFile::open_storage(mem.clone(), Path::new("<fuzzed>"), opts) {
             let _ = f.write_at(b"after repair", 0);
             let _ = f.close();
         }

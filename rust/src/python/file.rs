@@ -159,9 +159,11 @@ impl PyQcowFile {
     fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
         let n = self.read(|q| Ok(q.virtual_size().saturating_sub(offset).min(length)))?;
         // A read of a huge disk in one call fails like any too-large allocation in Python.
-        let n = usize::try_from(n).map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
+        let n = usize::try_from(n)
+            .map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
         let mut v: Vec<u8> = Vec::new();
-        v.try_reserve_exact(n).map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
+        v.try_reserve_exact(n)
+            .map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
         v.resize(n, 0);
         let got = py.detach(|| self.read(|q| q.read_at(&mut v, offset)))?;
         v.truncate(got);

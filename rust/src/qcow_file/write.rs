@@ -70,7 +70,9 @@ fn durable(raw: &QcowRawFile, refcounts: &mut RefcountManager, data: Option<&Qco
 
 impl QcowFile {
     fn writer(&mut self) -> Result<&mut Writer> {
-        self.writer.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("the image is not prepared for writing".into()))
+        self.writer
+            .as_mut()
+            .ok_or_else(|| Error::RefcountRebuildRequired("the image is not prepared for writing".into()))
     }
 
     /// Prepares the first write: the refcounts must be trustworthy, since the allocator hands
@@ -112,7 +114,10 @@ impl QcowFile {
 
     /// Allocates one cluster; returns its host offset.
     fn alloc_cluster(&mut self) -> Result<u64> {
-        let w = self.writer.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("the image is not prepared for writing".into()))?;
+        let w = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| Error::RefcountRebuildRequired("the image is not prepared for writing".into()))?;
         Ok(w.refcounts.alloc(&self.raw, &mut self.header, 1)? << self.header.cluster_bits)
     }
 
