@@ -21,7 +21,8 @@ use crate::raw_file::QcowRawFile;
 
 /// Memory spent on cached refblocks by a writer (at least 4 are kept whatever their size).
 const REFBLOCK_CACHE_BYTES: u64 = 16 << 20;
-/// Memory spent on cached refblocks by the read-only view.
+/// Memory spent on cached refblocks by the read-only view (at most 64 refblocks: its lookups
+/// are local, and a sequential scan gains nothing from a cache).
 const VIEW_CACHE_BYTES: u64 = 4 << 20;
 
 fn cache_capacity(cluster_size: u64) -> usize {
@@ -50,7 +51,7 @@ impl RefcountView {
             }
         }
         let geo = raw.refcount_geometry();
-        let capacity = usize::try_from((VIEW_CACHE_BYTES / raw.cluster_size()).max(4)).unwrap_or(4);
+        let capacity = usize::try_from((VIEW_CACHE_BYTES / raw.cluster_size()).clamp(4, 64)).unwrap_or(4);
         RefcountView { geo, reftable, last: None, blocks: TableCache::new(capacity) }
     }
 
