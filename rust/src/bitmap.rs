@@ -5,7 +5,7 @@
 //! that may miss a write.
 
 use crate::error::{Error, Result};
-use crate::format::{be_u16_at, be_u32_at, be_u64, be_u64_at, L2E_OFFSET_MASK};
+use crate::format::{be_u16_at, be_u32_at, be_u64_at, L2E_OFFSET_MASK};
 use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
 
@@ -175,9 +175,8 @@ impl BitmapTracker {
                     format!("(0x{table_bytes:x} bytes) lies past the end of the file"),
                 ));
             }
-            let mut tbuf = vec![0u8; usize::try_from(table_bytes).unwrap_or(0)];
-            raw.read_table_bytes(b.bitmap_table_offset, &mut tbuf, &format!("bitmap table of '{}'", b.name))?;
-            let mut table: Vec<u64> = tbuf.chunks_exact(8).map(be_u64).collect();
+            let what = format!("bitmap table of '{}'", b.name);
+            let mut table = raw.read_u64_table(b.bitmap_table_offset, u64::from(b.bitmap_table_size), &what)?;
             let mut touched: std::collections::BTreeMap<u64, Vec<u8>> = std::collections::BTreeMap::new();
             for &(s, e) in &self.dirty {
                 let (first, last) = (s >> g, (e - 1) >> g);

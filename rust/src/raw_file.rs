@@ -171,6 +171,12 @@ impl QcowRawFile {
         Ok(buf)
     }
 
+    /// Reads as many of the `count` big-endian u64s at `offset` as the file holds (see
+    /// [`QcowRawFile::read_available`]), in one read.
+    pub fn read_u64s_available(&self, offset: u64, count: u64) -> Result<Vec<u64>> {
+        Ok(self.read_available(offset, count.saturating_mul(8))?.chunks_exact(8).map(be_u64).collect())
+    }
+
     /// Reads a table of `count` big-endian u64s at `offset` in one read (see
     /// [`QcowRawFile::read_table_bytes`] for the bounds).
     pub fn read_u64_table(&self, offset: u64, count: u64, what: &str) -> Result<Vec<u64>> {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
-use crate::format::{be_u64, refcount_at, set_refcount_at, RefcountGeometry, REFT_OFFSET_MASK};
+use crate::format::{refcount_at, set_refcount_at, RefcountGeometry, REFT_OFFSET_MASK};
 use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
 
@@ -45,10 +45,8 @@ impl RefcountView {
         let cs = h.cluster_size();
         let mut reftable = Vec::new();
         if h.refcount_table_offset != 0 && h.refcount_table_offset % cs == 0 {
-            let bytes = u64::from(h.refcount_table_clusters) * cs;
-            if let Ok(buf) = raw.read_available(h.refcount_table_offset, bytes) {
-                reftable = buf.chunks_exact(8).map(be_u64).collect();
-            }
+            let entries = u64::from(h.refcount_table_clusters) * cs / 8;
+            reftable = raw.read_u64s_available(h.refcount_table_offset, entries).unwrap_or_default();
         }
         let geo = raw.refcount_geometry();
         let capacity = usize::try_from((VIEW_CACHE_BYTES / raw.cluster_size()).clamp(4, 64)).unwrap_or(4);

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use crate::bitmap::{read_bitmap_directory, BitmapEntry};
 use crate::error::{Error, Result};
-use crate::format::{be_u64, l1_entry_l2_offset, L2Entry, L2Geometry, L2E_OFFSET_MASK};
+use crate::format::{l1_entry_l2_offset, L2Entry, L2Geometry, L2E_OFFSET_MASK};
 use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
 use crate::snapshot::{read_snapshot_table, Snapshot, SnapshotTable};
@@ -119,8 +119,7 @@ pub(crate) trait TableSource {
 
 impl TableSource for QcowRawFile {
     fn table(&self, offset: u64, words: u64) -> Result<Cow<'_, [u64]>> {
-        let buf = self.read_available(offset, words.saturating_mul(8))?;
-        Ok(Cow::Owned(buf.chunks_exact(8).map(be_u64).collect()))
+        Ok(Cow::Owned(self.read_u64s_available(offset, words)?))
     }
 }
 
@@ -338,7 +337,7 @@ impl<'a> Walker<'a> {
         for b in &dir {
             let bytes = u64::from(b.bitmap_table_size) * 8;
             v.visit(Event::BitmapTable { bitmap: b, offset: b.bitmap_table_offset, bytes })?;
-            let table = match self.raw.read_available(b.bitmap_table_offset, bytes) {
+            let table = match self.raw.read_u64s_available(b.bitmap_table_offset, u64::from(b.bitmap_table_size)) {
                 Ok(t) => t,
                 Err(error) => {
                     let what = Structure::BitmapTable;
@@ -346,7 +345,7 @@ impl<'a> Walker<'a> {
                     continue;
                 }
             };
-            for (index, e) in table.chunks_exact(8).map(be_u64).enumerate() {
+            for (index, &e) in table.iter().enumerate() {
                 let offset = e & L2E_OFFSET_MASK;
                 if offset != 0 {
                     v.visit(Event::BitmapData { bitmap: b, index, offset })?;
@@ -362,14 +361,14 @@ impl<'a> Walker<'a> {
             return v.visit(Event::NoReftable).map(|_| ());
         }
         let bytes = u64::from(h.refcount_table_clusters) * h.cluster_size();
-        let table = match self.raw.read_available(h.refcount_table_offset, bytes) {
+        let table = match self.raw.read_u64s_available(h.refcount_table_offset, bytes / 8) {
             Ok(t) => t,
             Err(error) => {
                 let what = Structure::Reftable;
                 return v.visit(Event::Unreadable { what, offset: h.refcount_table_offset, error: &error }).map(|_| ());
             }
         };
-        for (i, entry) in table.chunks_exact(8).map(be_u64).enumerate() {
+        for (i, &entry) in table.iter().enumerate() {
             let index = i as u64;
             v.visit(Event::ReftableEntry { index, at: h.refcount_table_offset + 8 * index, entry })?;
         }
