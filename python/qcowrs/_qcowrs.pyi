@@ -79,6 +79,7 @@ class CheckReport:
     rebuilt: bool
     problems: list[Problem]
     unlisted_problems: int
+    dropped: list[Problem]
     exit_code: int
     is_clean: bool
     def to_dict(self) -> dict[str, int]: ...

@@ -21,7 +21,7 @@ use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
 use crate::rebuild::{write_refcount_structure, Imrt};
 use crate::refcount::RefcountView;
-use crate::report::{CheckReport, Counts, ProblemLog};
+use crate::report::{CheckReport, Counts, Problem, ProblemLog};
 use crate::storage::FileStorage;
 use crate::walk::{Event, Flow, Tree, Visitor, Walker};
 
@@ -269,6 +269,10 @@ struct CopiedChecker<'a> {
     in_table: bool,
     /// Fixed entries of the current table: (index, new descriptor word).
     fixes: Vec<(usize, u64)>,
+    /// The count of the image, for the overlap checks of the repairs.
+    count: Option<&'a ReferenceCount>,
+    /// The active L1 table may be written in place.
+    l1_private: bool,
 }
 
 impl<'a> CopiedChecker<'a> {
@@ -290,6 +294,8 @@ impl<'a> CopiedChecker<'a> {
             l2_span: geo.bytes_per_table(),
             in_table: false,
             fixes: Vec::new(),
+            count: None,
+            l1_private: false,
         }
     }
 
@@ -328,15 +334,28 @@ impl<'a> CopiedChecker<'a> {
         let Some(r) = self.refcount(l2 >> self.geo.cluster_bits) else { return Ok(false) };
         let guest = index * self.l2_span;
         if let Some(new) = self.judge(entry, r, at, guest, &|| format!("L2 cluster: l1_index={index} l1_entry")) {
-            self.raw.write_at(&new.to_be_bytes(), at, "L1 entry (OFLAG_COPIED repair)")?;
+            if self.l1_private {
+                self.raw.write_at(&new.to_be_bytes(), at, "L1 entry (OFLAG_COPIED repair)")?;
+            } else {
+                self.refuse(at, guest, "the L1 table shares its clusters with other data; L1 entry not rewritten");
+            }
         }
         Ok(l2 % cs == 0 && l2.checked_add(cs).is_some_and(|end| end <= self.raw.file_len()))
     }
 
+    /// A fix not written: the check did not complete.
+    fn refuse(&mut self, at: u64, guest: u64, why: &str) {
+        self.counts.corruptions_fixed = self.counts.corruptions_fixed.saturating_sub(1);
+        self.counts.check_errors += 1;
+        self.problems.push("overlap", Some(at), Some(guest), format!("{why} (at 0x{at:x})"));
+    }
+
     /// Writes the fixed entries of an L2 table, if nothing else shares the table.
-    fn fix_table(&mut self, l1_index: u64, offset: u64, table: &[u64], refcount: u64) -> Result<()> {
-        // Overlap check: only an L2 table referenced exactly once may be rewritten.
-        if refcount == 1 {
+    fn fix_table(&mut self, l1_index: u64, offset: u64, table: &[u64]) -> Result<()> {
+        // Overlap check: only a table that nothing but L1 entries refers to may be rewritten
+        // (not one that is also a refblock, a refcount overflowed, or data).
+        let private = self.count.is_some_and(|c| c.only_an_l2_table(offset, self.geo.cluster_bits));
+        if private {
             let mut t = table.to_vec();
             for &(i, word) in &self.fixes {
                 let e = self.geo.entry_at(&t, i);
@@ -379,8 +398,7 @@ impl Visitor for CopiedChecker<'_> {
                 }
             }
             Event::L2TableEnd { l1_index, offset, table } if self.in_table && !self.fixes.is_empty() => {
-                let r = self.refcount(offset >> self.geo.cluster_bits).unwrap_or(0);
-                self.fix_table(l1_index, offset, table, r)?;
+                self.fix_table(l1_index, offset, table)?;
             }
             _ => {}
         }
@@ -393,7 +411,7 @@ impl Visitor for CopiedChecker<'_> {
 fn check_oflag_copied(
     raw: &QcowRawFile,
     h: &QcowHeader,
-    imrt: &Imrt,
+    count: &ReferenceCount,
     from_counted: bool,
     fix: bool,
     allow_set: bool,
@@ -401,9 +419,18 @@ fn check_oflag_copied(
     problems: &mut ProblemLog,
 ) -> Result<()> {
     let walker = Walker::new(raw, h);
-    let refcounts = if from_counted { Refcounts::Counted(imrt) } else { Refcounts::OnDisk(RefcountView::load(raw, h)) };
+    let refcounts =
+        if from_counted { Refcounts::Counted(&count.imrt) } else { Refcounts::OnDisk(RefcountView::load(raw, h)) };
     let pass = CopiedPass { fix, allow_set };
     let mut v = CopiedChecker::new(raw, walker.geometry(), refcounts, pass, counts, problems);
+    v.count = Some(count);
+    // The L1 table itself is rewritten in place only if nothing else uses its clusters.
+    let cb = h.cluster_bits;
+    let clusters = (u64::from(h.l1_size) * 8).div_ceil(h.cluster_size());
+    v.l1_private = (0..clusters).all(|k| {
+        let c = (h.l1_table_offset >> cb) + k;
+        count.imrt.get(c) == 1 && !count.overflowed.contains(&c)
+    });
     walker.walk_tree(Tree::Active, h.l1_table_offset, h.l1_size, &mut v)
 }
 
@@ -411,9 +438,7 @@ fn check_oflag_copied(
 /// bits, which a new walk would not count differently, so the re-check after a repair reuses
 /// it instead of reading every table again.
 struct LastWalk {
-    imrt: Imrt,
-    counts: Counts,
-    incomplete: bool,
+    count: ReferenceCount,
     /// OFLAG_COPIED may still be wrong (the pass did not fix it, or refused a write).
     copied_unsettled: bool,
 }
@@ -421,44 +446,49 @@ struct LastWalk {
 /// One check pass over an open image (QEMU's `qcow2_check_refcounts` plus the bit clearing of
 /// `qcow2_co_check_locked`). `force_rebuild` rebuilds even if the refcounts look right.
 pub fn check_image(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebuild: bool) -> Result<CheckReport> {
-    check_pass(raw, h, repair, force_rebuild).map(|(report, _)| report)
+    check_pass(raw, h, repair, force_rebuild, None).map(|(report, _)| report)
 }
 
+/// A pass: count, compare, repair. With `Repair::All`, damage to the structure itself found
+/// by the count is repaired first (`repair.rs`) and the pass starts again on the repaired
+/// image, rebuilding the refcounts; `structure` carries what that repair listed (`None`
+/// before it ran).
 fn check_pass(
     raw: &QcowRawFile,
     h: &mut QcowHeader,
     repair: Repair,
     force_rebuild: bool,
+    structure: Option<Vec<Problem>>,
 ) -> Result<(CheckReport, LastWalk)> {
-    let count = count_references(raw, h, repair == Repair::None)?;
-    let ReferenceCount { mut imrt, counts, problems, mut rebuild, incomplete, beyond_eof, copied_seen } = count;
-    let mut report = CheckReport { counts, problems, ..CheckReport::default() };
+    let mut count = count_references(raw, h, repair == Repair::None)?;
+    if repair.errors() && structure.is_none() && crate::repair::needs_structural_repair(&count) {
+        let mut dropped = Vec::new();
+        crate::repair::fix_structure(raw, h, &count, &mut dropped)?;
+        drop(count);
+        return check_pass(raw, h, repair, true, Some(dropped));
+    }
+    let dropped = structure.unwrap_or_default();
+    let mut report = CheckReport { counts: count.counts.clone(), problems: std::mem::take(&mut count.problems), dropped, ..CheckReport::default() };
     let pre_compare = report.counts.clone();
     let mut walk_counts = pre_compare.clone();
-    let first = compare(
-        raw,
-        h,
-        &imrt,
-        Fix::None,
-        copied_seen.as_ref(),
-        &mut report.counts,
-        &mut rebuild,
-        &mut report.problems,
-    )?;
+    let mut rebuild = count.rebuild;
+    let first = compare(raw, h, &count.imrt, Fix::None, count.copied_seen.as_ref(), &mut report.counts, &mut rebuild, &mut report.problems)?;
     let mut highest = first.highest;
     rebuild |= force_rebuild;
     let original_incompat = h.incompatible_features;
+    let incomplete = count.incomplete;
 
     if rebuild && repair.errors() {
-        let (recount, counts, top) = rebuild_pass(raw, h, imrt, incomplete, &beyond_eof, &mut report)?;
-        (imrt, walk_counts, highest) = (recount, counts, top);
+        let (recount, top) = rebuild_pass(raw, h, count, &mut report)?;
+        walk_counts = recount.counts.clone();
+        (count, highest) = (recount, top);
     } else if repair != Repair::None {
         if rebuild {
             report.counts.check_errors += 1;
             let msg = "need to rebuild refcount structures (repair=\"all\" does it)".to_string();
             report.problems.push("rebuild-needed", None, None, msg);
-            let last = LastWalk { imrt, counts: walk_counts, incomplete, copied_unsettled: true };
-            return Ok((finish(report, highest, h), last));
+            count.counts = walk_counts;
+            return Ok((finish(report, highest, h), LastWalk { count, copied_unsettled: true }));
         }
         if report.counts.leaks > 0 || report.counts.corruptions > 0 {
             if incomplete && report.counts.leaks > 0 {
@@ -473,22 +503,20 @@ fn check_pass(
                 Fix::None
             };
             let mut scratch = ProblemLog::default();
-            highest = compare(raw, h, &imrt, fix, None, &mut report.counts, &mut rebuild, &mut scratch)?.highest;
+            highest = compare(raw, h, &count.imrt, fix, None, &mut report.counts, &mut rebuild, &mut scratch)?.highest;
         }
     }
 
     let fix_copied = repair.errors()
-        || (repair.leaks()
-            && report.counts.check_errors == 0
-            && report.counts.corruptions == 0
-            && report.counts.leaks == 0);
+        || (repair.leaks() && report.counts.check_errors == 0 && report.counts.corruptions == 0 && report.counts.leaks == 0);
     let errors_before = report.counts.check_errors;
     // Without repair, the refcounts are those the walk saw: the full pass is needed only if a
     // flag may be wrong.
     let skip_copied =
-        repair == Repair::None && copied_seen.as_ref().is_some_and(|seen| !seen.beyond_file && !first.copied_suspect);
+        repair == Repair::None && count.copied_seen.as_ref().is_some_and(|seen| !seen.beyond_file && !first.copied_suspect);
     if !skip_copied {
-        check_oflag_copied(raw, h, &imrt, false, fix_copied, !incomplete, &mut report.counts, &mut report.problems)?;
+        let allow_set = !count.incomplete;
+        check_oflag_copied(raw, h, &count, false, fix_copied, allow_set, &mut report.counts, &mut report.problems)?;
     }
     let copied_unsettled = !fix_copied || report.counts.check_errors != errors_before;
 
@@ -503,38 +531,32 @@ fn check_pass(
         raw.sync()?;
         h.commit_incompatible_features(raw, bits)?;
     }
-    let last = LastWalk { imrt, counts: walk_counts, incomplete, copied_unsettled };
-    Ok((finish(report, highest, h), last))
+    count.counts = walk_counts;
+    Ok((finish(report, highest, h), LastWalk { count, copied_unsettled }))
 }
 
 /// `Repair::All` when the refcount structure must be rebuilt: OFLAG_COPIED fixed from the
 /// counts about to be committed, a new structure written and committed (the dirty bit set
-/// meanwhile), then a recount that frees the old structure as leaks. Returns the recount, its
-/// walk counters (for the re-check) and the highest cluster in use.
-fn rebuild_pass(
-    raw: &QcowRawFile,
-    h: &mut QcowHeader,
-    mut imrt: Imrt,
-    incomplete: bool,
-    beyond_eof: &std::collections::BTreeSet<u64>,
-    report: &mut CheckReport,
-) -> Result<(Imrt, Counts, u64)> {
+/// meanwhile), then a recount that frees the old structure as leaks. Returns the recount and
+/// the highest cluster in use.
+fn rebuild_pass(raw: &QcowRawFile, h: &mut QcowHeader, mut count: ReferenceCount, report: &mut CheckReport) -> Result<(ReferenceCount, u64)> {
     let old = report.counts.clone();
+    let incomplete = count.incomplete;
     // Mark the image as having stale refcounts while the structure is replaced.
     h.commit_incompatible_features(raw, h.incompatible_features | INCOMPAT_DIRTY)?;
     // OFLAG_COPIED follows the counts about to be committed, and is fixed before the commit:
     // an interrupted rebuild then never leaves it wrong, even on v2 images, which have no
     // dirty bit to make the next open redo the repair.
     let mut early = Counts::default();
-    check_oflag_copied(raw, h, &imrt, true, true, !incomplete, &mut early, &mut ProblemLog::default())?;
+    check_oflag_copied(raw, h, &count, true, true, !incomplete, &mut early, &mut ProblemLog::default())?;
     raw.sync()?;
-    write_refcount_structure(raw, h, &mut imrt, incomplete, beyond_eof)?;
+    write_refcount_structure(raw, h, &mut count.imrt, incomplete, &count.beyond_eof)?;
     report.rebuilt = true;
     report.counts.corruptions = 0;
     report.counts.leaks = 0;
     // The old structure is now leaked: recount against the new one and free it. (The old
     // count is dropped first: two of them at once would double the peak memory.)
-    drop(imrt);
+    drop(count);
     let again = count_references(raw, h, false)?;
     let mut rebuild_again = again.rebuild;
     report.counts.corruptions += again.counts.corruptions;
@@ -558,28 +580,20 @@ fn rebuild_pass(
     report.counts.leaks_fixed += old.leaks.saturating_sub(report.counts.leaks);
     report.counts.leaks += fresh.leaks;
     report.counts.corruptions_fixed += early.corruptions_fixed;
-    Ok((again.imrt, again.counts, highest))
+    Ok((again, highest))
 }
 
 /// The check after a repair (qemu-img's "double checking the fixed image"): the refcounts
 /// compared again with the last walk's counts, and OFLAG_COPIED checked again if the repair
 /// left it unsettled.
 fn recheck(raw: &QcowRawFile, h: &QcowHeader, last: LastWalk) -> Result<CheckReport> {
-    let mut report = CheckReport { counts: last.counts, ..CheckReport::default() };
+    let mut report = CheckReport { counts: last.count.counts.clone(), ..CheckReport::default() };
     let mut rebuild = false;
     let highest =
-        compare(raw, h, &last.imrt, Fix::None, None, &mut report.counts, &mut rebuild, &mut report.problems)?.highest;
+        compare(raw, h, &last.count.imrt, Fix::None, None, &mut report.counts, &mut rebuild, &mut report.problems)?.highest;
     if last.copied_unsettled {
-        check_oflag_copied(
-            raw,
-            h,
-            &last.imrt,
-            false,
-            false,
-            !last.incomplete,
-            &mut report.counts,
-            &mut report.problems,
-        )?;
+        let allow_set = !last.count.incomplete;
+        check_oflag_copied(raw, h, &last.count, false, false, allow_set, &mut report.counts, &mut report.problems)?;
     }
     Ok(finish(report, highest, h))
 }
@@ -601,16 +615,16 @@ pub fn check_path(path: &Path, repair: Repair, force_rebuild: bool) -> Result<Ch
         .ctx(|| format!("opening '{}'", path.display()))?;
     crate::lock::lock_image(&file, writable, &format!("'{}'", path.display()))?;
     let storage = Arc::new(FileStorage::new(file));
-    let mut h = QcowHeader::read_from_lenient(&*storage)?;
+    let mut h = QcowHeader::read_for_check(&*storage)?;
     let raw = QcowRawFile::new(storage, h.cluster_size(), h.refcount_order, writable)?;
     check_raw(&raw, &mut h, repair, force_rebuild)
 }
 
 /// [`check_path`] on an image that is already open (and locked).
 pub fn check_raw(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebuild: bool) -> Result<CheckReport> {
-    let (first, last) = check_pass(raw, h, repair, force_rebuild)?;
+    let (first, last) = check_pass(raw, h, repair, force_rebuild, None)?;
     if repair == Repair::None
-        || (first.counts.corruptions_fixed == 0 && first.counts.leaks_fixed == 0 && !first.rebuilt)
+        || (first.counts.corruptions_fixed == 0 && first.counts.leaks_fixed == 0 && !first.rebuilt && first.dropped.is_empty())
     {
         return Ok(first);
     }
@@ -619,6 +633,7 @@ pub fn check_raw(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_re
     second.counts.leaks_fixed = first.counts.leaks_fixed;
     second.rebuilt = first.rebuilt;
     second.problems = first.problems;
+    second.dropped = first.dropped;
     Ok(second)
 }
 

@@ -2,7 +2,7 @@
 //! `check_refblocks`), judging each structure the way `qemu-img check` does. A visitor of the
 //! walker; check and rebuild use what it counts.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -38,6 +38,46 @@ pub struct ReferenceCount {
     pub beyond_eof: BTreeSet<u64>,
     /// With `see_copied`: the OFLAG_COPIED bits the active tree uses.
     pub copied_seen: Option<CopiedSeen>,
+    /// L1 and L2 entries whose L2 table or data lies past the end of the file (their data is
+    /// lost; a repair clears them), at most [`MAX_BEYOND_EOF`].
+    pub dangling: Vec<Dangling>,
+    /// How many L1 entries (of every tree) name each L2 table (by cluster index): a table may
+    /// be rewritten only if nothing but L1 entries refers to its cluster.
+    pub l2_table_refs: HashMap<u64, u64>,
+    /// Clusters referenced more often than the refcount width can count (the counts say
+    /// nothing about what else uses them), at most [`MAX_BEYOND_EOF`].
+    pub overflowed: BTreeSet<u64>,
+    /// What is wrong with the active L1 table itself (misplaced, too small, too large), if
+    /// anything: a repair moves it.
+    pub l1_problem: Option<String>,
+    /// The snapshot table needs a repair (unreadable, invalid or incomplete entries, or past
+    /// the end of the file).
+    pub snapshots_damaged: bool,
+}
+
+/// An entry pointing past the end of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dangling {
+    /// Host offset of the entry.
+    pub at: u64,
+    /// Host offset of the table holding it (an L1 or L2 table).
+    pub table: u64,
+    /// An L1 entry (else an L2 entry).
+    pub l1: bool,
+    /// In the active tree.
+    pub active: bool,
+    /// The guest offset it maps, if known.
+    pub guest: Option<u64>,
+}
+
+impl ReferenceCount {
+    /// Whether the cluster at `offset` may be rewritten as an L2 table: only L1 entries refer
+    /// to it (no other structure, no data, no overflowed count).
+    pub fn only_an_l2_table(&self, offset: u64, cluster_bits: u32) -> bool {
+        let c = offset >> cluster_bits;
+        let refs = self.l2_table_refs.get(&c).copied().unwrap_or(0);
+        refs > 0 && self.imrt.get(c) == refs && !self.overflowed.contains(&c)
+    }
 }
 
 /// Which clusters the active tree references with OFLAG_COPIED set, and which without (one bit
@@ -93,6 +133,9 @@ pub(crate) struct Counter<'a> {
     /// Fragmentation: the host offset the next data cluster of the current table would have
     /// if contiguous (0 at the start of a table).
     next_contiguous: u64,
+    /// The L1 and L2 tables being walked (for `Dangling`).
+    cur_l1: u64,
+    cur_l2: u64,
 }
 
 impl<'a> Counter<'a> {
@@ -114,9 +157,16 @@ impl<'a> Counter<'a> {
                 incomplete: false,
                 beyond_eof: BTreeSet::new(),
                 copied_seen: None,
+                dangling: Vec::new(),
+                l2_table_refs: HashMap::new(),
+                overflowed: BTreeSet::new(),
+                l1_problem: None,
+                snapshots_damaged: false,
             },
             claimed,
             next_contiguous: 0,
+            cur_l1: 0,
+            cur_l2: 0,
         })
     }
 
@@ -130,20 +180,21 @@ impl<'a> Counter<'a> {
     }
 
     /// QEMU's `qcow2_inc_refcounts_imrt`: +1 for every cluster touched by `[offset, offset+size)`.
-    fn inc(&mut self, offset: u64, size: u64, what: &dyn Fn() -> String, guest: Option<u64>) -> Result<()> {
+    /// Returns `false` when the region lies past the end of the file (not counted).
+    fn inc(&mut self, offset: u64, size: u64, what: &dyn Fn() -> String, guest: Option<u64>) -> Result<bool> {
         if size == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let cb = self.h.cluster_bits;
         let cs = 1u64 << cb;
         // The common case: one whole cluster inside the file.
         if size == cs && offset & (cs - 1) == 0 && offset < self.file_len && self.out.imrt.increment(offset >> cb)? {
-            return Ok(());
+            return Ok(true);
         }
         let Some(end) = offset.checked_add(size) else {
             let msg = format!("{}: offset 0x{offset:x} size 0x{size:x} overflows", what());
             self.corruption("reference-past-eof", Some(offset), guest, msg);
-            return Ok(());
+            return Ok(false);
         };
         if end >= self.file_len.saturating_add(cs) {
             let msg = format!(
@@ -152,13 +203,7 @@ impl<'a> Counter<'a> {
                 self.file_len
             );
             self.corruption("reference-past-eof", Some(offset), guest, msg);
-            for k in (offset >> cb)..=((end - 1) >> cb) {
-                if self.out.beyond_eof.len() > MAX_BEYOND_EOF {
-                    break;
-                }
-                self.out.beyond_eof.insert(k);
-            }
-            return Ok(());
+            return Ok(false);
         }
         for k in (offset >> cb)..=((end - 1) >> cb) {
             if !self.out.imrt.increment(k)? {
@@ -171,9 +216,29 @@ impl<'a> Counter<'a> {
                     geo.refcount_max()
                 );
                 self.corruption("refcount-overflow", Some(k << cb), guest, msg);
+                if self.out.overflowed.len() < MAX_BEYOND_EOF {
+                    self.out.overflowed.insert(k);
+                }
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// A reference an allocation could alias lies past the end of the file: remember its
+    /// clusters (a new allocation must not land there) and the entry (a repair clears it).
+    fn dangling(&mut self, offset: u64, size: u64, at: u64, l1: bool, active: bool, guest: Option<u64>) {
+        let cb = self.h.cluster_bits;
+        let end = offset.saturating_add(size.max(1));
+        for k in (offset >> cb)..=((end - 1) >> cb) {
+            if self.out.beyond_eof.len() > MAX_BEYOND_EOF {
+                break;
+            }
+            self.out.beyond_eof.insert(k);
+        }
+        if self.out.dangling.len() < MAX_BEYOND_EOF {
+            let table = if l1 { self.cur_l1 } else { self.cur_l2 };
+            self.out.dangling.push(Dangling { at, table, l1, active, guest });
+        }
     }
 
     /// Claims clusters for an unshared structure; a second claim is a cross-link.
@@ -200,19 +265,14 @@ impl<'a> Counter<'a> {
     }
 
     /// Counts (and, when `unshared`, claims) a structure's bytes.
-    fn count(
-        &mut self,
-        offset: u64,
-        size: u64,
-        unshared: bool,
-        what: &dyn Fn() -> String,
-        guest: Option<u64>,
-    ) -> Result<()> {
-        self.inc(offset, size, what, guest)?;
+    /// Counts (and, when `unshared`, claims) a structure's bytes; `false` if they lie past the
+    /// end of the file.
+    fn count(&mut self, offset: u64, size: u64, unshared: bool, what: &dyn Fn() -> String, guest: Option<u64>) -> Result<bool> {
+        let inside = self.inc(offset, size, what, guest)?;
         if unshared {
             self.claim(offset, size, what, guest);
         }
-        Ok(())
+        Ok(inside)
     }
 
     fn tree_name(&self, tree: Tree) -> String {
@@ -226,7 +286,10 @@ impl<'a> Counter<'a> {
         self.out.incomplete = true;
         self.out.counts.check_errors += 1;
         let (kind, msg) = match what {
-            Structure::SnapshotTable => ("snapshot-table", format!("cannot read the snapshot table: {error}")),
+            Structure::SnapshotTable => {
+                self.out.snapshots_damaged = true;
+                ("snapshot-table", format!("cannot read the snapshot table: {error}"))
+            }
             Structure::BitmapDirectory => ("bitmap", format!("cannot read the bitmap directory: {error}")),
             Structure::Reftable => {
                 self.out.rebuild = true;
@@ -258,7 +321,11 @@ impl<'a> Counter<'a> {
             seen.note(l2 >> self.geo.cluster_bits, crate::format::l1_entry_is_copied(entry));
         }
         let l2what = format!("L2 table {index} of the {what}");
-        self.count(l2, self.geo.cluster_size(), tree.is_active(), &|| l2what.clone(), guest)?;
+        *self.out.l2_table_refs.entry(l2 >> self.geo.cluster_bits).or_insert(0) += 1;
+        if !self.count(l2, self.geo.cluster_size(), tree.is_active(), &|| l2what.clone(), guest)? {
+            self.dangling(l2, self.geo.cluster_size(), at, true, tree.is_active(), guest);
+            return Ok(Flow::Skip);
+        }
         if l2 % self.geo.cluster_size() != 0 {
             let msg = format!("{l2what} at 0x{l2:x} is not cluster aligned; L1 entry corrupted");
             self.corruption("misaligned", Some(l2), guest, msg);
@@ -278,7 +345,6 @@ impl<'a> Counter<'a> {
 
     /// Every other entry: each defect reported as QEMU does, then counted where QEMU counts.
     fn l2_entry_judged(&mut self, active: bool, guest: u64, at: u64, e: crate::format::L2Entry) -> Result<()> {
-        let cs = self.geo.cluster_size();
         let ty = self.geo.cluster_type(e);
         let mut counted = true;
         let mut defects: [Option<L2Defect>; 4] = [None; 4];
@@ -324,7 +390,7 @@ impl<'a> Counter<'a> {
             } else {
                 self.stats(ty, e.host_offset(), active);
                 self.corruption(kind, Some(at), Some(guest), msg);
-                self.count_data(e.host_offset(), cs, guest, active, e.is_copied())?;
+                self.count_data(e.host_offset(), guest, active, e.is_copied(), at)?;
                 return Ok(());
             }
         }
@@ -334,12 +400,14 @@ impl<'a> Counter<'a> {
         match ty {
             ClusterType::Compressed => {
                 let (coff, clen) = self.geo.compressed_range(e);
-                self.inc(coff, clen, &|| format!("compressed cluster for guest 0x{guest:x}"), Some(guest))?;
+                if !self.inc(coff, clen, &|| format!("compressed cluster for guest 0x{guest:x}"), Some(guest))? {
+                    self.dangling(coff, clen, at, false, active, Some(guest));
+                }
                 self.stats(ty, 0, active);
             }
             ClusterType::Normal | ClusterType::ZeroAlloc => {
                 self.stats(ty, e.host_offset(), active);
-                self.count_data(e.host_offset(), cs, guest, active, e.is_copied())?;
+                self.count_data(e.host_offset(), guest, active, e.is_copied(), at)?;
             }
             ClusterType::ZeroPlain | ClusterType::Unallocated => {}
         }
@@ -390,14 +458,59 @@ impl<'a> Counter<'a> {
         self.next_contiguous = host + self.geo.cluster_size();
     }
 
-    fn count_data(&mut self, host: u64, cs: u64, guest: u64, active: bool, copied: bool) -> Result<()> {
+    fn count_data(&mut self, host: u64, guest: u64, active: bool, copied: bool, at: u64) -> Result<()> {
         if self.geo.data_file {
             return Ok(());
         }
         if let (true, Some(seen)) = (active, self.out.copied_seen.as_mut()) {
             seen.note(host >> self.geo.cluster_bits, copied);
         }
-        self.count(host, cs, active, &|| format!("data cluster for guest 0x{guest:x}"), Some(guest))
+        let cs = self.geo.cluster_size();
+        if !self.count(host, cs, active, &|| format!("data cluster for guest 0x{guest:x}"), Some(guest))? {
+            self.dangling(host, cs, at, false, active, Some(guest));
+        }
+        Ok(())
+    }
+
+    /// An L1 table: counted (QEMU's `check_refcounts_l1`), and for the active one, checked as
+    /// QEMU's open checks it (misplaced, too small or too large: the check fails, a repair
+    /// moves it). A misaligned table is not walked.
+    fn l1_table(&mut self, tree: Tree, offset: u64, entries: u32) -> Result<Flow> {
+        self.cur_l1 = offset;
+        let what = self.tree_name(tree);
+        let bytes = u64::from(entries) * 8;
+        if tree.is_active() {
+            let problem = if offset % self.geo.cluster_size() != 0 {
+                Some(format!("the active L1 table at 0x{offset:x} is not cluster aligned"))
+            } else if offset == 0 && entries > 0 {
+                Some("the active L1 table is at offset 0, over the header".to_string())
+            } else if entries > MAX_L1_ENTRIES {
+                Some(format!("the active L1 table has {entries} entries, above QEMU's limit of {MAX_L1_ENTRIES}"))
+            } else if u64::from(entries) < self.h.l1_entries_needed() {
+                let needed = self.h.l1_entries_needed();
+                Some(format!("the active L1 table has {entries} entries; the virtual size needs {needed}"))
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                // QEMU cannot open such an image: the check fails.
+                self.out.counts.check_errors += 1;
+                self.out.problems.push("l1-table", Some(crate::header::field_offset::L1_TABLE_OFFSET), None, p.clone());
+                self.out.l1_problem = Some(p);
+                if offset % self.geo.cluster_size() != 0 || (offset == 0 && entries > 0) {
+                    self.out.incomplete = true;
+                    return Ok(Flow::Skip);
+                }
+            }
+        }
+        if !self.count(offset, bytes, tree.is_active(), &|| what.clone(), None)? {
+            if tree.is_active() {
+                self.out.l1_problem.get_or_insert_with(|| format!("the active L1 table at 0x{offset:x} lies past the end of the file"));
+            } else {
+                self.out.snapshots_damaged = true;
+            }
+        }
+        Ok(Flow::Continue)
     }
 
     fn snapshot(&mut self, index: usize, sn: &crate::snapshot::Snapshot) -> Flow {
@@ -406,6 +519,7 @@ impl<'a> Counter<'a> {
             let msg =
                 format!("snapshot table entry {index} is incomplete (extra_data_size {} < 16)", sn.extra_data_size);
             self.corruption("snapshot", Some(sn.entry_offset), None, msg);
+            self.out.snapshots_damaged = true;
         }
         if sn.l1_table_offset % cs != 0 {
             self.out.incomplete = true;
@@ -414,12 +528,14 @@ impl<'a> Counter<'a> {
                 sn.id, sn.name, sn.l1_table_offset
             );
             self.corruption("snapshot", Some(sn.entry_offset), None, msg);
+            self.out.snapshots_damaged = true;
             return Flow::Skip;
         }
         if sn.l1_size > MAX_L1_ENTRIES {
             self.out.incomplete = true;
             let msg = format!("snapshot {} ({}) l1_size={}: L1 table is too large", sn.id, sn.name, sn.l1_size);
             self.corruption("snapshot", Some(sn.entry_offset), None, msg);
+            self.out.snapshots_damaged = true;
             return Flow::Skip;
         }
         Flow::Continue
@@ -485,15 +601,45 @@ impl Fork for Counter<'_> {
                 incomplete: false,
                 beyond_eof: BTreeSet::new(),
                 copied_seen,
+                dangling: Vec::new(),
+                l2_table_refs: HashMap::new(),
+                overflowed: BTreeSet::new(),
+                l1_problem: None,
+                snapshots_damaged: false,
             },
             claimed: vec![0u64; self.claimed.len()],
             next_contiguous: 0,
+            cur_l1: self.cur_l1,
+            cur_l2: 0,
         })
     }
 
     fn join(&mut self, other: Self) -> Result<()> {
         let cb = self.geo.cluster_bits;
-        let ReferenceCount { imrt, counts, problems, rebuild, incomplete, beyond_eof, copied_seen } = other.out;
+        let ReferenceCount {
+            imrt,
+            counts,
+            problems,
+            rebuild,
+            incomplete,
+            beyond_eof,
+            copied_seen,
+            dangling,
+            l2_table_refs,
+            overflowed,
+            l1_problem,
+            snapshots_damaged,
+        } = other.out;
+        self.out.snapshots_damaged |= snapshots_damaged;
+        for (k, n) in l2_table_refs {
+            *self.out.l2_table_refs.entry(k).or_insert(0) += n;
+        }
+        let room = MAX_BEYOND_EOF.saturating_sub(self.out.dangling.len());
+        self.out.dangling.extend(dangling.into_iter().take(room));
+        self.out.overflowed.extend(overflowed);
+        if self.out.l1_problem.is_none() {
+            self.out.l1_problem = l1_problem;
+        }
         let c = &mut self.out.counts;
         c.check_errors += counts.check_errors;
         c.corruptions += counts.corruptions;
@@ -512,6 +658,9 @@ impl Fork for Counter<'_> {
         for k in self.out.imrt.absorb(imrt)? {
             let msg = format!("cluster 0x{:x} is referenced more often than the refcount width allows", k << cb);
             self.corruption("refcount-overflow", Some(k << cb), None, msg);
+            if self.out.overflowed.len() < MAX_BEYOND_EOF {
+                self.out.overflowed.insert(k);
+            }
         }
         // A cluster both halves claimed is a cross-link between them.
         for (w, (mine, theirs)) in self.claimed.iter_mut().zip(other.claimed).enumerate() {
@@ -539,31 +688,39 @@ impl Fork for Counter<'_> {
 impl Visitor for Counter<'_> {
     fn visit(&mut self, event: Event<'_>) -> Result<Flow> {
         match event {
-            Event::Header { cluster_size } => self.count(0, cluster_size, true, &|| "header".into(), None)?,
-            Event::L1Table { tree, offset, entries } => {
-                let what = self.tree_name(tree);
-                self.count(offset, u64::from(entries) * 8, tree.is_active(), &|| what.clone(), None)?;
+            Event::Header { cluster_size } => {
+                self.count(0, cluster_size, true, &|| "header".into(), None)?;
             }
+            Event::L1Table { tree, offset, entries } => return self.l1_table(tree, offset, entries),
             Event::L1Entry { tree, index, at, entry } => return self.l1_entry(tree, index, at, entry),
-            Event::L2Table { .. } => self.next_contiguous = 0,
+            Event::L2Table { offset, .. } => {
+                self.next_contiguous = 0;
+                self.cur_l2 = offset;
+            }
             Event::L2Entry { tree, guest, at, entry, .. } => self.l2_entry(tree, guest, at, entry)?,
             Event::Snapshots { table } => {
                 if self.h.has_data_file() && !table.snapshots.is_empty() {
                     let n = table.snapshots.len();
                     let msg = format!("{n} snapshots in an image with an external data file");
                     self.corruption("snapshot", Some(self.h.snapshots_offset), None, msg);
+                    self.out.snapshots_damaged = true;
                 }
             }
             Event::Snapshot { index, snapshot } => return Ok(self.snapshot(index, snapshot)),
             Event::SnapshotTable { offset, size } => {
-                self.count(offset, size, true, &|| "snapshot table".into(), None)?
+                let inside = self.count(offset, size, true, &|| "snapshot table".into(), None)?;
+                if !inside || (offset == 0 && self.h.nb_snapshots > 0) {
+                    self.out.snapshots_damaged = true;
+                }
             }
-            Event::Reftable { offset, bytes } => self.count(offset, bytes, true, &|| "refcount table".into(), None)?,
+            Event::Reftable { offset, bytes } => {
+                self.count(offset, bytes, true, &|| "refcount table".into(), None)?;
+            }
             Event::CryptoHeader { offset, len } => {
-                self.count(offset, len, true, &|| "encryption header".into(), None)?
+                self.count(offset, len, true, &|| "encryption header".into(), None)?;
             }
             Event::BitmapDirectory { offset, size } => {
-                self.count(offset, size, true, &|| "bitmap directory".into(), None)?
+                self.count(offset, size, true, &|| "bitmap directory".into(), None)?;
             }
             Event::BitmapTable { bitmap, offset, bytes } => {
                 self.count(offset, bytes, true, &|| format!("bitmap table of '{}'", bitmap.name), None)?;

@@ -135,9 +135,9 @@ fn ext_string(data: &[u8]) -> String {
 }
 
 impl QcowHeader {
-    /// Reads and validates the header of an open image file, except the refcount table fields
-    /// (for check and repair, which can rebuild the refcount table).
-    pub fn read_from_lenient(file: &dyn Storage) -> Result<Self> {
+    /// Reads cluster 0 and parses the header in it (structure only); returns it and the file's
+    /// length.
+    fn read_cluster0(file: &dyn Storage) -> Result<(Self, u64)> {
         let file_len = file.len().ctx(|| "reading the image file's length".to_string())?;
         if file_len < 4 {
             return Err(Error::InvalidMagic(format!(
@@ -180,7 +180,22 @@ impl QcowHeader {
         let cluster0_len = file_len.min(1u64 << cluster_bits);
         let mut cluster0 = vec![0u8; usize::try_from(cluster0_len).unwrap_or(0)];
         read_exact(file, &mut cluster0, "reading cluster 0 (header and extensions)")?;
-        let header = Self::parse(&cluster0)?;
+        Ok((Self::parse(&cluster0)?, file_len))
+    }
+
+    /// Reads the header for a check or a repair: its structure and the features it needs
+    /// (an encrypted image, unknown incompatible bits, a bad cluster size or refcount width
+    /// cannot be checked), but not where its tables lie: those are the check's findings.
+    pub fn read_for_check(file: &dyn Storage) -> Result<Self> {
+        let (header, _) = Self::read_cluster0(file)?;
+        header.validate_features()?;
+        Ok(header)
+    }
+
+    /// Reads and validates the header of an open image file, except the refcount table fields
+    /// (which a repair can rebuild).
+    pub fn read_from_lenient(file: &dyn Storage) -> Result<Self> {
+        let (header, file_len) = Self::read_cluster0(file)?;
         header.validate(file_len)?;
         Ok(header)
     }
@@ -335,14 +350,36 @@ impl QcowHeader {
         Ok(())
     }
 
-    /// Checks the field values against the spec and the real file length.
+    /// Checks the field values an open needs against the spec and the real file length: the
+    /// features and the active L1 table. (The snapshot table and the bitmaps are read, bounded
+    /// by the file, only when used: an image whose only damage is there still opens.)
     pub fn validate(&self, file_len: u64) -> Result<()> {
         self.validate_features()?;
-        self.validate_tables(file_len)
+        self.validate_l1(file_len)?;
+        self.validate_snapshot_fields()
+    }
+
+    /// As QEMU's open: at most 65536 snapshots, and a cluster-aligned table (a table past the
+    /// end of the file does not stop an open: the active disk is still readable).
+    pub fn validate_snapshot_fields(&self) -> Result<()> {
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(Error::corrupt(
+                format!("field 'nb_snapshots' is {}, above QEMU's limit of {MAX_SNAPSHOTS}", self.nb_snapshots),
+                fo::NB_SNAPSHOTS,
+            ));
+        }
+        if (self.nb_snapshots > 0 || self.snapshots_offset != 0) && self.snapshots_offset % self.cluster_size() != 0 {
+            return Err(Error::offset(
+                "snapshots_offset",
+                self.snapshots_offset,
+                format!("is not aligned to the cluster size 0x{:x}", self.cluster_size()),
+            ));
+        }
+        Ok(())
     }
 
     /// Cluster size, encryption, feature bits, refcount width and compression type.
-    fn validate_features(&self) -> Result<()> {
+    pub fn validate_features(&self) -> Result<()> {
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
             return Err(Error::InvalidClusterSize(format!(
                 "field 'cluster_bits' at header offset 0x{:x} is {}; it must be {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}",
@@ -437,8 +474,9 @@ impl QcowHeader {
         Ok(())
     }
 
-    /// The L1 table, the snapshot table and the bitmap directory against the file.
-    fn validate_tables(&self, file_len: u64) -> Result<()> {
+    /// The active L1 table: its size against the virtual size and QEMU's limit, its place
+    /// against the file.
+    pub fn validate_l1(&self, file_len: u64) -> Result<()> {
         let cluster_size = self.cluster_size();
         let check_table = |field: &str, offset: u64, bytes: u64, limit: u64| -> Result<()> {
             if offset % cluster_size != 0 {
@@ -486,31 +524,6 @@ impl QcowHeader {
             return Err(Error::offset("l1_table_offset", 0, "points at the header (cluster 0)"));
         }
 
-        // Snapshot table.
-        if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::corrupt(
-                format!("field 'nb_snapshots' is {}, above QEMU's limit of {MAX_SNAPSHOTS}", self.nb_snapshots),
-                fo::NB_SNAPSHOTS,
-            ));
-        }
-        if self.nb_snapshots > 0 || self.snapshots_offset != 0 {
-            // Each entry is at least 40 bytes.
-            check_table("snapshots_offset", self.snapshots_offset, u64::from(self.nb_snapshots) * 40, file_len)?;
-        }
-        if let Some(b) = self.bitmaps() {
-            if b.bitmap_directory_offset % cluster_size != 0
-                || b.bitmap_directory_offset.checked_add(b.bitmap_directory_size).is_none_or(|e| e > file_len)
-            {
-                return Err(Error::offset(
-                    "bitmap_directory_offset",
-                    b.bitmap_directory_offset,
-                    format!(
-                        "(bitmaps extension, size 0x{:x}) is misaligned or past the end of the file",
-                        b.bitmap_directory_size
-                    ),
-                ));
-            }
-        }
         Ok(())
     }
 

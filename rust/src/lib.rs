@@ -35,6 +35,7 @@ mod qcow_file;
 mod raw_file;
 mod rebuild;
 mod refcount;
+mod repair;
 mod report;
 mod snapshot;
 mod storage;

@@ -102,7 +102,7 @@ impl QcowFile {
     ) -> Result<Self> {
         let mut rebuild_report = None;
         if opts.rebuild {
-            let mut h = QcowHeader::read_from_lenient(&*storage)?;
+            let mut h = QcowHeader::read_for_check(&*storage)?;
             let raw = QcowRawFile::new(Arc::clone(&storage), h.cluster_size(), h.refcount_order, true)?;
             rebuild_report = check::repair_if_stale(&raw, &mut h)?;
         }

@@ -71,6 +71,9 @@ pub struct CheckReport {
     pub problems: ProblemLog,
     /// The refcount structure was rebuilt.
     pub rebuilt: bool,
+    /// What a repair dropped or changed beyond refcounts and OFLAG_COPIED (snapshots dropped,
+    /// entries cleared, tables moved), one entry each.
+    pub dropped: Vec<Problem>,
 }
 
 impl CheckReport {

@@ -220,7 +220,9 @@ impl<'a> Walker<'a> {
         l1_size: u32,
         v: &mut V,
     ) -> Result<Option<Cow<'_, [u64]>>> {
-        v.visit(Event::L1Table { tree, offset: l1_offset, entries: l1_size })?;
+        if v.visit(Event::L1Table { tree, offset: l1_offset, entries: l1_size })? == Flow::Skip {
+            return Ok(None);
+        }
         match self.source.table(l1_offset, u64::from(l1_size)) {
             Ok(t) => Ok(Some(t)),
             Err(error) => {

@@ -81,6 +81,10 @@ pub struct PyCheckReport {
     /// Problems found but not listed.
     #[pyo3(get)]
     unlisted_problems: u64,
+    /// What a repair dropped or changed beyond refcounts and OFLAG_COPIED (snapshots dropped,
+    /// entries cleared, tables moved).
+    #[pyo3(get)]
+    dropped: Vec<PyProblem>,
     /// `qemu-img check`'s exit code: 0 clean, 1 check failed, 2 corruptions, 3 leaks.
     #[pyo3(get)]
     exit_code: i32,
@@ -107,6 +111,7 @@ impl From<&CheckReport> for PyCheckReport {
             rebuilt: r.rebuilt,
             problems: r.problems.list.iter().map(PyProblem::from).collect(),
             unlisted_problems: r.problems.unlisted,
+            dropped: r.dropped.iter().map(PyProblem::from).collect(),
             exit_code: r.exit_code(),
             is_clean: r.is_clean(),
             json: r.json_fields(),
