@@ -12,8 +12,50 @@ use crate::qcow_file::{OpenOptions, QcowFile};
 use crate::raw_file::QcowRawFile;
 use crate::storage::{FileStorage, Storage};
 
-/// Longest backing chain followed (a loop in the chain stops here).
-pub const MAX_BACKING_DEPTH: u32 = 32;
+/// Longest backing chain followed. Loops are found by file identity long before; this bounds
+/// the recursion of a chain of distinct files.
+pub const MAX_BACKING_DEPTH: usize = 256;
+
+/// A file's identity (device, inode), to find loops in backing chains.
+pub(crate) type FileId = (u64, u64);
+
+/// The identity of the file behind a storage, if it is a file.
+pub(crate) fn file_id(storage: &dyn Storage) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = storage.file()?.metadata().ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// Opens a file qcowrs will read as an image, a backing file or a data file: only regular
+/// files and block devices (a FIFO would block forever, a directory or a character device is
+/// no disk image).
+pub(crate) fn open_image_file(path: &Path, writable: bool, what: &str) -> Result<std::fs::File> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).ctx(|| format!("opening {what} '{}'", path.display()))?;
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_fifo() {
+        Some("a FIFO")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else if ft.is_char_device() {
+        Some("a character device")
+    } else {
+        None
+    };
+    if let Some(kind) = kind {
+        return Err(Error::UnsupportedFeature(format!(
+            "{what} '{}' is {kind}, not a disk image file",
+            path.display()
+        )));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .ctx(|| format!("opening {what} '{}'", path.display()))
+}
 
 /// Which backing file an open uses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -94,29 +136,39 @@ pub(crate) fn check_plain_file_name(name: &str, field: &str) -> Result<()> {
 
 /// Opens the backing file `name` of `image` (read-only, locked like QEMU's), probing its
 /// format unless `format` says it.
-pub(crate) fn open_backing(image: &Path, name: &str, format: Option<&str>, depth: u32) -> Result<Box<dyn BackingRead>> {
+pub(crate) fn open_backing(image: &Path, name: &str, format: Option<&str>, chain: &[FileId]) -> Result<Box<dyn BackingRead>> {
     check_plain_file_name(name, "backing file")?;
-    if depth + 1 >= MAX_BACKING_DEPTH {
-        return Err(Error::corrupt(
-            format!("backing chain deeper than {MAX_BACKING_DEPTH} images at '{name}' (a loop?)"),
-            crate::header::field_offset::BACKING_FILE_OFFSET,
-        ));
-    }
     let p = resolve_relative(image, name);
-    open_backing_path(image, &p, format, depth)
+    open_backing_path(image, &p, format, chain)
 }
 
 /// Opens `p` as the backing file of `image`.
+/// `chain` holds the identities of the images above it (the loop check).
 pub(crate) fn open_backing_path(
     image: &Path,
     p: &Path,
     format: Option<&str>,
-    depth: u32,
+    chain: &[FileId],
 ) -> Result<Box<dyn BackingRead>> {
-    let file =
-        std::fs::File::open(p).ctx(|| format!("opening backing file '{}' of '{}'", p.display(), image.display()))?;
-    crate::lock::lock_image(&file, false, &format!("backing file '{}'", p.display()))?;
+    if chain.len() >= MAX_BACKING_DEPTH {
+        return Err(Error::corrupt(
+            format!("backing chain deeper than {MAX_BACKING_DEPTH} images at '{}'", p.display()),
+            crate::header::field_offset::BACKING_FILE_OFFSET,
+        ));
+    }
+    let file = open_image_file(p, false, &format!("backing file (of '{}')", image.display()))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+    if let Some(id) = file_id(&*storage) {
+        if chain.contains(&id) {
+            return Err(Error::corrupt(
+                format!("backing chain loop: '{}' is already in the chain of '{}'", p.display(), image.display()),
+                crate::header::field_offset::BACKING_FILE_OFFSET,
+            ));
+        }
+    }
+    if let Some(f) = storage.file() {
+        crate::lock::lock_image(f, false, &format!("backing file '{}'", p.display()))?;
+    }
     let is_qcow2 = match format {
         Some("qcow2") => true,
         Some("raw") => false,
@@ -133,16 +185,18 @@ pub(crate) fn open_backing_path(
         }
     };
     if is_qcow2 {
-        Ok(Box::new(QcowFile::open_storage_at_depth(storage, p, OpenOptions::default(), depth + 1)?))
+        Ok(Box::new(QcowFile::open_in_chain(storage, p, OpenOptions::default(), chain)?))
     } else {
         let len = storage.len().ctx(|| format!("reading the length of backing file '{}'", p.display()))?;
         Ok(Box::new(RawBacking { storage, len, name: p.to_path_buf() }))
     }
 }
 
-/// The external data file of an image, opened for the image's mode and locked.
+/// The external data file of an image, opened for the image's mode and locked. It may not be
+/// the image itself (`image_id`).
 pub(crate) fn open_data_file(
     image: &Path,
+    image_id: Option<FileId>,
     name: &str,
     writable: bool,
     cluster_size: u64,
@@ -150,11 +204,16 @@ pub(crate) fn open_data_file(
 ) -> Result<QcowRawFile> {
     check_plain_file_name(name, "data file")?;
     let p = resolve_relative(image, name);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(&p)
-        .ctx(|| format!("opening external data file '{}' of '{}'", p.display(), image.display()))?;
-    crate::lock::lock_image(&f, writable, &format!("external data file '{}'", p.display()))?;
-    QcowRawFile::from(f, cluster_size, refcount_order, writable)
+    let f = open_image_file(&p, writable, &format!("external data file (of '{}')", image.display()))?;
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(f));
+    if image_id.is_some() && file_id(&*storage) == image_id {
+        return Err(Error::corrupt(
+            format!("the external data file '{}' is the image itself", p.display()),
+            crate::header::field_offset::INCOMPATIBLE_FEATURES,
+        ));
+    }
+    if let Some(f) = storage.file() {
+        crate::lock::lock_image(f, writable, &format!("external data file '{}'", p.display()))?;
+    }
+    QcowRawFile::new(storage, cluster_size, refcount_order, writable)
 }

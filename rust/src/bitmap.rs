@@ -75,6 +75,65 @@ const FLAG_AUTO: u32 = 2;
 /// Dirty ranges kept before they are merged.
 const MERGE_AT: usize = 4096;
 
+/// What the first write does about persistent bitmaps.
+pub(crate) enum BitmapStart {
+    /// No enabled bitmap to keep.
+    Nothing,
+    /// Track these bitmaps (they are flagged in use).
+    Track(BitmapTracker),
+    /// The bitmaps cannot be updated without writing into clusters something else uses (or
+    /// they are malformed): the writer clears the autoclear bit instead, which tells QEMU that
+    /// no bitmap of the image can be trusted. Never a guest byte is touched.
+    Unsafe(String),
+}
+
+/// Why updating `bitmaps` in place could change something else, if it could: each bitmap's
+/// granularity and table size must be sane, and the directory, the tables and the data
+/// clusters must each have refcount 1 (nothing else points at them).
+fn unsafe_to_update(raw: &QcowRawFile, h: &QcowHeader, bitmaps: &[BitmapEntry]) -> Result<Option<String>> {
+    let cs = h.cluster_size();
+    let cb = h.cluster_bits;
+    let mut view = crate::refcount::RefcountView::load(raw, h);
+    let mut private = |offset: u64, len: u64| -> bool {
+        if offset % cs != 0 || len == 0 {
+            return false;
+        }
+        let Some(end) = offset.checked_add(len) else { return false };
+        ((offset >> cb)..=((end - 1) >> cb)).all(|c| view.get(raw, c) == Ok(1))
+    };
+    let Some(ext) = h.bitmaps() else { return Ok(Some("no bitmaps extension".into())) };
+    if !private(ext.bitmap_directory_offset, ext.bitmap_directory_size) {
+        return Ok(Some("the bitmap directory shares its clusters".into()));
+    }
+    for b in bitmaps {
+        let g = u32::from(b.granularity_bits);
+        if !(9..=31).contains(&g) {
+            return Ok(Some(format!("bitmap '{}' has granularity 2^{g}, outside QEMU's 2^9..2^31", b.name)));
+        }
+        // One table entry per cluster of bitmap data; one bit per 2^g guest bytes.
+        let bits = h.size.div_ceil(1 << g);
+        let expected = bits.div_ceil(cs * 8);
+        if u64::from(b.bitmap_table_size) != expected {
+            return Ok(Some(format!(
+                "bitmap '{}' has {} table entries; the disk needs {expected}",
+                b.name, b.bitmap_table_size
+            )));
+        }
+        let bytes = u64::from(b.bitmap_table_size) * 8;
+        if !private(b.bitmap_table_offset, bytes) {
+            return Ok(Some(format!("the table of bitmap '{}' shares its clusters", b.name)));
+        }
+        let table = raw.read_u64_table(b.bitmap_table_offset, u64::from(b.bitmap_table_size), "bitmap table")?;
+        for e in table {
+            let off = e & L2E_OFFSET_MASK;
+            if off != 0 && !private(off, cs) {
+                return Ok(Some(format!("a data cluster of bitmap '{}' (0x{off:x}) is shared", b.name)));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Hands out clusters for bitmap data and makes them durable (the writer's allocator).
 pub(crate) trait ClusterAllocator {
     /// A fresh cluster (refcount 1); its host offset.
@@ -125,27 +184,28 @@ fn set_bits(buf: &mut [u8], lo: u64, hi: u64) {
 impl BitmapTracker {
     /// Flags every enabled bitmap in_use (synced) and starts tracking; `None` when the image has
     /// no bitmap to keep.
-    pub fn start(raw: &QcowRawFile, h: &QcowHeader) -> Result<Option<Self>> {
+    pub fn start(raw: &QcowRawFile, h: &QcowHeader) -> Result<BitmapStart> {
         if h.autoclear_features & crate::format::AUTOCLEAR_BITMAPS == 0 {
-            return Ok(None);
+            return Ok(BitmapStart::Nothing);
         }
+        let dir = match read_bitmap_directory(raw, h) {
+            Ok(d) => d,
+            Err(e) => return Ok(BitmapStart::Unsafe(format!("the bitmap directory cannot be read: {e}"))),
+        };
         // A bitmap already in use is inconsistent and stays so; a disabled one does not change.
-        let bitmaps: Vec<BitmapEntry> = read_bitmap_directory(raw, h)?
-            .into_iter()
-            .filter(|b| b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0)
-            .collect();
+        let bitmaps: Vec<BitmapEntry> =
+            dir.into_iter().filter(|b| b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0).collect();
         if bitmaps.is_empty() {
-            return Ok(None);
+            return Ok(BitmapStart::Nothing);
+        }
+        if let Some(why) = unsafe_to_update(raw, h, &bitmaps)? {
+            return Ok(BitmapStart::Unsafe(why));
         }
         for b in &bitmaps {
-            raw.write_at(
-                &(b.flags | FLAG_IN_USE).to_be_bytes(),
-                b.entry_offset + 12,
-                "bitmap directory entry (in_use)",
-            )?;
+            raw.write_at(&(b.flags | FLAG_IN_USE).to_be_bytes(), b.entry_offset + 12, "bitmap directory entry (in_use)")?;
         }
         raw.sync()?;
-        Ok(Some(BitmapTracker { bitmaps, dirty: Vec::new() }))
+        Ok(BitmapStart::Track(BitmapTracker { bitmaps, dirty: Vec::new() }))
     }
 
     /// Records that `[offset, offset+len)` of the guest changed.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::count::{count_references, CopiedSeen, ReferenceCount};
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 use crate::format::{
     l1_entry_l2_offset, refcount_at, set_refcount_at, ClusterType, L2Entry, L2Geometry, INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY, L2E_COPIED,
@@ -461,6 +461,10 @@ fn check_pass(
     structure: Option<Vec<Problem>>,
 ) -> Result<(CheckReport, LastWalk)> {
     let mut count = count_references(raw, h, repair == Repair::None)?;
+    if let (true, Some((at, _))) = (repair.errors(), count.unrepairable.first()) {
+        let why: Vec<&str> = count.unrepairable.iter().map(|(_, w)| w.as_str()).collect();
+        return Err(crate::error::Error::corrupt(format!("repair refused (nothing was changed): {}", why.join("; ")), *at));
+    }
     if repair.errors() && structure.is_none() && crate::repair::needs_structural_repair(&count) {
         let mut dropped = Vec::new();
         crate::repair::fix_structure(raw, h, &count, &mut dropped)?;
@@ -608,11 +612,7 @@ fn finish(mut report: CheckReport, highest: u64, h: &QcowHeader) -> CheckReport 
 /// problems with the `*_fixed` counts of the repair. `Repair::None` opens the file read-only.
 pub fn check_path(path: &Path, repair: Repair, force_rebuild: bool) -> Result<CheckReport> {
     let writable = repair != Repair::None;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(path)
-        .ctx(|| format!("opening '{}'", path.display()))?;
+    let file = crate::backing::open_image_file(path, writable, "image")?;
     crate::lock::lock_image(&file, writable, &format!("'{}'", path.display()))?;
     let storage = Arc::new(FileStorage::new(file));
     let mut h = QcowHeader::read_for_check(&*storage)?;

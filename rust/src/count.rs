@@ -53,6 +53,8 @@ pub struct ReferenceCount {
     /// The snapshot table needs a repair (unreadable, invalid or incomplete entries, or past
     /// the end of the file).
     pub snapshots_damaged: bool,
+    /// Why no repair can keep every readable byte, if that is so (a repair then refuses).
+    pub unrepairable: Vec<(u64, String)>,
 }
 
 /// An entry pointing past the end of the file.
@@ -68,6 +70,17 @@ pub struct Dangling {
     pub active: bool,
     /// The guest offset it maps, if known.
     pub guest: Option<u64>,
+    /// What a repair does to it.
+    pub fix: EntryFix,
+}
+
+/// How a repair mends an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryFix {
+    /// Cleared: its data (or L2 table) lies past the end of the file and is lost.
+    Clear,
+    /// A compressed entry whose subcluster bitmap must be 0: the bitmap is cleared.
+    ClearBitmap,
 }
 
 impl ReferenceCount {
@@ -122,6 +135,30 @@ pub fn count_references(raw: &QcowRawFile, h: &QcowHeader, see_copied: bool) -> 
     Ok(c.into_count())
 }
 
+/// The message of an L2 entry defect.
+fn defect_message(d: L2Defect, e: crate::format::L2Entry, at: u64, guest: u64) -> String {
+    let entry = e.entry;
+    match d {
+        L2Defect::ReservedBits => format!("L2 entry 0x{entry:x} at 0x{at:x} has reserved bits set"),
+        L2Defect::CompressedCopied => {
+            format!("compressed cluster for guest 0x{guest:x}: the copied flag must never be set for compressed clusters")
+        }
+        L2Defect::CompressedWithDataFile => "compressed cluster in an image with an external data file".to_string(),
+        L2Defect::CompressedWithBitmap => {
+            format!("compressed cluster with a non-zero subcluster bitmap 0x{:x}", e.bitmap)
+        }
+        L2Defect::AllocatedAndZero => {
+            format!("invalid subcluster bitmap 0x{:x} (subclusters both allocated and zero)", e.bitmap)
+        }
+        L2Defect::UnallocatedWithAllocBits => {
+            format!("unallocated cluster with allocated subclusters (bitmap 0x{:x})", e.bitmap)
+        }
+        L2Defect::Misaligned(off) => {
+            format!("data offset 0x{off:x} for guest 0x{guest:x} is not cluster aligned; L2 entry corrupted (not repairable)")
+        }
+    }
+}
+
 /// The counting visitor.
 pub(crate) struct Counter<'a> {
     h: &'a QcowHeader,
@@ -162,6 +199,7 @@ impl<'a> Counter<'a> {
                 overflowed: BTreeSet::new(),
                 l1_problem: None,
                 snapshots_damaged: false,
+                unrepairable: Vec::new(),
             },
             claimed,
             next_contiguous: 0,
@@ -172,6 +210,12 @@ impl<'a> Counter<'a> {
 
     pub(crate) fn into_count(self) -> ReferenceCount {
         self.out
+    }
+
+    /// A corruption whose message is made only if it will be listed.
+    fn corruption_with(&mut self, kind: &'static str, host: Option<u64>, guest: Option<u64>, message: impl FnOnce() -> String) {
+        self.out.counts.corruptions += 1;
+        self.out.problems.push_with(kind, host, guest, message);
     }
 
     fn corruption(&mut self, kind: &'static str, host: Option<u64>, guest: Option<u64>, message: String) {
@@ -192,30 +236,34 @@ impl<'a> Counter<'a> {
             return Ok(true);
         }
         let Some(end) = offset.checked_add(size) else {
-            let msg = format!("{}: offset 0x{offset:x} size 0x{size:x} overflows", what());
-            self.corruption("reference-past-eof", Some(offset), guest, msg);
+            let msg = || format!("{}: offset 0x{offset:x} size 0x{size:x} overflows", what());
+            self.corruption_with("reference-past-eof", Some(offset), guest, msg);
             return Ok(false);
         };
-        if end >= self.file_len.saturating_add(cs) {
-            let msg = format!(
-                "{}: region 0x{offset:x}..0x{end:x} exceeds the end of the file (0x{:x}) by one cluster or more; its data is lost",
-                what(),
-                self.file_len
-            );
-            self.corruption("reference-past-eof", Some(offset), guest, msg);
+        let file_len = self.file_len;
+        if end >= file_len.saturating_add(cs) {
+            let msg = || {
+                format!(
+                    "{}: region 0x{offset:x}..0x{end:x} exceeds the end of the file (0x{file_len:x}) by one cluster or more; its data is lost",
+                    what()
+                )
+            };
+            self.corruption_with("reference-past-eof", Some(offset), guest, msg);
             return Ok(false);
         }
         for k in (offset >> cb)..=((end - 1) >> cb) {
             if !self.out.imrt.increment(k)? {
                 let geo = self.out.imrt.geometry();
-                let msg = format!(
-                    "{}: cluster 0x{:x} is referenced more than the {}-bit refcount maximum {} allows; increase refcount_bits (qemu-img amend) or convert the image",
-                    what(),
-                    k << cb,
-                    geo.refcount_bits(),
-                    geo.refcount_max()
-                );
-                self.corruption("refcount-overflow", Some(k << cb), guest, msg);
+                let msg = || {
+                    format!(
+                        "{}: cluster 0x{:x} is referenced more than the {}-bit refcount maximum {} allows; increase refcount_bits (qemu-img amend) or convert the image",
+                        what(),
+                        k << cb,
+                        geo.refcount_bits(),
+                        geo.refcount_max()
+                    )
+                };
+                self.corruption_with("refcount-overflow", Some(k << cb), guest, msg);
                 if self.out.overflowed.len() < MAX_BEYOND_EOF {
                     self.out.overflowed.insert(k);
                 }
@@ -237,7 +285,7 @@ impl<'a> Counter<'a> {
         }
         if self.out.dangling.len() < MAX_BEYOND_EOF {
             let table = if l1 { self.cur_l1 } else { self.cur_l2 };
-            self.out.dangling.push(Dangling { at, table, l1, active, guest });
+            self.out.dangling.push(Dangling { at, table, l1, active, guest, fix: EntryFix::Clear });
         }
     }
 
@@ -255,12 +303,14 @@ impl<'a> Counter<'a> {
                 *word |= bit;
                 continue;
             }
-            let msg = format!(
-                "{}: cluster 0x{:x} is also used by another structure of the active image; without a snapshot to share it, one of the two loses its data (QEMU silently treats it as shared)",
-                what(),
-                k << cb
-            );
-            self.out.problems.push("cross-link", Some(k << cb), guest, msg);
+            let msg = || {
+                format!(
+                    "{}: cluster 0x{:x} is also used by another structure of the active image; without a snapshot to share it, one of the two loses its data (QEMU silently treats it as shared)",
+                    what(),
+                    k << cb
+                )
+            };
+            self.out.problems.push_with("cross-link", Some(k << cb), guest, msg);
         }
     }
 
@@ -356,40 +406,37 @@ impl<'a> Counter<'a> {
             }
         });
         for d in defects.into_iter().flatten() {
-            let entry = e.entry;
-            let (kind, msg) = match d {
-                L2Defect::ReservedBits => ("reserved-bits", format!("L2 entry 0x{entry:x} at 0x{at:x} has reserved bits set")),
-                L2Defect::CompressedCopied => (
-                    "copied-flag",
-                    format!("compressed cluster for guest 0x{guest:x}: the copied flag must never be set for compressed clusters"),
-                ),
+            let kind = match d {
+                L2Defect::ReservedBits => "reserved-bits",
+                L2Defect::CompressedCopied => "copied-flag",
                 L2Defect::CompressedWithDataFile => {
                     counted = false;
-                    ("compressed", "compressed cluster in an image with an external data file".to_string())
+                    if self.out.unrepairable.len() < 16 {
+                        self.out.unrepairable.push((at, format!(
+                            "a compressed cluster (guest 0x{guest:x}, entry at 0x{at:x}) in an image with an external data file: it is readable, but no valid entry can keep its data"
+                        )));
+                    }
+                    "compressed"
                 }
                 L2Defect::CompressedWithBitmap => {
+                    // QEMU does not count it: a repair clears the bitmap, which makes it valid.
                     counted = false;
-                    ("subcluster-bitmap", format!("compressed cluster with a non-zero subcluster bitmap 0x{:x}", e.bitmap))
+                    if self.out.dangling.len() < MAX_BEYOND_EOF {
+                        let table = self.cur_l2;
+                        self.out.dangling.push(Dangling { at, table, l1: false, active, guest: Some(guest), fix: EntryFix::ClearBitmap });
+                    }
+                    "subcluster-bitmap"
                 }
-                L2Defect::AllocatedAndZero => (
-                    "subcluster-bitmap",
-                    format!("invalid subcluster bitmap 0x{:x} (subclusters both allocated and zero)", e.bitmap),
-                ),
-                L2Defect::UnallocatedWithAllocBits => (
-                    "subcluster-bitmap",
-                    format!("unallocated cluster with allocated subclusters (bitmap 0x{:x})", e.bitmap),
-                ),
-                L2Defect::Misaligned(off) => (
-                    "misaligned",
-                    format!("data offset 0x{off:x} for guest 0x{guest:x} is not cluster aligned; L2 entry corrupted (not repairable)"),
-                ),
+                L2Defect::AllocatedAndZero | L2Defect::UnallocatedWithAllocBits => "subcluster-bitmap",
+                L2Defect::Misaligned(_) => "misaligned",
             };
+            let msg = || defect_message(d, e, at, guest);
             // QEMU reports a misaligned data offset after counting the cluster statistics.
             if !matches!(d, L2Defect::Misaligned(_)) {
-                self.corruption(kind, Some(at), Some(guest), msg);
+                self.corruption_with(kind, Some(at), Some(guest), msg);
             } else {
                 self.stats(ty, e.host_offset(), active);
-                self.corruption(kind, Some(at), Some(guest), msg);
+                self.corruption_with(kind, Some(at), Some(guest), msg);
                 self.count_data(e.host_offset(), guest, active, e.is_copied(), at)?;
                 return Ok(());
             }
@@ -606,6 +653,7 @@ impl Fork for Counter<'_> {
                 overflowed: BTreeSet::new(),
                 l1_problem: None,
                 snapshots_damaged: false,
+                unrepairable: Vec::new(),
             },
             claimed: vec![0u64; self.claimed.len()],
             next_contiguous: 0,
@@ -629,7 +677,9 @@ impl Fork for Counter<'_> {
             overflowed,
             l1_problem,
             snapshots_damaged,
+            unrepairable,
         } = other.out;
+        self.out.unrepairable.extend(unrepairable);
         self.out.snapshots_damaged |= snapshots_damaged;
         for (k, n) in l2_table_refs {
             *self.out.l2_table_refs.entry(k).or_insert(0) += n;

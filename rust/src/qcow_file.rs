@@ -14,7 +14,7 @@ use crate::backing::{open_backing, open_backing_path, open_data_file, BackingCho
 use crate::check::{self, Repair};
 use crate::compression;
 use crate::create::CreateOptions;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::format::{ClusterType, SubclusterState};
 use crate::header::QcowHeader;
 use crate::mapping::{CachedTables, L2Tables, ReadPlan};
@@ -79,11 +79,7 @@ impl QcowFile {
         if opts.rebuild && !opts.writable {
             return Err(Error::ReadOnlyImage("a refcount rebuild on open needs a read-write open".into()));
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(opts.writable)
-            .open(path)
-            .ctx(|| format!("opening '{}'", path.display()))?;
+        let file = crate::backing::open_image_file(path, opts.writable, "image")?;
         crate::lock::lock_image(&file, opts.writable, &format!("'{}'", path.display()))?;
         Self::open_storage(Arc::new(FileStorage::new(file)), path, opts)
     }
@@ -91,14 +87,15 @@ impl QcowFile {
     /// Opens the image held by `storage` (already locked if it is a file). `path` names it in
     /// messages and anchors relative backing and data file names.
     pub fn open_storage(storage: Arc<dyn Storage>, path: &Path, opts: OpenOptions) -> Result<Self> {
-        Self::open_storage_at_depth(storage, path, opts, 0)
+        Self::open_in_chain(storage, path, opts, &[])
     }
 
-    pub(crate) fn open_storage_at_depth(
+    /// Opens an image whose overlays (by file identity) are `chain`.
+    pub(crate) fn open_in_chain(
         storage: Arc<dyn Storage>,
         path: &Path,
         opts: OpenOptions,
-        depth: u32,
+        chain: &[crate::backing::FileId],
     ) -> Result<Self> {
         let mut rebuild_report = None;
         if opts.rebuild {
@@ -113,21 +110,24 @@ impl QcowFile {
                 crate::header::field_offset::INCOMPATIBLE_FEATURES,
             ));
         }
+        let id = crate::backing::file_id(&*storage);
         let raw = QcowRawFile::new(storage, header.cluster_size(), header.refcount_order, opts.writable)?;
         let refcounts_stale = check::refcounts_stale(&raw, &header);
         let tables = L2Tables::load(&raw, &header)?;
         let data = match header.data_file() {
             Some(name) if header.has_data_file() => {
-                Some(open_data_file(path, &name, opts.writable, header.cluster_size(), header.refcount_order)?)
+                Some(open_data_file(path, id, &name, opts.writable, header.cluster_size(), header.refcount_order)?)
             }
             _ => None,
         };
+        let mut chain = chain.to_vec();
+        chain.extend(id);
         let backing = match &opts.backing {
             BackingChoice::Disabled => None,
-            BackingChoice::Path(p) => Some(open_backing_path(path, p, None, depth)?),
+            BackingChoice::Path(p) => Some(open_backing_path(path, p, None, &chain)?),
             BackingChoice::FromHeader => match &header.backing_file {
                 Some(name) if !name.is_empty() => {
-                    Some(open_backing(path, name, header.backing_format().as_deref(), depth)?)
+                    Some(open_backing(path, name, header.backing_format().as_deref(), &chain)?)
                 }
                 _ => None,
             },

@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::count::{Dangling, ReferenceCount};
+use crate::count::{Dangling, EntryFix, ReferenceCount};
 use crate::error::Result;
 use crate::format::{L2Geometry, INCOMPAT_DIRTY};
 use crate::header::QcowHeader;
@@ -97,14 +97,18 @@ impl Fixer<'_> {
             let clusters = if l1 { (u64::from(h.l1_size) * 8).div_ceil(h.cluster_size()).max(1) } else { 1 };
             if table % h.cluster_size() != 0 || !self.table_is_private(table, clusters, !l1, cb) {
                 let msg = format!(
-                    "{} entries of the table at 0x{table:x} point past the end of the file, but the table shares its clusters with other data: left as they are",
+                    "{} bad entries of the table at 0x{table:x} (pointing past the end of the file, or compressed with a subcluster bitmap) are left as they are: the table shares its clusters with other data",
                     entries.len()
                 );
                 self.note("repair-refused", Some(table), None, msg);
                 continue;
             }
             for d in entries {
-                if l1 {
+                if d.fix == EntryFix::ClearBitmap {
+                    self.raw.write_at(&[0u8; 8], d.at + 8, "L2 entry bitmap (cleared: compressed clusters have none)")?;
+                    let msg = format!("subcluster bitmap of the compressed entry at 0x{:x} cleared", d.at);
+                    self.note("l2-entry", Some(d.at), d.guest, msg);
+                } else if l1 {
                     self.raw.write_at(&[0u8; 8], d.at, "L1 entry (cleared: its L2 table lies past the end of the file)")?;
                     self.note("l1-entry", Some(d.at), None, format!("L1 entry at 0x{:x} cleared: its L2 table lay past the end of the file", d.at));
                 } else {
@@ -179,6 +183,10 @@ impl Fixer<'_> {
         }
         if h.has_data_file() {
             return Some("an image with an external data file cannot have snapshots".into());
+        }
+        let entry_len = 40 + sn.extra.len() as u64 + sn.id.len() as u64 + sn.name.len() as u64;
+        if sn.entry_offset.saturating_add(entry_len) > self.raw.file_len() {
+            return Some(format!("its table entry at 0x{:x} lies past the end of the file", sn.entry_offset));
         }
         if sn.l1_table_offset % cs != 0 {
             return Some(format!("its L1 table offset 0x{:x} is not cluster aligned", sn.l1_table_offset));

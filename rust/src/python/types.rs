@@ -1,13 +1,12 @@
 //! `QcowHeader` and `QcowRawFile` for Python: plain getters over the Rust types.
 
-use std::fs::OpenOptions as FsOpenOptions;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::error::{Error, IoContext};
+use crate::error::Error;
 use crate::header::QcowHeader;
 use crate::raw_file::QcowRawFile;
 use crate::storage::FileStorage;
@@ -125,7 +124,7 @@ impl PyQcowHeader {
     #[staticmethod]
     fn read(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let h = py.detach(|| -> Result<QcowHeader, Error> {
-            let f = std::fs::File::open(&path).ctx(|| format!("opening '{}'", path.display()))?;
+            let f = crate::backing::open_image_file(&path, false, "image")?;
             QcowHeader::read_from(&FileStorage::new(f))
         })?;
         Ok(PyQcowHeader::from(&h))
@@ -219,11 +218,7 @@ impl PyQcowRawFile {
     #[pyo3(signature = (path, writable = false))]
     fn open(py: Python<'_>, path: PathBuf, writable: bool) -> PyResult<Self> {
         let raw = py.detach(|| -> Result<QcowRawFile, Error> {
-            let f = FsOpenOptions::new()
-                .read(true)
-                .write(writable)
-                .open(&path)
-                .ctx(|| format!("opening '{}'", path.display()))?;
+            let f = crate::backing::open_image_file(&path, writable, "image")?;
             if writable {
                 crate::lock::lock_image(&f, true, &format!("'{}'", path.display()))?;
             }

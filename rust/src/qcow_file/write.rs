@@ -11,7 +11,7 @@
 use std::sync::PoisonError;
 
 use super::QcowFile;
-use crate::bitmap::{BitmapTracker, ClusterAllocator};
+use crate::bitmap::{BitmapStart, BitmapTracker, ClusterAllocator};
 use crate::check::{self, Repair};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -102,11 +102,16 @@ impl QcowFile {
             self.header.commit_incompatible_features(&self.raw, self.header.incompatible_features | INCOMPAT_DIRTY)?;
             set_dirty_bit = true;
         }
-        // Enabled persistent bitmaps: flagged in_use now, updated and unflagged on close.
-        let bitmaps = BitmapTracker::start(&self.raw, &self.header)?;
+        // Enabled persistent bitmaps: flagged in_use now, updated and unflagged on close; if
+        // that cannot be done safely, the bitmaps extension is marked inconsistent instead.
+        let (bitmaps, keep_bitmaps) = match BitmapTracker::start(&self.raw, &self.header)? {
+            BitmapStart::Nothing => (None, true),
+            BitmapStart::Track(t) => (Some(t), true),
+            BitmapStart::Unsafe(_) => (None, false),
+        };
         // A writer must clear autoclear bits it does not maintain (bit 1, raw external data,
         // is kept: qcowrs writes data at its guest offset).
-        let keep = AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS;
+        let keep = AUTOCLEAR_DATA_FILE_RAW | if keep_bitmaps { AUTOCLEAR_BITMAPS } else { 0 };
         self.header.commit_autoclear_features(&self.raw, self.header.autoclear_features & keep)?;
         self.writer = Some(Writer { refcounts, set_dirty_bit, bitmaps });
         Ok(())
