@@ -1270,5 +1270,84 @@ fn negative_control_l1_entries_not_ordered_after_l2_tables() {
     assert!(removed > 0);
     let s = crash_states_within(&rec, true, 400, false);
     eprintln!("negative control: {removed} syncs removed, {} of {} states fail", s.failures.len(), s.states);
+    if let Some(f) = s.failures.first() {
+        eprintln!("negative control, first failure: {f}");
+    }
     assert!(!s.failures.is_empty(), "the harness did not notice L1 entries written before their L2 tables");
+}
+
+/// 512 B clusters with 64-bit refcounts (a refblock covers 64 clusters, one reftable cluster
+/// 2 MiB of file): the writes need new refblocks and move the reftable.
+#[test]
+fn write_workload_grows_the_reftable() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "reft.qcow2",
+        "cluster_size=512,refcount_bits=64",
+        "8M",
+        &["write -P 0x11 0 1900k"],
+        Some(&["write -P 0x21 4m 8k"]),
+    );
+    let rt = |b: &[u8]| QcowHeader::read_from(&MemStorage::new(b.to_vec())).unwrap().refcount_table_offset;
+    let targets = [(0, 1900 * K), (2 * M, 6 * M), (2 * M, 6 * M)];
+    let rec = record("reftable-512", &base, |ctx| random_writes(ctx, 4096, &targets, 12, 60 * K));
+    let after = qcowrs::replay(&base, &rec.log).unwrap();
+    assert_ne!(rt(&base), rt(&after), "the reftable did not move");
+    assert_safe(&crash_states(&rec, true), "reftable-512");
+}
+
+/// Extended L2 entries (subclusters of 2 KiB): writes allocate only the subclusters they
+/// touch; write_zeroes sets zero bits.
+#[test]
+fn write_workload_extended_l2() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "ext.qcow2",
+        "cluster_size=65536,extended_l2=on",
+        "64M",
+        &["write -P 0x11 0 8k", "write -P 0x12 100k 200k"],
+        Some(&["write -P 0x21 1m 20k"]),
+    );
+    let rec = record("extended-l2", &base, |ctx| {
+        let mut f = ctx.open();
+        ctx.write(&mut f, M + 30 * K, &pattern(1, M + 30 * K, 5000)); // private cluster, new subclusters
+        ctx.write(&mut f, 4 * K, &pattern(2, 4 * K, 3 * K)); // shared cluster: COW
+        ctx.flush(&mut f);
+        ctx.write_zeroes(&mut f, M + 2 * K, 10 * K); // zero bits on private subclusters
+        ctx.write(&mut f, 9 * M + 1000, &pattern(3, 9 * M + 1000, 9000)); // unallocated cluster
+        ctx.flush(&mut f);
+        ctx.write_zeroes(&mut f, 9 * M + 4 * K, 2 * K);
+        ctx.discard(&mut f, 128 * K, 64 * K);
+        ctx.write(&mut f, M + 60 * K, &pattern(4, M + 60 * K, 8 * K)); // spans two clusters
+        ctx.close(f);
+    });
+    assert_safe(&crash_states(&rec, true), "extended-l2");
+}
+
+/// Compressed clusters (written by QEMU), shared with a snapshot: overwritten partly (the
+/// cluster is decompressed and rewritten), discarded, zeroed.
+#[test]
+fn writes_over_compressed_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "comp.qcow2",
+        "cluster_size=65536",
+        "64M",
+        &["write -c -P 0x11 0 64k", "write -c -P 0x12 64k 64k", "write -c -P 0x13 1m 128k"],
+        Some(&["write -c -P 0x14 2m 64k", "write -c -P 0x15 3m 64k"]),
+    );
+    let rec = record("compressed", &base, |ctx| {
+        let mut f = ctx.open();
+        ctx.write(&mut f, 2 * M + 1000, &pattern(1, 2 * M + 1000, 3000)); // private compressed
+        ctx.write(&mut f, 10 * K, &pattern(2, 10 * K, 4 * K)); // shared compressed
+        ctx.flush(&mut f);
+        ctx.discard(&mut f, 3 * M, 64 * K);
+        ctx.write_zeroes(&mut f, M, 64 * K);
+        ctx.write(&mut f, M + 64 * K + 512, &pattern(3, M + 64 * K + 512, 512));
+        ctx.close(f);
+    });
+    assert_safe(&crash_states(&rec, true), "compressed");
 }
