@@ -1351,3 +1351,70 @@ fn writes_over_compressed_clusters() {
     });
     assert_safe(&crash_states(&rec, true), "compressed");
 }
+
+/// A mixed workload: writes (shared, private, new L2), write_zeroes and discard, with flushes.
+fn mixed_workload(ctx: &mut Ctx) {
+    let mut f = ctx.open();
+    ctx.write(&mut f, 100 * K, &pattern(1, 100 * K, 70 * K)); // shared: COW of L2 and data
+    ctx.write(&mut f, 512 * M + 8 * K, &pattern(2, 512 * M + 8 * K, 4 * K)); // private
+    ctx.flush(&mut f);
+    ctx.write(&mut f, 1100 * M, &pattern(3, 1100 * M, 64 * K)); // new L2 table
+    ctx.discard(&mut f, 0, 64 * K); // shared
+    ctx.flush(&mut f);
+    ctx.write_zeroes(&mut f, 512 * M + 64 * K, 64 * K); // private
+    ctx.discard(&mut f, 600 * M, 64 * K); // private
+    ctx.write(&mut f, 3 * M + 512, &pattern(4, 3 * M + 512, 1024)); // shared
+    ctx.close(f);
+}
+
+/// Lazy refcounts: the first write sets the dirty bit, close clears it.
+#[test]
+fn mixed_workload_lazy_refcounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "lazy.qcow2",
+        "cluster_size=65536,lazy_refcounts=on",
+        "1536M",
+        &["write -P 0x11 0 256k", "write -P 0x13 3m 64k"],
+        Some(&["write -P 0x21 512m 192k", "write -P 0x22 600m 64k"]),
+    );
+    let rec = record("lazy-refcounts", &base, mixed_workload);
+    assert_safe(&crash_states(&rec, true), "lazy-refcounts");
+}
+
+/// Version 2 (compat=0.10): no zero flag (discard and write_zeroes deallocate) and no dirty bit.
+#[test]
+fn mixed_workload_v2() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "v2.qcow2",
+        "cluster_size=65536,compat=0.10",
+        "1536M",
+        &["write -P 0x11 0 256k", "write -P 0x13 3m 64k"],
+        Some(&["write -P 0x21 512m 192k", "write -P 0x22 600m 64k"]),
+    );
+    let rec = record("v2", &base, mixed_workload);
+    assert_safe(&crash_states(&rec, true), "v2");
+}
+
+/// A persistent dirty bitmap: flagged in use by the first write, updated and unflagged on close.
+#[test]
+fn mixed_workload_persistent_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_base(
+        dir.path(),
+        "bitmap.qcow2",
+        "cluster_size=65536",
+        "1536M",
+        &["write -P 0x11 0 256k", "write -P 0x13 3m 64k"],
+        Some(&["write -P 0x21 512m 192k", "write -P 0x22 600m 64k"]),
+    );
+    let p = dir.path().join("bitmap.qcow2");
+    let (c, out) = qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+    assert_eq!(c, 0, "{out}");
+    let base = std::fs::read(&p).unwrap();
+    let rec = record("bitmap", &base, mixed_workload);
+    assert_safe(&crash_states(&rec, true), "bitmap");
+}
