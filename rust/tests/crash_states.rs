@@ -686,7 +686,7 @@ fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
         for (n, got) in buf.chunks(SECTOR as usize).enumerate() {
             let s = v[i] + n as u64;
             let want = p.disk.get(s);
-            if got != want && !extra.get(&s).is_some_and(|l| l.iter().any(|x| *x == got)) {
+            if got != want && !extra.get(&s).is_some_and(|l| l.contains(&got)) {
                 let alt: Vec<String> = extra.get(&s).map_or(Vec::new(), |l| l.iter().map(|x| summary(x)).collect());
                 bad.push(format!(
                     "guest 0x{:x} reads {} (promised {}{})",
