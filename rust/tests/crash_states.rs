@@ -15,6 +15,17 @@
 //! of the budget, get a seeded random sample (random subsets, orders and tears). States are
 //! deduplicated by content. `QCOWRS_CRASH_STATES=N` sets the per-operation budget (default
 //! [`DEFAULT_STATES`]); the share checked with qemu-img grows with it.
+//!
+//! Each state is opened with `OpenOptions { writable: true, rebuild: true }` (must succeed),
+//! then `check_raw(Repair::None)` must find no corruption and no check error (leaks are what a
+//! crash may leave; problems the base image itself has are tolerated in crash states, never in
+//! the completed one), then the guest must read back what the operation promised (see
+//! [`check_guest`]). A sample of states (every [`QEMU_EVERY`]th at most, every one for short
+//! logs) also goes through `qemu-img check` before the repair-on-open (exit 0 or 3, or what a
+//! dirty bit or the base explains) and after it (exit 0 or 3 with qcowrs's leak count), through
+//! `qemu-img convert -l snapshot.name=snap1` + `qemu-img compare` against the base's snapshot,
+//! and through qcowrs `repair=all` followed by `qemu-img check` (exit 0). A failing state is
+//! printed with the ops applied (torn, reordered) and saved under `target/tmp/crash-states/`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test crate: a failed unwrap is a failed test
 #![allow(clippy::print_stderr)] // the per-operation counts are the point of `--nocapture`
