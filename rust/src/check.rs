@@ -495,10 +495,18 @@ fn check_pass(
             return Ok((finish(report, highest, h), LastWalk { count, copied_unsettled: true }));
         }
         if report.counts.leaks > 0 || report.counts.corruptions > 0 {
+            let report_has_errors = report.counts.corruptions > 0;
             if incomplete && report.counts.leaks > 0 {
                 report.problems.push("leak-repair-skipped", None, None, "leaked clusters were not freed: part of the image could not be walked, so they may still hold live data".into());
             }
             report.counts = pre_compare;
+            if repair.errors() && report_has_errors {
+                // Refcounts raised and OFLAG_COPIED flags changed in place cannot be ordered so
+                // that every crash state is consistent (a refcount raised first leaves a shared
+                // cluster flagged COPIED): the dirty bit makes an interrupted repair redo itself
+                // on the next read-write open. It is cleared at the end when clean.
+                h.commit_incompatible_features(raw, h.incompatible_features | INCOMPAT_DIRTY)?;
+            }
             let fix = if !incomplete {
                 Fix::Repair(repair)
             } else if repair.errors() {
