@@ -14,7 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import Refcounts, parse_header, peek, poke, poke_field, qemu_img, qemu_io
+from conftest import (
+    QEMU_IO,
+    Refcounts,
+    parse_header,
+    peek,
+    poke,
+    poke_field,
+    qemu_img,
+    qemu_io,
+    run,
+)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -43,17 +53,29 @@ def generator(fn: Callable[[Path], Case]) -> Callable[[Path], Case]:
 # Building blocks
 
 
-def make(d: Path, name: str = "img.qcow2", size: str = "64M", data: bool = True, **opts: object) -> Path:
+def make(
+    d: Path, name: str = "img.qcow2", size: str = "64M", data: bool = True, **opts: object
+) -> Path:
     """`qemu-img create` (options as `-o k=v`) and, with `data`, 1 MiB of 0xab at 0 and 64 KiB
     of 0xcd at 3 MiB."""
     p = d / name
     args = ["create", "-q", "-f", "qcow2"]
     if opts:
         args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
-    qemu_img(*args, p, size)
+    # Relative names (a data file) are stored as given and made beside the image.
+    qemu_img(*args, name, size, cwd=d)
     if data:
-        qemu_io(p, "write -P 0xab 0 1M", "write -P 0xcd 3M 64k")
+        qio(p, "write -P 0xab 0 1M", "write -P 0xcd 3M 64k")
     return p
+
+
+def qio(p: Path, *cmds: str) -> None:
+    """qemu-io in the image's directory (QEMU resolves a relative data file name from the
+    working directory)."""
+    argv: list[str] = [QEMU_IO or "qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        argv += ["-c", c]
+    run([*argv, p.name], cwd=p.parent)
 
 
 def hdr(p: Path) -> dict[str, int]:
@@ -242,14 +264,29 @@ def gen_crypto_ext_2_40(d: Path) -> Case:
 # L1 and L2 tables
 
 
-register("l1_entry_reserved_bits", simple(lambda p: poke(p, hdr(p)["l1_table_offset"], ">Q", l1_entry(p) | 0x7F00_0000_0000_0000)))
-register("l1_entry_misaligned", simple(lambda p: poke(p, hdr(p)["l1_table_offset"], ">Q", l1_entry(p) | 0x200)))
-register("l1_entry_past_eof", simple(lambda p: poke(p, hdr(p)["l1_table_offset"], ">Q", (1 << 63) | 0x10_0000_0000)))
-register("l2_entry_reserved_bits", simple(lambda p: set_l2(p, 0, peek(p, l2_offset(p), ">Q") | 0x3F00_0000_0000_0000)))
+register(
+    "l1_entry_reserved_bits",
+    simple(lambda p: poke(p, hdr(p)["l1_table_offset"], ">Q", l1_entry(p) | 0x7F00_0000_0000_0000)),
+)
+register(
+    "l1_entry_misaligned",
+    simple(lambda p: poke(p, hdr(p)["l1_table_offset"], ">Q", l1_entry(p) | 0x200)),
+)
+register(
+    "l1_entry_past_eof",
+    simple(lambda p: poke(p, hdr(p)["l1_table_offset"], ">Q", (1 << 63) | 0x10_0000_0000)),
+)
+register(
+    "l2_entry_reserved_bits",
+    simple(lambda p: set_l2(p, 0, peek(p, l2_offset(p), ">Q") | 0x3F00_0000_0000_0000)),
+)
 register("l2_entry_misaligned", simple(lambda p: set_l2(p, 0, peek(p, l2_offset(p), ">Q") | 0x200)))
 register("l2_points_at_header", simple(lambda p: set_l2(p, 0, (1 << 63) | 0x200)))
 register("l2_points_at_l1", simple(lambda p: set_l2(p, 0, (1 << 63) | hdr(p)["l1_table_offset"])))
-register("l2_points_at_reftable", simple(lambda p: set_l2(p, 0, (1 << 63) | hdr(p)["refcount_table_offset"])))
+register(
+    "l2_points_at_reftable",
+    simple(lambda p: set_l2(p, 0, (1 << 63) | hdr(p)["refcount_table_offset"])),
+)
 register("l2_cross_link", simple(lambda p: set_l2(p, 1, peek(p, l2_offset(p), ">Q"))))
 
 
@@ -357,7 +394,10 @@ def _reftable_entry(p: Path, value: int) -> None:
     poke(p, hdr(p)["refcount_table_offset"], ">Q", value)
 
 
-register("reftable_entry_reserved_bits", simple(lambda p: _reftable_entry(p, peek(p, hdr(p)["refcount_table_offset"], ">Q") | 1)))
+register(
+    "reftable_entry_reserved_bits",
+    simple(lambda p: _reftable_entry(p, peek(p, hdr(p)["refcount_table_offset"], ">Q") | 1)),
+)
 register("reftable_entry_misaligned", simple(lambda p: _reftable_entry(p, 0x20200)))
 register("refblock_past_eof", simple(lambda p: _reftable_entry(p, 0x10_0000_0000)))
 register("refblock_is_header", simple(lambda p: _reftable_entry(p, 0)))
@@ -399,11 +439,9 @@ def gen_truncate_wrap_2mib_1bit(d: Path) -> Case:
     p = make(d, size="64M", data=False, cluster_size=2 * MiB, refcount_bits=1)
     qemu_io(p, "write -P 0x44 0 4M")
     rc = Refcounts(p)
-    last = rc.rb_entries - 1
-    size = (last + 1) * 2 * MiB
-    with open(p, "r+b") as fh:
-        fh.truncate(size)
-    rc.set(last, 1)
+    # The refcount of the last cluster refblock 0 covers (past the end of the file, where
+    # refcounts are not checked).
+    rc.set(rc.rb_entries - 1, 1)
     return Case(p, extra_ops=[["truncate", str((1 << 57) - 2 * MiB)]])
 
 
@@ -444,9 +482,37 @@ def gen_snapshot_id_name_65535(d: Path) -> Case:
     return Case(p)
 
 
-register("snapshot_l1_unaligned", lambda d: Case(_patched(_with_snapshot(d), lambda p: poke(p, hdr(p)["snapshots_offset"], ">Q", peek(p, hdr(p)["snapshots_offset"], ">Q") + 0x200))))
-register("snapshot_l1_huge", lambda d: Case(_patched(_with_snapshot(d), lambda p: poke(p, hdr(p)["snapshots_offset"] + 8, ">I", 0x7FFF_FFFF))))
-register("snapshot_table_over_l1", lambda d: Case(_patched(_with_snapshot(d), lambda p: poke_field(p, "snapshots_offset", hdr(p)["l1_table_offset"]))))
+register(
+    "snapshot_l1_unaligned",
+    lambda d: Case(
+        _patched(
+            _with_snapshot(d),
+            lambda p: poke(
+                p,
+                hdr(p)["snapshots_offset"],
+                ">Q",
+                peek(p, hdr(p)["snapshots_offset"], ">Q") + 0x200,
+            ),
+        )
+    ),
+)
+register(
+    "snapshot_l1_huge",
+    lambda d: Case(
+        _patched(
+            _with_snapshot(d), lambda p: poke(p, hdr(p)["snapshots_offset"] + 8, ">I", 0x7FFF_FFFF)
+        )
+    ),
+)
+register(
+    "snapshot_table_over_l1",
+    lambda d: Case(
+        _patched(
+            _with_snapshot(d),
+            lambda p: poke_field(p, "snapshots_offset", hdr(p)["l1_table_offset"]),
+        )
+    ),
+)
 
 
 def _patched(p: Path, patch: Callable[[Path], object]) -> Path:
@@ -490,11 +556,12 @@ def gen_bitmap_table_on_guest_data(d: Path) -> Case:
     """A bitmap table entry pointing at a guest data cluster (refcounts say it is shared, so
     QEMU calls it clean); closing after a write used to set bits in the guest data."""
     p, _, table = with_bitmap(d)
-    data = l2_offset(p) + 65536  # the first data cluster
-    data = peek(p, l2_offset(p), ">Q") & 0x00FF_FFFF_FFFF_FE00
+    entry = peek(p, l2_offset(p), ">Q")
+    data = entry & 0x00FF_FFFF_FFFF_FE00
     poke(p, table, ">Q", data)
-    rc = Refcounts(p)
-    rc.set(data // 65536, 2)
+    # Shared: refcount 2 and no OFLAG_COPIED on the guest's entry (QEMU-clean).
+    Refcounts(p).set(data // 65536, 2)
+    set_l2(p, 0, entry & ~(1 << 63))
     return Case(p, extra_ops=[["write-close"]])
 
 
@@ -603,7 +670,9 @@ def gen_chain_100_deep(d: Path) -> Case:
     qemu_img("create", "-q", "-f", "qcow2", d / "c0.qcow2", "16M")
     qemu_io(d / "c0.qcow2", "write -P 0x01 0 64k")
     for i in range(1, 100):
-        qemu_img("create", "-q", "-f", "qcow2", "-b", f"c{i - 1}.qcow2", "-F", "qcow2", d / f"c{i}.qcow2")
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-b", f"c{i - 1}.qcow2", "-F", "qcow2", d / f"c{i}.qcow2"
+        )
     qemu_io(d / "c99.qcow2", "write -P 0x63 1M 64k")
     return Case(d / "c99.qcow2", valid=True)
 
@@ -621,7 +690,7 @@ def gen_data_file_is_the_image(d: Path) -> Case:
     """An external data file that is the image itself: a rebuild used to overwrite guest
     data."""
     p = make(d, data=False, data_file="data.raw")
-    qemu_io(p, "write -P 0x77 0 128k")
+    qio(p, "write -P 0x77 0 128k")
     h = hdr(p)
     with open(p, "rb") as fh:
         c0 = bytearray(fh.read(h["cluster_size"]))
@@ -639,7 +708,7 @@ def gen_compressed_in_data_file_image(d: Path) -> Case:
     """A compressed entry in an image with an external data file: a rebuild used to overwrite
     the compressed data, which the walker skipped."""
     p = make(d, data=False, data_file="data.raw")
-    qemu_io(p, "write -P 0x77 0 128k")
+    qio(p, "write -P 0x77 0 128k")
     rc = Refcounts(p)
     size = p.stat().st_size
     cs = 65536

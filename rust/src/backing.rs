@@ -45,10 +45,7 @@ pub(crate) fn open_image_file(path: &Path, writable: bool, what: &str) -> Result
         None
     };
     if let Some(kind) = kind {
-        return Err(Error::UnsupportedFeature(format!(
-            "{what} '{}' is {kind}, not a disk image file",
-            path.display()
-        )));
+        return Err(Error::UnsupportedFeature(format!("{what} '{}' is {kind}, not a disk image file", path.display())));
     }
     std::fs::OpenOptions::new()
         .read(true)
@@ -136,7 +133,12 @@ pub(crate) fn check_plain_file_name(name: &str, field: &str) -> Result<()> {
 
 /// Opens the backing file `name` of `image` (read-only, locked like QEMU's), probing its
 /// format unless `format` says it.
-pub(crate) fn open_backing(image: &Path, name: &str, format: Option<&str>, chain: &[FileId]) -> Result<Box<dyn BackingRead>> {
+pub(crate) fn open_backing(
+    image: &Path,
+    name: &str,
+    format: Option<&str>,
+    chain: &[FileId],
+) -> Result<Box<dyn BackingRead>> {
     check_plain_file_name(name, "backing file")?;
     let p = resolve_relative(image, name);
     open_backing_path(image, &p, format, chain)

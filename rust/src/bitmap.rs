@@ -84,7 +84,7 @@ pub(crate) enum BitmapStart {
     /// The bitmaps cannot be updated without writing into clusters something else uses (or
     /// they are malformed): the writer clears the autoclear bit instead, which tells QEMU that
     /// no bitmap of the image can be trusted. Never a guest byte is touched.
-    Unsafe(String),
+    Unsafe,
 }
 
 /// Why updating `bitmaps` in place could change something else, if it could: each bitmap's
@@ -190,7 +190,7 @@ impl BitmapTracker {
         }
         let dir = match read_bitmap_directory(raw, h) {
             Ok(d) => d,
-            Err(e) => return Ok(BitmapStart::Unsafe(format!("the bitmap directory cannot be read: {e}"))),
+            Err(_) => return Ok(BitmapStart::Unsafe),
         };
         // A bitmap already in use is inconsistent and stays so; a disabled one does not change.
         let bitmaps: Vec<BitmapEntry> =
@@ -198,11 +198,15 @@ impl BitmapTracker {
         if bitmaps.is_empty() {
             return Ok(BitmapStart::Nothing);
         }
-        if let Some(why) = unsafe_to_update(raw, h, &bitmaps)? {
-            return Ok(BitmapStart::Unsafe(why));
+        if unsafe_to_update(raw, h, &bitmaps)?.is_some() {
+            return Ok(BitmapStart::Unsafe);
         }
         for b in &bitmaps {
-            raw.write_at(&(b.flags | FLAG_IN_USE).to_be_bytes(), b.entry_offset + 12, "bitmap directory entry (in_use)")?;
+            raw.write_at(
+                &(b.flags | FLAG_IN_USE).to_be_bytes(),
+                b.entry_offset + 12,
+                "bitmap directory entry (in_use)",
+            )?;
         }
         raw.sync()?;
         Ok(BitmapStart::Track(BitmapTracker { bitmaps, dirty: Vec::new() }))

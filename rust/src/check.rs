@@ -463,24 +463,43 @@ fn check_pass(
     let mut count = count_references(raw, h, repair == Repair::None)?;
     if let (true, Some((at, _))) = (repair.errors(), count.unrepairable.first()) {
         let why: Vec<&str> = count.unrepairable.iter().map(|(_, w)| w.as_str()).collect();
-        return Err(crate::error::Error::corrupt(format!("repair refused (nothing was changed): {}", why.join("; ")), *at));
+        return Err(crate::error::Error::corrupt(
+            format!("repair refused (nothing was changed): {}", why.join("; ")),
+            *at,
+        ));
     }
     if repair.errors() && structure.is_none() && crate::repair::needs_structural_repair(&count) {
         let mut dropped = Vec::new();
         crate::repair::fix_structure(raw, h, &count, &mut dropped)?;
         drop(count);
+        // The structure changed under the parsed header (extensions renamed, tables moved).
+        *h = QcowHeader::read_for_check(&**raw.storage())?;
+        raw.refresh_len()?;
         return check_pass(raw, h, repair, true, Some(dropped));
     }
     let dropped = structure.unwrap_or_default();
-    let mut report = CheckReport { counts: count.counts.clone(), problems: std::mem::take(&mut count.problems), dropped, ..CheckReport::default() };
+    let mut report = CheckReport {
+        counts: count.counts.clone(),
+        problems: std::mem::take(&mut count.problems),
+        dropped,
+        ..CheckReport::default()
+    };
     let pre_compare = report.counts.clone();
     let mut walk_counts = pre_compare.clone();
     let mut rebuild = count.rebuild;
-    let first = compare(raw, h, &count.imrt, Fix::None, count.copied_seen.as_ref(), &mut report.counts, &mut rebuild, &mut report.problems)?;
+    let first = compare(
+        raw,
+        h,
+        &count.imrt,
+        Fix::None,
+        count.copied_seen.as_ref(),
+        &mut report.counts,
+        &mut rebuild,
+        &mut report.problems,
+    )?;
     let mut highest = first.highest;
     rebuild |= force_rebuild;
     let original_incompat = h.incompatible_features;
-    let incomplete = count.incomplete;
 
     if rebuild && repair.errors() {
         let (recount, top) = rebuild_pass(raw, h, count, &mut report)?;
@@ -495,37 +514,20 @@ fn check_pass(
             return Ok((finish(report, highest, h), LastWalk { count, copied_unsettled: true }));
         }
         if report.counts.leaks > 0 || report.counts.corruptions > 0 {
-            let report_has_errors = report.counts.corruptions > 0;
-            if incomplete && report.counts.leaks > 0 {
-                report.problems.push("leak-repair-skipped", None, None, "leaked clusters were not freed: part of the image could not be walked, so they may still hold live data".into());
-            }
-            report.counts = pre_compare;
-            if repair.errors() && report_has_errors {
-                // Refcounts raised and OFLAG_COPIED flags changed in place cannot be ordered so
-                // that every crash state is consistent (a refcount raised first leaves a shared
-                // cluster flagged COPIED): the dirty bit makes an interrupted repair redo itself
-                // on the next read-write open. It is cleared at the end when clean.
-                h.commit_incompatible_features(raw, h.incompatible_features | INCOMPAT_DIRTY)?;
-            }
-            let fix = if !incomplete {
-                Fix::Repair(repair)
-            } else if repair.errors() {
-                Fix::ErrorsOnly
-            } else {
-                Fix::None
-            };
-            let mut scratch = ProblemLog::default();
-            highest = compare(raw, h, &count.imrt, fix, None, &mut report.counts, &mut rebuild, &mut scratch)?.highest;
+            highest = repair_in_place(raw, h, &count, repair, pre_compare, &mut report, &mut rebuild)?;
         }
     }
 
     let fix_copied = repair.errors()
-        || (repair.leaks() && report.counts.check_errors == 0 && report.counts.corruptions == 0 && report.counts.leaks == 0);
+        || (repair.leaks()
+            && report.counts.check_errors == 0
+            && report.counts.corruptions == 0
+            && report.counts.leaks == 0);
     let errors_before = report.counts.check_errors;
     // Without repair, the refcounts are those the walk saw: the full pass is needed only if a
     // flag may be wrong.
-    let skip_copied =
-        repair == Repair::None && count.copied_seen.as_ref().is_some_and(|seen| !seen.beyond_file && !first.copied_suspect);
+    let skip_copied = repair == Repair::None
+        && count.copied_seen.as_ref().is_some_and(|seen| !seen.beyond_file && !first.copied_suspect);
     if !skip_copied {
         let allow_set = !count.incomplete;
         check_oflag_copied(raw, h, &count, false, fix_copied, allow_set, &mut report.counts, &mut report.problems)?;
@@ -547,11 +549,56 @@ fn check_pass(
     Ok((finish(report, highest, h), LastWalk { count, copied_unsettled }))
 }
 
+/// Leaks (and with `Repair::All`, too-low refcounts) fixed in place, one refblock at a time;
+/// nothing is freed when the walk was incomplete. Returns the highest cluster in use.
+fn repair_in_place(
+    raw: &QcowRawFile,
+    h: &mut QcowHeader,
+    count: &ReferenceCount,
+    repair: Repair,
+    pre_compare: Counts,
+    report: &mut CheckReport,
+    rebuild: &mut bool,
+) -> Result<u64> {
+    let has_errors = report.counts.corruptions > 0;
+    if count.incomplete && report.counts.leaks > 0 {
+        report.problems.push(
+            "leak-repair-skipped",
+            None,
+            None,
+            "leaked clusters were not freed: part of the image could not be walked, so they may still hold live data"
+                .into(),
+        );
+    }
+    report.counts = pre_compare;
+    if repair.errors() && has_errors {
+        // Refcounts raised and OFLAG_COPIED flags changed in place cannot be ordered so that
+        // every crash state is consistent (a refcount raised first leaves a shared cluster
+        // flagged COPIED): the dirty bit makes an interrupted repair redo itself on the next
+        // read-write open. It is cleared at the end when clean.
+        h.commit_incompatible_features(raw, h.incompatible_features | INCOMPAT_DIRTY)?;
+    }
+    let fix = if !count.incomplete {
+        Fix::Repair(repair)
+    } else if repair.errors() {
+        Fix::ErrorsOnly
+    } else {
+        Fix::None
+    };
+    let mut scratch = ProblemLog::default();
+    Ok(compare(raw, h, &count.imrt, fix, None, &mut report.counts, rebuild, &mut scratch)?.highest)
+}
+
 /// `Repair::All` when the refcount structure must be rebuilt: OFLAG_COPIED fixed from the
 /// counts about to be committed, a new structure written and committed (the dirty bit set
 /// meanwhile), then a recount that frees the old structure as leaks. Returns the recount and
 /// the highest cluster in use.
-fn rebuild_pass(raw: &QcowRawFile, h: &mut QcowHeader, mut count: ReferenceCount, report: &mut CheckReport) -> Result<(ReferenceCount, u64)> {
+fn rebuild_pass(
+    raw: &QcowRawFile,
+    h: &mut QcowHeader,
+    mut count: ReferenceCount,
+    report: &mut CheckReport,
+) -> Result<(ReferenceCount, u64)> {
     let old = report.counts.clone();
     let incomplete = count.incomplete;
     // Mark the image as having stale refcounts while the structure is replaced.
@@ -602,7 +649,8 @@ fn recheck(raw: &QcowRawFile, h: &QcowHeader, last: LastWalk) -> Result<CheckRep
     let mut report = CheckReport { counts: last.count.counts.clone(), ..CheckReport::default() };
     let mut rebuild = false;
     let highest =
-        compare(raw, h, &last.count.imrt, Fix::None, None, &mut report.counts, &mut rebuild, &mut report.problems)?.highest;
+        compare(raw, h, &last.count.imrt, Fix::None, None, &mut report.counts, &mut rebuild, &mut report.problems)?
+            .highest;
     if last.copied_unsettled {
         let allow_set = !last.count.incomplete;
         check_oflag_copied(raw, h, &last.count, false, false, allow_set, &mut report.counts, &mut report.problems)?;
@@ -624,15 +672,38 @@ pub fn check_path(path: &Path, repair: Repair, force_rebuild: bool) -> Result<Ch
     crate::lock::lock_image(&file, writable, &format!("'{}'", path.display()))?;
     let storage = Arc::new(FileStorage::new(file));
     let mut h = QcowHeader::read_for_check(&*storage)?;
+    let data_file_is_image = match h.data_file() {
+        Some(name) if h.has_data_file() => {
+            let p = crate::backing::resolve_relative(path, &name);
+            std::fs::metadata(&p).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            }) == crate::backing::file_id(&*storage)
+        }
+        _ => false,
+    };
+    let at = crate::header::field_offset::INCOMPATIBLE_FEATURES;
+    let why = "the external data file is the image itself: its data and its metadata would overwrite each other";
+    if data_file_is_image && writable {
+        return Err(crate::error::Error::corrupt(format!("repair refused (nothing was changed): {why}"), at));
+    }
     let raw = QcowRawFile::new(storage, h.cluster_size(), h.refcount_order, writable)?;
-    check_raw(&raw, &mut h, repair, force_rebuild)
+    let mut report = check_raw(&raw, &mut h, repair, force_rebuild)?;
+    if data_file_is_image {
+        report.counts.check_errors += 1;
+        report.problems.push("data-file", Some(at), None, why.to_string());
+    }
+    Ok(report)
 }
 
 /// [`check_path`] on an image that is already open (and locked).
 pub fn check_raw(raw: &QcowRawFile, h: &mut QcowHeader, repair: Repair, force_rebuild: bool) -> Result<CheckReport> {
     let (first, last) = check_pass(raw, h, repair, force_rebuild, None)?;
     if repair == Repair::None
-        || (first.counts.corruptions_fixed == 0 && first.counts.leaks_fixed == 0 && !first.rebuilt && first.dropped.is_empty())
+        || (first.counts.corruptions_fixed == 0
+            && first.counts.leaks_fixed == 0
+            && !first.rebuilt
+            && first.dropped.is_empty())
     {
         return Ok(first);
     }

@@ -55,6 +55,11 @@ pub struct ReferenceCount {
     pub snapshots_damaged: bool,
     /// Why no repair can keep every readable byte, if that is so (a repair then refuses).
     pub unrepairable: Vec<(u64, String)>,
+    /// The offset of a crypto header extension on an unencrypted image (QEMU refuses such an
+    /// image; a repair renames the extension).
+    pub stray_crypto_ext: Option<u64>,
+    /// Why the persistent bitmaps cannot be used, if they cannot (a repair gives them up).
+    pub bitmaps_damaged: Option<String>,
 }
 
 /// An entry pointing past the end of the file.
@@ -74,13 +79,19 @@ pub struct Dangling {
     pub fix: EntryFix,
 }
 
-/// How a repair mends an entry.
+/// How a repair mends an entry: the words it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryFix {
-    /// Cleared: its data (or L2 table) lies past the end of the file and is lost.
+    /// Cleared (an L1 entry to 0, an L2 entry to a zero cluster): what it pointed at lies past
+    /// the end of the file or at a misaligned offset, so nothing of it was readable.
     Clear,
-    /// A compressed entry whose subcluster bitmap must be 0: the bitmap is cleared.
-    ClearBitmap,
+    /// Set to these words (the descriptor, and with extended L2 the bitmap): reserved bits or
+    /// contradicting bitmap bits removed, keeping what reads.
+    Set(u64, u64),
+    /// A compressed cluster `(offset, length)` whose range runs past the end of the file: kept
+    /// with its range cut to the file if its stream decompresses from what is there, else
+    /// cleared.
+    Compressed(u64, u64),
 }
 
 impl ReferenceCount {
@@ -141,7 +152,9 @@ fn defect_message(d: L2Defect, e: crate::format::L2Entry, at: u64, guest: u64) -
     match d {
         L2Defect::ReservedBits => format!("L2 entry 0x{entry:x} at 0x{at:x} has reserved bits set"),
         L2Defect::CompressedCopied => {
-            format!("compressed cluster for guest 0x{guest:x}: the copied flag must never be set for compressed clusters")
+            format!(
+                "compressed cluster for guest 0x{guest:x}: the copied flag must never be set for compressed clusters"
+            )
         }
         L2Defect::CompressedWithDataFile => "compressed cluster in an image with an external data file".to_string(),
         L2Defect::CompressedWithBitmap => {
@@ -200,6 +213,8 @@ impl<'a> Counter<'a> {
                 l1_problem: None,
                 snapshots_damaged: false,
                 unrepairable: Vec::new(),
+                stray_crypto_ext: None,
+                bitmaps_damaged: None,
             },
             claimed,
             next_contiguous: 0,
@@ -213,7 +228,13 @@ impl<'a> Counter<'a> {
     }
 
     /// A corruption whose message is made only if it will be listed.
-    fn corruption_with(&mut self, kind: &'static str, host: Option<u64>, guest: Option<u64>, message: impl FnOnce() -> String) {
+    fn corruption_with(
+        &mut self,
+        kind: &'static str,
+        host: Option<u64>,
+        guest: Option<u64>,
+        message: impl FnOnce() -> String,
+    ) {
         self.out.counts.corruptions += 1;
         self.out.problems.push_with(kind, host, guest, message);
     }
@@ -267,6 +288,14 @@ impl<'a> Counter<'a> {
                 if self.out.overflowed.len() < MAX_BEYOND_EOF {
                     self.out.overflowed.insert(k);
                 }
+                if self.out.unrepairable.is_empty() {
+                    let why = format!(
+                        "cluster 0x{:x} is referenced more often than {}-bit refcounts can count",
+                        k << cb,
+                        geo.refcount_bits()
+                    );
+                    self.out.unrepairable.push((k << cb, why));
+                }
             }
         }
         Ok(true)
@@ -283,9 +312,14 @@ impl<'a> Counter<'a> {
             }
             self.out.beyond_eof.insert(k);
         }
+        self.fix_entry(at, l1, active, guest, EntryFix::Clear);
+    }
+
+    /// Records how a repair mends the entry at `at` (of the L1 or L2 table being walked).
+    fn fix_entry(&mut self, at: u64, l1: bool, active: bool, guest: Option<u64>, fix: EntryFix) {
         if self.out.dangling.len() < MAX_BEYOND_EOF {
             let table = if l1 { self.cur_l1 } else { self.cur_l2 };
-            self.out.dangling.push(Dangling { at, table, l1, active, guest, fix: EntryFix::Clear });
+            self.out.dangling.push(Dangling { at, table, l1, active, guest, fix });
         }
     }
 
@@ -317,7 +351,14 @@ impl<'a> Counter<'a> {
     /// Counts (and, when `unshared`, claims) a structure's bytes.
     /// Counts (and, when `unshared`, claims) a structure's bytes; `false` if they lie past the
     /// end of the file.
-    fn count(&mut self, offset: u64, size: u64, unshared: bool, what: &dyn Fn() -> String, guest: Option<u64>) -> Result<bool> {
+    fn count(
+        &mut self,
+        offset: u64,
+        size: u64,
+        unshared: bool,
+        what: &dyn Fn() -> String,
+        guest: Option<u64>,
+    ) -> Result<bool> {
         let inside = self.inc(offset, size, what, guest)?;
         if unshared {
             self.claim(offset, size, what, guest);
@@ -340,14 +381,20 @@ impl<'a> Counter<'a> {
                 self.out.snapshots_damaged = true;
                 ("snapshot-table", format!("cannot read the snapshot table: {error}"))
             }
-            Structure::BitmapDirectory => ("bitmap", format!("cannot read the bitmap directory: {error}")),
+            Structure::BitmapDirectory => {
+                self.out.bitmaps_damaged.get_or_insert_with(|| format!("the bitmap directory cannot be read: {error}"));
+                ("bitmap", format!("cannot read the bitmap directory: {error}"))
+            }
             Structure::Reftable => {
                 self.out.rebuild = true;
                 ("io-error", format!("reading the refcount table: {error}"))
             }
             Structure::L1Table(t) => ("io-error", format!("reading the {}: {error}", self.tree_name(t))),
             Structure::L2Table(_) => ("io-error", format!("reading an L2 table: {error}")),
-            Structure::BitmapTable => ("io-error", format!("reading a bitmap table: {error}")),
+            Structure::BitmapTable => {
+                self.out.bitmaps_damaged.get_or_insert_with(|| format!("a bitmap table cannot be read: {error}"));
+                ("io-error", format!("reading a bitmap table: {error}"))
+            }
         };
         self.out.problems.push(kind, Some(offset), None, msg);
     }
@@ -362,6 +409,8 @@ impl<'a> Counter<'a> {
                 guest,
                 format!("{what}[{index}] = 0x{entry:x} has reserved bits set"),
             );
+            let fixed = entry & !crate::format::L1E_RESERVED_MASK;
+            self.fix_entry(at, true, tree.is_active(), guest, EntryFix::Set(fixed, 0));
         }
         let l2 = l1_entry_l2_offset(entry);
         if l2 == 0 {
@@ -379,6 +428,7 @@ impl<'a> Counter<'a> {
         if l2 % self.geo.cluster_size() != 0 {
             let msg = format!("{l2what} at 0x{l2:x} is not cluster aligned; L1 entry corrupted");
             self.corruption("misaligned", Some(l2), guest, msg);
+            self.fix_entry(at, true, tree.is_active(), guest, EntryFix::Clear);
             return Ok(Flow::Skip);
         }
         Ok(Flow::Continue)
@@ -397,6 +447,7 @@ impl<'a> Counter<'a> {
     fn l2_entry_judged(&mut self, active: bool, guest: u64, at: u64, e: crate::format::L2Entry) -> Result<()> {
         let ty = self.geo.cluster_type(e);
         let mut counted = true;
+        let mut fixed = e;
         let mut defects: [Option<L2Defect>; 4] = [None; 4];
         let mut n = 0;
         self.geo.for_each_defect(e, |d| {
@@ -421,15 +472,25 @@ impl<'a> Counter<'a> {
                 L2Defect::CompressedWithBitmap => {
                     // QEMU does not count it: a repair clears the bitmap, which makes it valid.
                     counted = false;
-                    if self.out.dangling.len() < MAX_BEYOND_EOF {
-                        let table = self.cur_l2;
-                        self.out.dangling.push(Dangling { at, table, l1: false, active, guest: Some(guest), fix: EntryFix::ClearBitmap });
-                    }
+                    fixed.bitmap = 0;
                     "subcluster-bitmap"
                 }
-                L2Defect::AllocatedAndZero | L2Defect::UnallocatedWithAllocBits => "subcluster-bitmap",
+                L2Defect::AllocatedAndZero => {
+                    // The allocated subclusters keep their data; their zero bits go.
+                    fixed.bitmap &= !((fixed.bitmap & (fixed.bitmap >> 32)) << 32);
+                    "subcluster-bitmap"
+                }
+                L2Defect::UnallocatedWithAllocBits => {
+                    fixed.bitmap &= !crate::format::SUBCLUSTER_ALL_ALLOC;
+                    "subcluster-bitmap"
+                }
                 L2Defect::Misaligned(_) => "misaligned",
             };
+            match d {
+                L2Defect::ReservedBits => fixed.entry &= !crate::format::L2E_STD_RESERVED_MASK,
+                L2Defect::CompressedCopied => fixed.entry &= !crate::format::L2E_COPIED,
+                _ => {}
+            }
             let msg = || defect_message(d, e, at, guest);
             // QEMU reports a misaligned data offset after counting the cluster statistics.
             if !matches!(d, L2Defect::Misaligned(_)) {
@@ -438,8 +499,13 @@ impl<'a> Counter<'a> {
                 self.stats(ty, e.host_offset(), active);
                 self.corruption_with(kind, Some(at), Some(guest), msg);
                 self.count_data(e.host_offset(), guest, active, e.is_copied(), at)?;
+                // Its data cannot be read at a misaligned offset: a repair makes it zero.
+                self.fix_entry(at, false, active, Some(guest), EntryFix::Clear);
                 return Ok(());
             }
+        }
+        if fixed != e {
+            self.fix_entry(at, false, active, Some(guest), EntryFix::Set(fixed.entry, fixed.bitmap));
         }
         if !counted {
             return Ok(());
@@ -449,6 +515,10 @@ impl<'a> Counter<'a> {
                 let (coff, clen) = self.geo.compressed_range(e);
                 if !self.inc(coff, clen, &|| format!("compressed cluster for guest 0x{guest:x}"), Some(guest))? {
                     self.dangling(coff, clen, at, false, active, Some(guest));
+                    // The stream itself may end inside the file: a repair then keeps it.
+                    if let Some(d) = self.out.dangling.last_mut().filter(|d| d.at == at) {
+                        d.fix = EntryFix::Compressed(coff, clen);
+                    }
                 }
                 self.stats(ty, 0, active);
             }
@@ -535,6 +605,10 @@ impl<'a> Counter<'a> {
                 Some(format!("the active L1 table has {entries} entries, above QEMU's limit of {MAX_L1_ENTRIES}"))
             } else if u64::from(entries) < self.h.l1_entries_needed() {
                 let needed = self.h.l1_entries_needed();
+                if needed > u64::from(MAX_L1_ENTRIES) {
+                    let why = format!("the virtual size {} needs an L1 table above QEMU's 32 MiB limit", self.h.size);
+                    self.out.unrepairable.push((crate::header::field_offset::SIZE, why));
+                }
                 Some(format!("the active L1 table has {entries} entries; the virtual size needs {needed}"))
             } else {
                 None
@@ -552,7 +626,9 @@ impl<'a> Counter<'a> {
         }
         if !self.count(offset, bytes, tree.is_active(), &|| what.clone(), None)? {
             if tree.is_active() {
-                self.out.l1_problem.get_or_insert_with(|| format!("the active L1 table at 0x{offset:x} lies past the end of the file"));
+                self.out.l1_problem.get_or_insert_with(|| {
+                    format!("the active L1 table at 0x{offset:x} lies past the end of the file")
+                });
             } else {
                 self.out.snapshots_damaged = true;
             }
@@ -654,6 +730,8 @@ impl Fork for Counter<'_> {
                 l1_problem: None,
                 snapshots_damaged: false,
                 unrepairable: Vec::new(),
+                stray_crypto_ext: None,
+                bitmaps_damaged: None,
             },
             claimed: vec![0u64; self.claimed.len()],
             next_contiguous: 0,
@@ -678,7 +756,12 @@ impl Fork for Counter<'_> {
             l1_problem,
             snapshots_damaged,
             unrepairable,
+            stray_crypto_ext: _,
+            bitmaps_damaged,
         } = other.out;
+        if self.out.bitmaps_damaged.is_none() {
+            self.out.bitmaps_damaged = bitmaps_damaged;
+        }
         self.out.unrepairable.extend(unrepairable);
         self.out.snapshots_damaged |= snapshots_damaged;
         for (k, n) in l2_table_refs {
@@ -707,6 +790,9 @@ impl Fork for Counter<'_> {
         }
         for k in self.out.imrt.absorb(imrt)? {
             let msg = format!("cluster 0x{:x} is referenced more often than the refcount width allows", k << cb);
+            if self.out.unrepairable.is_empty() {
+                self.out.unrepairable.push((k << cb, msg.clone()));
+            }
             self.corruption("refcount-overflow", Some(k << cb), None, msg);
             if self.out.overflowed.len() < MAX_BEYOND_EOF {
                 self.out.overflowed.insert(k);
@@ -730,6 +816,51 @@ impl Fork for Counter<'_> {
             mine.set.iter_mut().zip(theirs.set).for_each(|(a, b)| *a |= b);
             mine.clear.iter_mut().zip(theirs.clear).for_each(|(a, b)| *a |= b);
             mine.beyond_file |= theirs.beyond_file;
+        }
+        Ok(())
+    }
+}
+
+impl Counter<'_> {
+    /// A bitmap's structure (directory, table, data cluster): counted and claimed; if it lies
+    /// past the end of the file or over another structure, the bitmaps cannot be used.
+    fn bitmap_structure(&mut self, offset: u64, size: u64, what: &dyn Fn() -> String) -> Result<()> {
+        let cb = self.h.cluster_bits;
+        let taken = size > 0
+            && ((offset >> cb)..=(offset.saturating_add(size - 1) >> cb)).any(|k| {
+                usize::try_from(k / 64)
+                    .ok()
+                    .and_then(|w| self.claimed.get(w))
+                    .is_some_and(|word| word >> (k % 64) & 1 == 1)
+            });
+        if offset % self.geo.cluster_size() != 0 || taken {
+            self.out.bitmaps_damaged.get_or_insert_with(|| {
+                format!("{} at 0x{offset:x} is misaligned or overlaps another structure", what())
+            });
+        }
+        if !self.count(offset, size, true, what, None)? {
+            self.out.bitmaps_damaged.get_or_insert_with(|| format!("{} lies past the end of the file", what()));
+        }
+        Ok(())
+    }
+
+    /// A bitmap QEMU cannot load (granularity out of range, a table of the wrong size): the
+    /// check fails; a repair gives the bitmaps up.
+    fn bitmap_table(&mut self, b: &crate::bitmap::BitmapEntry) -> Result<()> {
+        let g = u32::from(b.granularity_bits);
+        let expected = if (9..=31).contains(&g) {
+            Some(self.h.size.div_ceil(1 << g).div_ceil(self.geo.cluster_size() * 8))
+        } else {
+            None
+        };
+        if expected != Some(u64::from(b.bitmap_table_size)) {
+            self.out.counts.check_errors += 1;
+            let msg = format!(
+                "bitmap '{}' cannot be loaded: granularity 2^{g}, {} table entries",
+                b.name, b.bitmap_table_size
+            );
+            self.out.problems.push("bitmap", Some(b.entry_offset), None, msg.clone());
+            self.out.bitmaps_damaged.get_or_insert(msg);
         }
         Ok(())
     }
@@ -762,22 +893,44 @@ impl Visitor for Counter<'_> {
                 if !inside || (offset == 0 && self.h.nb_snapshots > 0) {
                     self.out.snapshots_damaged = true;
                 }
+                if offset % self.geo.cluster_size() != 0 {
+                    // QEMU cannot open it: the check fails; a repair moves the table.
+                    self.out.counts.check_errors += 1;
+                    let msg = format!("the snapshot table offset 0x{offset:x} is not cluster aligned");
+                    self.out.problems.push(
+                        "snapshot-table",
+                        Some(crate::header::field_offset::SNAPSHOTS_OFFSET),
+                        None,
+                        msg,
+                    );
+                    self.out.snapshots_damaged = true;
+                }
             }
             Event::Reftable { offset, bytes } => {
                 self.count(offset, bytes, true, &|| "refcount table".into(), None)?;
             }
             Event::CryptoHeader { offset, len } => {
-                self.count(offset, len, true, &|| "encryption header".into(), None)?;
+                if self.h.crypt_method == 2 {
+                    self.count(offset, len, true, &|| "encryption header".into(), None)?;
+                } else {
+                    // QEMU refuses an unencrypted image with this extension: the check fails.
+                    self.out.counts.check_errors += 1;
+                    let at = self.h.extension_offset(crate::format::EXT_CRYPTO);
+                    self.out.stray_crypto_ext = at;
+                    let msg = "a crypto header extension on an unencrypted image".to_string();
+                    self.out.problems.push("header-extension", at, None, msg);
+                }
             }
             Event::BitmapDirectory { offset, size } => {
-                self.count(offset, size, true, &|| "bitmap directory".into(), None)?;
+                self.bitmap_structure(offset, size, &|| "bitmap directory".into())?;
             }
             Event::BitmapTable { bitmap, offset, bytes } => {
-                self.count(offset, bytes, true, &|| format!("bitmap table of '{}'", bitmap.name), None)?;
+                self.bitmap_table(bitmap)?;
+                self.bitmap_structure(offset, bytes, &|| format!("bitmap table of '{}'", bitmap.name))?;
             }
             Event::BitmapData { bitmap, index, offset } => {
                 let cs = self.geo.cluster_size();
-                self.count(offset, cs, true, &|| format!("bitmap '{}' data cluster {index}", bitmap.name), None)?;
+                self.bitmap_structure(offset, cs, &|| format!("bitmap '{}' data cluster {index}", bitmap.name))?;
             }
             Event::NoReftable => {
                 self.out.rebuild = true;

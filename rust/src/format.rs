@@ -125,7 +125,6 @@ impl CompressedLayout {
     }
 
     /// Encodes a compressed descriptor (without the flag) for `len` bytes at `offset`.
-    #[cfg(test)]
     pub fn encode(&self, offset: u64, len: u64) -> u64 {
         let end = offset + len;
         let nsect = end.div_ceil(COMPRESSED_SECTOR) - offset / COMPRESSED_SECTOR;
@@ -343,7 +342,6 @@ impl L2Geometry {
     }
 
     /// Makes a compressed entry for `len` bytes at host byte `offset`.
-    #[cfg(test)]
     pub fn make_compressed(&self, offset: u64, len: u64) -> L2Entry {
         L2Entry { entry: L2E_COMPRESSED | self.compressed.encode(offset, len), bitmap: 0 }
     }

@@ -631,6 +631,18 @@ impl QcowHeader {
         u64::try_from(n).unwrap_or(u64::MAX)
     }
 
+    /// Where the header extension of type `kind` starts in the file (its type field).
+    pub fn extension_offset(&self, kind: u32) -> Option<u64> {
+        let mut off = u64::from(self.header_length);
+        for e in &self.extensions {
+            if e.kind == kind {
+                return Some(off);
+            }
+            off += 8 + (e.data.len() as u64).div_ceil(8) * 8;
+        }
+        None
+    }
+
     fn extension(&self, kind: u32) -> Option<&[u8]> {
         self.extensions.iter().find(|e| e.kind == kind).map(|e| e.data.as_slice())
     }

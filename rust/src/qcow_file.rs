@@ -337,8 +337,11 @@ impl QcowFile {
     pub fn allocated_ranges(&self) -> Result<Vec<(u64, u64, &'static str)>> {
         let source = CachedTables { raw: &self.raw, tables: &self.tables };
         let walker = Walker::with_source(&self.raw, &self.header, &source);
-        let mut v =
-            RangeCollector { size: self.virtual_size(), geo: self.tables.geometry(), table_ok: true, out: Vec::new() };
+        // A valid image maps each L2 entry once, so its ranges are bounded by the file's size;
+        // more means tables repeat themselves (a hostile image), which is refused.
+        let limit = (1usize << 20).max(usize::try_from(self.raw.file_len() / 8).unwrap_or(usize::MAX));
+        let (size, geo) = (self.virtual_size(), self.tables.geometry());
+        let mut v = RangeCollector { size, geo, table_ok: true, out: Vec::new(), limit };
         walker.walk_tree(
             Tree::Active,
             self.tables.l1_offset(),
@@ -355,6 +358,7 @@ struct RangeCollector {
     geo: crate::format::L2Geometry,
     table_ok: bool,
     out: Vec<(u64, u64, &'static str)>,
+    limit: usize,
 }
 
 impl RangeCollector {
@@ -396,6 +400,15 @@ impl Visitor for RangeCollector {
             Event::L2Entry { guest, at, entry, .. } => {
                 if guest >= self.size {
                     return Ok(Flow::Continue);
+                }
+                if self.out.len() >= self.limit {
+                    return Err(Error::corrupt(
+                        format!(
+                            "more than {} allocated ranges from a file of this size: L2 tables are used by several L1 entries",
+                            self.limit
+                        ),
+                        at,
+                    ));
                 }
                 if self.geo.cluster_type(entry) == ClusterType::Compressed {
                     self.geo

@@ -29,20 +29,33 @@ use crate::snapshot::{commit_snapshot_table, read_snapshot_table_lenient, Snapsh
 
 /// QEMU's limit on an L1 table, in entries.
 const MAX_L1_ENTRIES: u64 = 4 << 20;
+/// The type a stray extension is renamed to: no reader knows it, so every reader skips it
+/// ("qcrs" dropped).
+const IGNORED_EXTENSION: u32 = 0x7163_7273;
 
 /// Whether the count found damage to the structure itself that `fix_structure` repairs.
 pub(crate) fn needs_structural_repair(count: &ReferenceCount) -> bool {
-    !count.dangling.is_empty() || count.l1_problem.is_some() || count.snapshots_damaged
+    !count.dangling.is_empty()
+        || count.l1_problem.is_some()
+        || count.snapshots_damaged
+        || count.stray_crypto_ext.is_some()
+        || count.bitmaps_damaged.is_some()
 }
 
 /// Repairs the structure (see the module documentation). `count` is a count of the image as
 /// it is. Appends what it did to `dropped`.
-pub(crate) fn fix_structure(raw: &QcowRawFile, h: &mut QcowHeader, count: &ReferenceCount, dropped: &mut Vec<Problem>) -> Result<()> {
+pub(crate) fn fix_structure(
+    raw: &QcowRawFile,
+    h: &mut QcowHeader,
+    count: &ReferenceCount,
+    dropped: &mut Vec<Problem>,
+) -> Result<()> {
     h.commit_incompatible_features(raw, h.incompatible_features | INCOMPAT_DIRTY)?;
     let mut f = Fixer { raw, count, dropped, next_free: raw.file_clusters() };
     let geo = L2Geometry::new(h.cluster_bits, h.extended_l2(), h.has_data_file());
     f.clear_dangling(h, geo)?;
     f.fix_snapshot_table(h)?;
+    f.fix_extensions(h)?;
     f.move_l1(h)
 }
 
@@ -69,14 +82,15 @@ impl Fixer<'_> {
         c
     }
 
-    /// Whether the table at `offset` (`clusters` long) may be written in place: nothing but
-    /// its own references use its clusters.
-    fn table_is_private(&self, offset: u64, clusters: u64, l2: bool, cb: u32) -> bool {
+    /// Whether the entries at `entries` of the table at `offset` may be written in place:
+    /// nothing but the table's own references use the clusters written (an L2 table: only L1
+    /// entries name it; an L1 table: the clusters holding the entries have refcount 1).
+    fn table_is_private(&self, offset: u64, entries: &[Dangling], l2: bool, cb: u32) -> bool {
         if l2 {
             return self.count.only_an_l2_table(offset, cb);
         }
-        (0..clusters).all(|k| {
-            let c = (offset >> cb) + k;
+        entries.iter().all(|d| {
+            let c = d.at >> cb;
             self.count.imrt.get(c) == 1 && !self.count.overflowed.contains(&c)
         })
     }
@@ -94,8 +108,7 @@ impl Fixer<'_> {
             by_table.entry((d.table, d.l1)).or_default().push(*d);
         }
         for ((table, l1), entries) in by_table {
-            let clusters = if l1 { (u64::from(h.l1_size) * 8).div_ceil(h.cluster_size()).max(1) } else { 1 };
-            if table % h.cluster_size() != 0 || !self.table_is_private(table, clusters, !l1, cb) {
+            if table % h.cluster_size() != 0 || !self.table_is_private(table, &entries, !l1, cb) {
                 let msg = format!(
                     "{} bad entries of the table at 0x{table:x} (pointing past the end of the file, or compressed with a subcluster bitmap) are left as they are: the table shares its clusters with other data",
                     entries.len()
@@ -104,13 +117,23 @@ impl Fixer<'_> {
                 continue;
             }
             for d in entries {
-                if d.fix == EntryFix::ClearBitmap {
-                    self.raw.write_at(&[0u8; 8], d.at + 8, "L2 entry bitmap (cleared: compressed clusters have none)")?;
-                    let msg = format!("subcluster bitmap of the compressed entry at 0x{:x} cleared", d.at);
-                    self.note("l2-entry", Some(d.at), d.guest, msg);
+                let fix = match d.fix {
+                    EntryFix::Compressed(off, len) => self.shorten_compressed(h, geo, off, len)?,
+                    other => other,
+                };
+                if let EntryFix::Set(entry, bitmap) = fix {
+                    let mut bytes = entry.to_be_bytes().to_vec();
+                    if geo.extended && !l1 {
+                        bytes.extend_from_slice(&bitmap.to_be_bytes());
+                    }
+                    self.raw.write_at(&bytes, d.at, "table entry (repaired)")?;
+                    let what = if l1 { "l1-entry" } else { "l2-entry" };
+                    let msg = format!("entry at 0x{:x} repaired to 0x{entry:x} (invalid bits removed)", d.at);
+                    self.note(what, Some(d.at), d.guest, msg);
                 } else if l1 {
-                    self.raw.write_at(&[0u8; 8], d.at, "L1 entry (cleared: its L2 table lies past the end of the file)")?;
-                    self.note("l1-entry", Some(d.at), None, format!("L1 entry at 0x{:x} cleared: its L2 table lay past the end of the file", d.at));
+                    self.raw.write_at(&[0u8; 8], d.at, "L1 entry (cleared: its L2 table cannot be read)")?;
+                    let msg = format!("L1 entry at 0x{:x} cleared: its L2 table lay past the end of the file or at a misaligned offset", d.at);
+                    self.note("l1-entry", Some(d.at), d.guest, msg);
                 } else {
                     let e = geo.make_zero(h.version);
                     let mut bytes = e.entry.to_be_bytes().to_vec();
@@ -118,12 +141,28 @@ impl Fixer<'_> {
                         bytes.extend_from_slice(&e.bitmap.to_be_bytes());
                     }
                     self.raw.write_at(&bytes, d.at, "L2 entry (cleared: its data lies past the end of the file)")?;
-                    let msg = format!("L2 entry at 0x{:x} made a zero cluster: its data lay past the end of the file", d.at);
+                    let msg = format!("L2 entry at 0x{:x} made a zero cluster: its data lay past the end of the file or at a misaligned offset", d.at);
                     self.note("l2-entry", Some(d.at), d.guest, msg);
                 }
             }
         }
         self.raw.sync()
+    }
+
+    /// A compressed cluster running past the end of the file: if its stream decompresses from
+    /// the bytes the file holds, its descriptor is cut to them (its data kept); else cleared.
+    fn shorten_compressed(&self, h: &QcowHeader, geo: L2Geometry, off: u64, len: u64) -> Result<EntryFix> {
+        let avail = self.raw.file_len().saturating_sub(off).min(len);
+        if avail == 0 {
+            return Ok(EntryFix::Clear);
+        }
+        let input = self.raw.read_available(off, avail)?;
+        let mut out = vec![0u8; usize::try_from(h.cluster_size()).unwrap_or(0)];
+        if crate::compression::decompress(h.compression_type, &input, &mut out).is_err() {
+            return Ok(EntryFix::Clear);
+        }
+        let e = geo.make_compressed(off, avail);
+        Ok(EntryFix::Set(e.entry, e.bitmap))
     }
 
     /// Keeps the readable, valid snapshots (see the module documentation).
@@ -133,7 +172,7 @@ impl Fixer<'_> {
         }
         let (table, damage) = read_snapshot_table_lenient(self.raw, h, true);
         let mut keep: Vec<Snapshot> = Vec::new();
-        let mut changed = damage.is_some();
+        let mut changed = damage.is_some() || h.snapshots_offset % h.cluster_size() != 0;
         if let Some(d) = &damage {
             let msg = format!("snapshots {}.. dropped: {}", d.index, d.reason);
             self.note("snapshot", Some(d.offset), None, msg);
@@ -201,17 +240,51 @@ impl Fixer<'_> {
         None
     }
 
+    /// Header extensions QEMU refuses or bitmaps that cannot be trusted: a crypto header
+    /// extension on an unencrypted image is renamed to an unknown type (which every reader
+    /// ignores; one 4-byte write), and unusable bitmaps are given up by clearing autoclear bit
+    /// 0 (QEMU then ignores the bitmaps extension; the bitmaps' clusters become leaks).
+    fn fix_extensions(&mut self, h: &mut QcowHeader) -> Result<()> {
+        if let Some(at) = self.count.stray_crypto_ext {
+            self.raw.write_at(
+                &IGNORED_EXTENSION.to_be_bytes(),
+                at,
+                "header extension type (crypto header on an unencrypted image)",
+            )?;
+            self.raw.sync()?;
+            let msg =
+                format!("crypto header extension at 0x{at:x} renamed to an ignored type: the image is not encrypted");
+            self.note("header-extension", Some(at), None, msg);
+        }
+        if let Some(why) = self.count.bitmaps_damaged.clone() {
+            h.commit_autoclear_features(self.raw, h.autoclear_features & !crate::format::AUTOCLEAR_BITMAPS)?;
+            let msg = format!("persistent bitmaps given up (marked inconsistent): {why}");
+            self.note("bitmaps", Some(crate::header::field_offset::AUTOCLEAR_FEATURES), None, msg);
+        }
+        Ok(())
+    }
+
     /// Copies a misplaced active L1 table to a new place of the right size.
     fn move_l1(&mut self, h: &mut QcowHeader) -> Result<()> {
         let Some(problem) = self.count.l1_problem.clone() else { return Ok(()) };
         let cs = h.cluster_size();
         let needed = h.l1_entries_needed();
+        if needed > MAX_L1_ENTRIES {
+            return Err(crate::error::Error::corrupt(
+                format!("repair refused: the virtual size {} needs an L1 table above QEMU's 32 MiB limit", h.size),
+                crate::header::field_offset::SIZE,
+            ));
+        }
         let old = u64::from(h.l1_size);
         let readable = if h.l1_table_offset == 0 { 0 } else { old.min(MAX_L1_ENTRIES) };
         let mut l1 = self.raw.read_u64s_available(h.l1_table_offset, readable)?;
         for d in self.count.dangling.iter().filter(|d| d.l1 && d.active) {
-            if let Some(e) = d.at.checked_sub(h.l1_table_offset).and_then(|o| usize::try_from(o / 8).ok()).and_then(|i| l1.get_mut(i)) {
-                *e = 0;
+            let slot = d.at.checked_sub(h.l1_table_offset).and_then(|o| usize::try_from(o / 8).ok());
+            if let Some(e) = slot.and_then(|i| l1.get_mut(i)) {
+                *e = match d.fix {
+                    EntryFix::Set(v, _) => v,
+                    EntryFix::Clear | EntryFix::Compressed(..) => 0,
+                };
             }
         }
         let len = if old > MAX_L1_ENTRIES { needed } else { needed.max(old) };

@@ -38,7 +38,13 @@ impl ProblemLog {
 
     /// Records a problem whose message is made only if it will be listed (hot paths: a
     /// hostile image can have hundreds of millions of problems).
-    pub fn push_with(&mut self, kind: &'static str, host_offset: Option<u64>, guest_offset: Option<u64>, message: impl FnOnce() -> String) {
+    pub fn push_with(
+        &mut self,
+        kind: &'static str,
+        host_offset: Option<u64>,
+        guest_offset: Option<u64>,
+        message: impl FnOnce() -> String,
+    ) {
         if self.list.len() < MAX_LISTED_PROBLEMS {
             self.list.push(Problem { kind, host_offset, guest_offset, message: message() });
         } else {

@@ -11,8 +11,6 @@ use crate::raw_file::QcowRawFile;
 pub const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
 /// QEMU's limit on the snapshot table size.
 pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
-/// Bytes of extra data QEMU writes (vm_state_size_large, disk_size, icount).
-pub const SNAPSHOT_EXTRA_DATA_V3: u32 = 24;
 
 /// One internal snapshot, every field of its table entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,22 +40,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn extra_u64(&self, at: usize) -> Option<u64> {
-        (self.extra.len() >= at + 8).then(|| be_u64_at(&self.extra, at))
-    }
-    /// The VM state size (the 64-bit extra field when present).
-    pub fn vm_state_size_large(&self) -> u64 {
-        self.extra_u64(0).unwrap_or(u64::from(self.vm_state_size))
-    }
-    /// The virtual disk size at the snapshot (extra data), if recorded.
-    pub fn disk_size(&self) -> Option<u64> {
-        self.extra_u64(8)
-    }
-    /// The instruction count (record/replay), if recorded (-1 means none).
-    pub fn icount(&self) -> Option<u64> {
-        self.extra_u64(16).filter(|&v| v != u64::MAX)
-    }
-
     /// The entry as stored, padded to 8 bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut e = Vec::with_capacity(40 + self.extra.len() + self.id.len() + self.name.len() + 8);
@@ -142,13 +124,18 @@ pub struct TableDamage {
 /// read as zeros. Returns the entries read and, if it stopped early, why. With `repairing`, as
 /// QEMU's `check -r all`: only the first 65536 entries are read, and extra data beyond 1024
 /// bytes is cut off instead of stopping the read.
-pub fn read_snapshot_table_lenient(raw: &QcowRawFile, h: &QcowHeader, repairing: bool) -> (SnapshotTable, Option<TableDamage>) {
+pub fn read_snapshot_table_lenient(
+    raw: &QcowRawFile,
+    h: &QcowHeader,
+    repairing: bool,
+) -> (SnapshotTable, Option<TableDamage>) {
     let mut table = SnapshotTable::default();
     if h.nb_snapshots == 0 {
         return (table, None);
     }
     let start = h.snapshots_offset;
-    let damage = |index: u32, off: u64, reason: String| Some(TableDamage { index, offset: start.saturating_add(off), reason });
+    let damage =
+        |index: u32, off: u64, reason: String| Some(TableDamage { index, offset: start.saturating_add(off), reason });
     let mut count = h.nb_snapshots;
     let mut too_many = None;
     if count > MAX_SNAPSHOTS {
@@ -172,7 +159,9 @@ pub fn read_snapshot_table_lenient(raw: &QcowRawFile, h: &QcowHeader, repairing:
         let name_len = usize::from(be_u16_at(&e, 14));
         let extra_data_size = be_u32_at(&e, 36);
         if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA && !repairing {
-            let why = format!("snapshot table entry {i}: extra_data_size {extra_data_size} is above {MAX_SNAPSHOT_EXTRA_DATA}");
+            let why = format!(
+                "snapshot table entry {i}: extra_data_size {extra_data_size} is above {MAX_SNAPSHOT_EXTRA_DATA}"
+            );
             return (table, damage(i, off as u64, why));
         }
         let extra_len = extra_data_size as usize;
@@ -181,12 +170,13 @@ pub fn read_snapshot_table_lenient(raw: &QcowRawFile, h: &QcowHeader, repairing:
             let why = format!("snapshot table entry {i} ends past QEMU's 64 MiB limit on the table");
             return (table, damage(i, off as u64, why));
         }
-        let (extra, strings) = match (read(&mut bytes, off + 40, extra_len), read(&mut bytes, off + 40 + extra_len, id_len + name_len)) {
-            (Ok(x), Ok(s)) => (x, s),
-            (Err(err), _) | (_, Err(err)) => {
-                return (table, damage(i, off as u64, format!("cannot read the snapshot table: {err}")))
-            }
-        };
+        let (extra, strings) =
+            match (read(&mut bytes, off + 40, extra_len), read(&mut bytes, off + 40 + extra_len, id_len + name_len)) {
+                (Ok(x), Ok(s)) => (x, s),
+                (Err(err), _) | (_, Err(err)) => {
+                    return (table, damage(i, off as u64, format!("cannot read the snapshot table: {err}")))
+                }
+            };
         let mut extra = extra;
         extra.truncate(MAX_SNAPSHOT_EXTRA_DATA as usize);
         table.snapshots.push(Snapshot {
@@ -252,8 +242,5 @@ mod tests {
         let b = s.to_bytes();
         assert_eq!(b.len() % 8, 0);
         assert_eq!(b.len(), (40 + 24 + 1 + 14usize).div_ceil(8) * 8);
-        assert_eq!(s.disk_size(), Some(64 << 20));
-        assert_eq!(s.icount(), None);
-        assert_eq!(s.vm_state_size_large(), 0);
     }
 }

@@ -155,19 +155,19 @@ impl PyQcowFile {
         with_writable_buffer(py, buf, |slice| self.read(|q| q.read_at(slice, offset)))?
     }
 
-    /// Reads up to `length` bytes of guest data at `offset`.
+    /// Reads up to `length` bytes of guest data at `offset` (short only at the end of the
+    /// disk). The bytes object is allocated once and filled in place with the GIL released; a
+    /// read too large for memory raises MemoryError like any Python allocation.
     fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
         let n = self.read(|q| Ok(q.virtual_size().saturating_sub(offset).min(length)))?;
-        // A read of a huge disk in one call fails like any too-large allocation in Python.
         let n = usize::try_from(n)
             .map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
-        let mut v: Vec<u8> = Vec::new();
-        v.try_reserve_exact(n)
-            .map_err(|_| pyo3::exceptions::PyMemoryError::new_err(format!("cannot allocate {n} bytes")))?;
-        v.resize(n, 0);
-        let got = py.detach(|| self.read(|q| q.read_at(&mut v, offset)))?;
-        v.truncate(got);
-        Ok(PyBytes::new(py, &v))
+        PyBytes::new_with(py, n, |buf| {
+            let got = py.detach(|| self.read(|q| q.read_at(buf, offset)))?;
+            // The disk cannot shrink under a read lock, so `got` is `n`; zeros otherwise.
+            buf[got..].fill(0);
+            Ok(())
+        })
     }
 
     /// `[(guest_offset, length, kind)]` of what this image itself holds; kind is "data",

@@ -107,7 +107,7 @@ impl QcowFile {
         let (bitmaps, keep_bitmaps) = match BitmapTracker::start(&self.raw, &self.header)? {
             BitmapStart::Nothing => (None, true),
             BitmapStart::Track(t) => (Some(t), true),
-            BitmapStart::Unsafe(_) => (None, false),
+            BitmapStart::Unsafe => (None, false),
         };
         // A writer must clear autoclear bits it does not maintain (bit 1, raw external data,
         // is kept: qcowrs writes data at its guest offset).
