@@ -330,7 +330,14 @@ impl<'a> Counter<'a> {
         }
         let cb = self.h.cluster_bits;
         let Some(end) = offset.checked_add(size) else { return };
-        for k in (offset >> cb)..=((end - 1) >> cb) {
+        // Only clusters the bitmap covers (the file's) can be claimed twice; a region far past
+        // the end of the file must not cost a loop over its clusters.
+        let covered = (self.claimed.len() as u64).saturating_mul(64);
+        let last = ((end - 1) >> cb).min(covered.saturating_sub(1));
+        if covered == 0 || offset >> cb > last {
+            return;
+        }
+        for k in (offset >> cb)..=last {
             let Some(word) = usize::try_from(k / 64).ok().and_then(|w| self.claimed.get_mut(w)) else { continue };
             let bit = 1u64 << (k % 64);
             if *word & bit == 0 {

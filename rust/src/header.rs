@@ -555,7 +555,7 @@ impl QcowHeader {
                 fo::REFCOUNT_TABLE_CLUSTERS
             )));
         }
-        let reftable_bytes = u64::from(self.refcount_table_clusters) << self.cluster_bits;
+        let reftable_bytes = u64::from(self.refcount_table_clusters).saturating_mul(cluster_size);
         // The last reftable cluster may be only partly written (like a fresh image's L1).
         let reftable_limit = align_up(file_len, cluster_size).unwrap_or(u64::MAX);
         if reftable_bytes > reftable_limit {

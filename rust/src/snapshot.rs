@@ -96,8 +96,11 @@ impl TableBytes<'_> {
             let from = self.buf.len();
             self.buf.resize(upto, 0);
             let n = self.raw.read_at(&mut self.buf[from..], self.start + from as u64)?;
-            self.buf.truncate(from + n);
-            self.avail = self.avail.min(self.buf.len());
+            if from + n < upto {
+                // The file ended early (it shrank since its length was taken).
+                self.buf.truncate(from + n);
+                self.avail = self.buf.len();
+            }
         }
         let mut v = vec![0u8; len];
         if off < self.buf.len() {
@@ -242,5 +245,46 @@ mod tests {
         let b = s.to_bytes();
         assert_eq!(b.len() % 8, 0);
         assert_eq!(b.len(), (40 + 24 + 1 + 14usize).div_ceil(8) * 8);
+    }
+
+    /// Entries that straddle the 64 KiB read-ahead boundary read like any other.
+    #[test]
+    fn table_larger_than_the_read_ahead() {
+        use crate::storage::MemStorage;
+        use std::sync::Arc;
+        let mut s = Snapshot {
+            entry_offset: 0,
+            l1_table_offset: 0x50000,
+            l1_size: 1,
+            id: "1".into(),
+            name: "s0".into(),
+            date_sec: 1,
+            date_nsec: 2,
+            vm_clock_nsec: 3,
+            vm_state_size: 0,
+            extra_data_size: 24,
+            extra: [0u64.to_be_bytes(), (1u64 << 20).to_be_bytes(), 0u64.to_be_bytes()].concat(),
+        };
+        let n = 4000u32;
+        let start = 0x10000u64;
+        let mut file = vec![0u8; start as usize];
+        for i in 0..n {
+            s.id = format!("{i}");
+            file.extend_from_slice(&s.to_bytes());
+        }
+        let mem = Arc::new(MemStorage::default());
+        let opts = crate::create::CreateOptions { virtual_size: 1 << 20, ..Default::default() };
+        drop(crate::create::create_on(mem.clone(), &opts).unwrap());
+        let mut h = QcowHeader::read_from(&*mem).unwrap();
+        h.nb_snapshots = n;
+        h.snapshots_offset = start;
+        let raw = QcowRawFile::new(Arc::new(MemStorage::new(file)), 65536, 4, false).unwrap();
+        let t = read_snapshot_table(&raw, &h).unwrap();
+        assert_eq!(t.snapshots.len(), n as usize);
+        for (i, sn) in t.snapshots.iter().enumerate() {
+            assert_eq!(sn.id, format!("{i}"));
+            assert_eq!(sn.extra_data_size, 24, "entry {i}");
+            assert_eq!(sn.name, "s0");
+        }
     }
 }
