@@ -42,7 +42,11 @@ class QcowFile(io.RawIOBase):
 
         ``mode`` is ``"rb"`` (read-only: the file is never modified) or ``"r+b"`` (read-write;
         ``"rb+"`` is accepted too). The default is ``"rb"``, or ``"r+b"`` with ``rebuild=True``.
-        ``rebuild=True`` rebuilds stale refcounts before returning and needs ``"r+b"``.
+        ``rebuild=True`` needs ``"r+b"``: before returning, it repairs the image as
+        ``check(repair="all")`` does if its refcounts are stale (dirty bit, cluster 0 with
+        refcount 0), its header names tables that cannot be used (an L1 table past the end of
+        the file), or a check finds any corruption, leak or check error; ``rebuild_report``
+        then holds the repair's report (with what it dropped).
         ``backing``: True follows the header's backing file; False opens the image alone (what
         the backing file would supply reads as zeros); a path uses that file instead.
         """

@@ -67,13 +67,25 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 def _print_report(image: str, r: CheckReport, as_json: bool) -> None:
     if as_json:
-        d = {"filename": image, "format": "qcow2", **r.to_dict()}
+        d: dict[str, object] = {"filename": image, "format": "qcow2", **r.to_dict()}
+        if r.dropped:
+            # Not in qemu-img's output: what the repair gave up, one entry per item.
+            d["dropped"] = [
+                {"kind": p.kind, "offset": p.host_offset, "message": p.message} for p in r.dropped
+            ]
         print(json.dumps(d, indent=4))
         return
     if r.leaks_fixed or r.corruptions_fixed:
         print("The following inconsistencies were found and repaired:\n")
         print(f"    {r.leaks_fixed} leaked clusters")
         print(f"    {r.corruptions_fixed} corruptions\n")
+    if r.dropped:
+        print("The repair dropped or changed:\n")
+        for p in r.dropped:
+            at = f" (at 0x{p.host_offset:x})" if p.host_offset is not None else ""
+            print(f"    {p.kind}: {p.message}{at}")
+        print()
+    if r.leaks_fixed or r.corruptions_fixed:
         print("Double checking the fixed image now...")
     for p in r.problems:
         print(f"{p.kind}: {p.message}", file=sys.stderr)

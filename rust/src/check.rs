@@ -725,23 +725,23 @@ pub fn refcounts_stale(raw: &QcowRawFile, h: &QcowHeader) -> bool {
     !matches!(RefcountView::load(raw, h).get(raw, 0), Ok(r) if r > 0)
 }
 
-/// The seed's trigger for `open(rebuild=True)`, made precise: repairs (rebuilding) when the
-/// refcounts are stale ([`refcounts_stale`]); with only the lazy-refcounts bit set, or on a
-/// v2 image (which has no dirty bit to mark an interrupted repair), checks and repairs only if
-/// the check finds something wrong. Returns the report of the repair, if one was done.
+/// The seed's trigger for `open(rebuild=True)`, made precise and widened to every repair:
+/// repairs (rebuilding) when the refcounts are stale ([`refcounts_stale`]) or the header names
+/// tables that cannot be used as they are (an L1 table past the end of the file, a snapshot
+/// table over the header); otherwise checks, and repairs as `check -r all` if the check finds
+/// anything (a corruption, a leak, a check error) that would make the first write refuse or
+/// waste space. Returns the report of the repair, if one was done.
 pub fn repair_if_stale(raw: &QcowRawFile, h: &mut QcowHeader) -> Result<Option<CheckReport>> {
     if h.is_corrupt() {
         // Refused by the read-write open that follows, with the reason.
         return Ok(None);
     }
-    if refcounts_stale(raw, h) {
+    if refcounts_stale(raw, h) || h.validate(raw.file_len()).is_err() {
         return check_image(raw, h, Repair::All, true).map(Some);
     }
-    if h.lazy_refcounts() || h.version == 2 {
-        let r = check_image(raw, h, Repair::None, false)?;
-        if !r.is_clean() {
-            return check_image(raw, h, Repair::All, false).map(Some);
-        }
+    let r = check_image(raw, h, Repair::None, false)?;
+    if r.counts.corruptions > 0 || r.counts.leaks > 0 || r.counts.check_errors > 0 {
+        return check_image(raw, h, Repair::All, false).map(Some);
     }
     Ok(None)
 }
