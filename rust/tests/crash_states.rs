@@ -311,9 +311,13 @@ struct Recorded {
 }
 
 fn record(name: &str, base: &[u8], op: impl FnOnce(&mut Ctx)) -> Recorded {
+    record_with_disk(name, base, guest_disk(base), op)
+}
+
+/// [`record`] for a base image that does not open as it is (its guest content given).
+fn record_with_disk(name: &str, base: &[u8], (disk, size): (Disk, u64), op: impl FnOnce(&mut Ctx)) -> Recorded {
     let mem = Arc::new(MemStorage::new(base.to_vec()));
     let rec = Arc::new(RecordingStorage::new(mem.clone()));
-    let (disk, size) = guest_disk(base);
     let mut ctx = Ctx { rec, log: Vec::new(), model: Model::new(disk, size) };
     op(&mut ctx);
     ctx.pos();
@@ -1517,4 +1521,58 @@ fn seed_rebuild_refcounts_function() {
     });
     rec.may_leak = true; // the old structure, by the seed's contract
     assert_safe(&crash_states(&rec, true), "seed-rebuild-512");
+}
+
+/// Points a header field (a big-endian u64 at `at`) elsewhere.
+fn poke_u64(bytes: &[u8], at: usize, value: u64) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[at..at + 8].copy_from_slice(&value.to_be_bytes());
+    b
+}
+
+fn structural_repair(ctx: &Ctx) -> qcowrs::CheckReport {
+    let storage = ctx.storage();
+    let mut h = QcowHeader::read_for_check(&*storage).unwrap();
+    let raw = QcowRawFile::new(storage, h.cluster_size(), h.refcount_order, true).unwrap();
+    let r = check_raw(&raw, &mut h, Repair::All, false).unwrap();
+    assert!(r.is_clean() && !r.dropped.is_empty(), "{r:?}");
+    r
+}
+
+/// Structural repair (issue 8): a snapshot whose L1 table lies past the end of the file is
+/// dropped (a new snapshot table written, then the header switched to it), its clusters freed.
+#[test]
+fn repair_drops_a_snapshot_with_its_l1_table_past_eof() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "snapdrop.qcow2",
+        "cluster_size=65536",
+        "64M",
+        &["write -P 0x11 0 256k"],
+        Some(&["write -P 0x21 5m 64k"]),
+    );
+    let mem = Arc::new(MemStorage::new(base.clone()));
+    let h = QcowHeader::read_from(&*mem).unwrap();
+    // The entry's first field is its L1 table offset.
+    let base = poke_u64(&base, h.snapshots_offset as usize, 1 << 40);
+    let rec = record("repair-snapshot-drop", &base, |ctx| {
+        structural_repair(ctx);
+    });
+    assert_safe(&crash_states(&rec, false), "repair-snapshot-drop");
+}
+
+/// Structural repair (issue 8): the active L1 table pointed past the end of the file is
+/// recreated (as QEMU reads it: all zeros) at the end of the file and the header switched.
+#[test]
+fn repair_recreates_an_l1_table_past_eof() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(dir.path(), "l1eof.qcow2", "cluster_size=65536", "64M", &["write -P 0x11 0 256k"], None);
+    let size = QcowHeader::read_from(&*Arc::new(MemStorage::new(base.clone()))).unwrap().size;
+    // l1_table_offset is the header's u64 at 40.
+    let base = poke_u64(&base, 40, 1 << 28);
+    let rec = record_with_disk("repair-l1-past-eof", &base, (Disk::default(), size), |ctx| {
+        structural_repair(ctx);
+    });
+    assert_safe(&crash_states(&rec, false), "repair-l1-past-eof");
 }
