@@ -15,11 +15,13 @@ from qcowrs._errors import (
     UnsupportedVersion,
 )
 from qcowrs._file import QcowFile
+from qcowrs._info import info
 from qcowrs._qcowrs import (
     CheckReport,
     Problem,
     QcowHeader,
     QcowRawFile,
+    Snapshot,
     __version__,
     check,
     rebuild_refcounts,
@@ -41,9 +43,11 @@ __all__ = [
     "QcowRawFile",
     "ReadOnlyImage",
     "RefcountRebuildRequired",
+    "Snapshot",
     "UnsupportedFeature",
     "UnsupportedVersion",
     "__version__",
     "check",
+    "info",
     "rebuild_refcounts",
 ]

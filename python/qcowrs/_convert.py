@@ -19,25 +19,33 @@ def _data_extents(src: QcowFile) -> list[tuple[int, int]]:
     return [(s, n) for s, n, kind in src.allocated_ranges() if kind != "zero"]
 
 
-def convert(src_path: str, dst_path: str, fmt: str = "raw", progress: bool = False) -> None:
-    """Copies ``src_path``'s guest content to ``dst_path`` as ``fmt`` ("raw" or "qcow2")."""
+def convert(
+    src_path: str,
+    dst_path: str,
+    fmt: str = "raw",
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Copies ``src_path``'s guest content to ``dst_path`` as ``fmt`` ("raw" or "qcow2");
+    ``progress(done, total)`` is called after each chunk."""
     with QcowFile.open(src_path, mode="rb") as src:
         size = src.virtual_size
         extents = _data_extents(src)
         total = sum(n for _, n in extents)
-        bar = None
-        if progress:
-            from tqdm import tqdm  # type: ignore[import-untyped]
-
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert")
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
         zero = bytes(_CHUNK)
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress is not None:
+                progress(done[0], total)
+
         if fmt == "raw":
             with open(dst_path, "wb") as raw:
                 raw.truncate(size)
                 fd = raw.fileno()
-                _copy(src, extents, view, zero, lambda off, b: os.pwrite(fd, b, off), bar)
+                _copy(src, extents, view, zero, lambda off, b: os.pwrite(fd, b, off), tick)
         else:
             with QcowFile.create(dst_path, size, cluster_size=src.cluster_size) as dst:
 
@@ -45,9 +53,7 @@ def convert(src_path: str, dst_path: str, fmt: str = "raw", progress: bool = Fal
                     dst.seek(off)
                     dst.write(b)
 
-                _copy(src, extents, view, zero, put, bar)
-        if bar is not None:
-            bar.close()
+                _copy(src, extents, view, zero, put, tick)
 
 
 def _copy(
@@ -56,7 +62,7 @@ def _copy(
     view: memoryview,
     zero: bytes,
     put: Callable[[int, memoryview], Any],
-    bar: Any,
+    tick: Callable[[int], None],
 ) -> None:
     for start, length in extents:
         off = start
@@ -69,7 +75,6 @@ def _copy(
             if chunk != zero[:got]:
                 put(off, chunk)
             off += got
-            if bar is not None:
-                bar.update(got)
+            tick(got)
             if got == 0:
                 break

@@ -37,6 +37,7 @@ class QcowFile(io.RawIOBase):
         mode: str | None = None,
         rebuild: bool = False,
         backing: bool | str | os.PathLike[str] = True,
+        force_share: bool = False,
     ) -> QcowFile:
         """Opens the qcow2 image at ``path``.
 
@@ -49,6 +50,8 @@ class QcowFile(io.RawIOBase):
         then holds the repair's report (with what it dropped).
         ``backing``: True follows the header's backing file; False opens the image alone (what
         the backing file would supply reads as zeros); a path uses that file instead.
+        ``force_share`` (``"rb"`` only): take no lock, so an image a running VM holds can be
+        inspected (``qemu-img -U``); reads may then see a moving target.
         """
         if mode is None:
             mode = "r+b" if rebuild else "rb"
@@ -57,6 +60,8 @@ class QcowFile(io.RawIOBase):
         mode = _MODES[mode]
         if rebuild and mode != "r+b":
             raise ValueError("rebuild=True needs mode='r+b' (a rebuild writes the image)")
+        if force_share and mode != "rb":
+            raise ValueError("force_share=True needs mode='rb' (a shared open never writes)")
         if backing is True:
             other, alone = None, False
         elif backing is False:
@@ -69,6 +74,7 @@ class QcowFile(io.RawIOBase):
             rebuild=rebuild,
             backing=other,
             no_backing=alone,
+            force_share=force_share,
         )
         return cls(native, os.fspath(path), mode)
 
@@ -243,6 +249,11 @@ class QcowFile(io.RawIOBase):
         this image itself holds (depth 0 of ``qemu-img map``), not its backing files."""
         self._checkClosed()
         return list(self._native.allocated_ranges())
+
+    def snapshots(self) -> list[_qcowrs.Snapshot]:
+        """The internal snapshots, in table order (``qemu-img snapshot -l``)."""
+        self._checkClosed()
+        return list(self._native.snapshots())
 
     def check(self) -> _qcowrs.CheckReport:
         """Checks the image like ``qemu-img check`` (no repair)."""

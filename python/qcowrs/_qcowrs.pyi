@@ -1,6 +1,7 @@
 """Type stubs for the native module (hand-written; keep in step with rust/src/python/)."""
 
-from typing import final
+import datetime
+from typing import Any, final
 
 from typing_extensions import Buffer
 
@@ -10,11 +11,13 @@ __all__ = [
     "QcowFile",
     "QcowHeader",
     "QcowRawFile",
+    "Snapshot",
     "__version__",
     "_error_for_test",
     "_fail_after_ops",
     "_io_ops",
     "check",
+    "image_info",
     "rebuild_refcounts",
 ]
 
@@ -58,11 +61,27 @@ class QcowHeader:
     def to_dict(self) -> dict[str, object]: ...
 
 @final
+class Snapshot:
+    id: str
+    name: str
+    date_sec: int
+    date_nsec: int
+    vm_clock_ns: int
+    vm_state_size: int
+    virtual_size: int | None
+    icount: int | None
+    l1_size: int
+    l1_table_offset: int
+    @property
+    def date(self) -> datetime.datetime: ...
+
+@final
 class Problem:
     kind: str
     host_offset: int | None
     guest_offset: int | None
     message: str
+    qemu_message: str | None
 
 @final
 class CheckReport:
@@ -108,6 +127,7 @@ class QcowFile:
         rebuild: bool = False,
         backing: str | None = None,
         no_backing: bool = False,
+        force_share: bool = False,
     ) -> QcowFile: ...
     @staticmethod
     def create(
@@ -139,6 +159,7 @@ class QcowFile:
     def refcounts_stale(self) -> bool: ...
     @property
     def rebuild_report(self) -> CheckReport | None: ...
+    def snapshots(self) -> list[Snapshot]: ...
     def readinto_at(self, buf: Buffer, offset: int) -> int: ...
     def read_at(self, offset: int, length: int) -> bytes: ...
     def allocated_ranges(self) -> list[tuple[int, int, str]]: ...
@@ -146,7 +167,8 @@ class QcowFile:
     def rebuild_refcounts(self) -> CheckReport: ...
     def close(self) -> None: ...
 
-def check(path: str, repair: str | None = None) -> CheckReport: ...
+def check(path: str, repair: str | None = None, force_share: bool = False) -> CheckReport: ...
+def image_info(path: str, force_share: bool = False) -> dict[str, Any]: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
 def _fail_after_ops(n: int | None) -> None: ...
 def _io_ops() -> int: ...

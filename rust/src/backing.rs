@@ -138,10 +138,11 @@ pub(crate) fn open_backing(
     name: &str,
     format: Option<&str>,
     chain: &[FileId],
+    force_share: bool,
 ) -> Result<Box<dyn BackingRead>> {
     check_plain_file_name(name, "backing file")?;
     let p = resolve_relative(image, name);
-    open_backing_path(image, &p, format, chain)
+    open_backing_path(image, &p, format, chain, force_share)
 }
 
 /// Opens `p` as the backing file of `image`.
@@ -151,6 +152,7 @@ pub(crate) fn open_backing_path(
     p: &Path,
     format: Option<&str>,
     chain: &[FileId],
+    force_share: bool,
 ) -> Result<Box<dyn BackingRead>> {
     if chain.len() >= MAX_BACKING_DEPTH {
         return Err(Error::corrupt(
@@ -168,7 +170,7 @@ pub(crate) fn open_backing_path(
             ));
         }
     }
-    if let Some(f) = storage.file() {
+    if let (Some(f), false) = (storage.file(), force_share) {
         crate::lock::lock_image(f, false, &format!("backing file '{}'", p.display()))?;
     }
     let is_qcow2 = match format {
@@ -187,7 +189,8 @@ pub(crate) fn open_backing_path(
         }
     };
     if is_qcow2 {
-        Ok(Box::new(QcowFile::open_in_chain(storage, p, OpenOptions::default(), chain)?))
+        let opts = OpenOptions { force_share, ..OpenOptions::default() };
+        Ok(Box::new(QcowFile::open_in_chain(storage, p, opts, chain)?))
     } else {
         let len = storage.len().ctx(|| format!("reading the length of backing file '{}'", p.display()))?;
         Ok(Box::new(RawBacking { storage, len, name: p.to_path_buf() }))
@@ -201,6 +204,7 @@ pub(crate) fn open_data_file(
     image_id: Option<FileId>,
     name: &str,
     writable: bool,
+    force_share: bool,
     cluster_size: u64,
     refcount_order: u32,
 ) -> Result<QcowRawFile> {
@@ -214,7 +218,7 @@ pub(crate) fn open_data_file(
             crate::header::field_offset::INCOMPATIBLE_FEATURES,
         ));
     }
-    if let Some(f) = storage.file() {
+    if let (Some(f), false) = (storage.file(), force_share) {
         crate::lock::lock_image(f, writable, &format!("external data file '{}'", p.display()))?;
     }
     QcowRawFile::new(storage, cluster_size, refcount_order, writable)

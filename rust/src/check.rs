@@ -157,7 +157,11 @@ impl BlockCompare<'_> {
             self.counts.leaks += 1;
             ("leak", format!("leaked cluster {i} (0x{at:x}): refcount {r1}, {r2} reference(s)"))
         };
-        self.problems.push(kind, Some(at), None, msg);
+        let qemu = || {
+            let what = if r1 < r2 { "ERROR" } else { "Leaked" };
+            format!("{what} cluster {i} refcount={r1} reference={r2}")
+        };
+        self.problems.push_qemu(kind, Some(at), None, || msg, qemu);
     }
 }
 
@@ -321,7 +325,8 @@ impl<'a> CopiedChecker<'a> {
         }
         self.counts.corruptions += 1;
         let msg = format!("OFLAG_COPIED {}={entry:x} refcount={r}", what());
-        self.problems.push("copied-flag", Some(at), Some(guest), msg);
+        let qemu = format!("ERROR {msg}");
+        self.problems.push_qemu("copied-flag", Some(at), Some(guest), || msg, || qemu);
         None
     }
 
@@ -667,9 +672,22 @@ fn finish(mut report: CheckReport, highest: u64, h: &QcowHeader) -> CheckReport 
 /// a repair that fixed anything, the image is checked again and the report gives the remaining
 /// problems with the `*_fixed` counts of the repair. `Repair::None` opens the file read-only.
 pub fn check_path(path: &Path, repair: Repair, force_rebuild: bool) -> Result<CheckReport> {
+    check_path_shared(path, repair, force_rebuild, false)
+}
+
+/// [`check_path`]; with `force_share` (no repair only) the image is checked without taking
+/// QEMU's locks (`qemu-img check -U`), e.g. while a VM runs it: the result may then be stale.
+pub fn check_path_shared(path: &Path, repair: Repair, force_rebuild: bool, force_share: bool) -> Result<CheckReport> {
     let writable = repair != Repair::None;
+    if writable && force_share {
+        return Err(crate::error::Error::ReadOnlyImage(
+            "force_share can only be used without repair (a repair writes the image)".into(),
+        ));
+    }
     let file = crate::backing::open_image_file(path, writable, "image")?;
-    crate::lock::lock_image(&file, writable, &format!("'{}'", path.display()))?;
+    if !force_share {
+        crate::lock::lock_image(&file, writable, &format!("'{}'", path.display()))?;
+    }
     let storage = Arc::new(FileStorage::new(file));
     let mut h = QcowHeader::read_for_check(&*storage)?;
     let data_file_is_image = match h.data_file() {

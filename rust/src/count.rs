@@ -172,6 +172,18 @@ fn defect_message(d: L2Defect, e: crate::format::L2Entry, at: u64, guest: u64) -
     }
 }
 
+/// The line `qemu-img check` prints for an L2 entry defect, where the test suite has seen it.
+fn qemu_defect_line(d: L2Defect, e: crate::format::L2Entry) -> Option<String> {
+    let entry = e.entry;
+    match d {
+        L2Defect::ReservedBits => Some(format!("ERROR found l2 entry with reserved bits set: {entry:x}")),
+        L2Defect::Misaligned(off) => {
+            Some(format!("ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."))
+        }
+        _ => None,
+    }
+}
+
 /// The counting visitor.
 pub(crate) struct Counter<'a> {
     h: &'a QcowHeader,
@@ -239,6 +251,28 @@ impl<'a> Counter<'a> {
         self.out.problems.push_with(kind, host, guest, message);
     }
 
+    /// A corruption with the line `qemu-img check` prints for it.
+    fn corruption_qemu(
+        &mut self,
+        kind: &'static str,
+        host: Option<u64>,
+        guest: Option<u64>,
+        message: impl FnOnce() -> String,
+        qemu: impl FnOnce() -> String,
+    ) {
+        self.out.counts.corruptions += 1;
+        self.out.problems.push_qemu(kind, host, guest, message, qemu);
+    }
+
+    /// An L2 entry defect, with QEMU's line where it has one.
+    fn defect(&mut self, kind: &'static str, d: L2Defect, e: crate::format::L2Entry, at: u64, guest: u64) {
+        let msg = || defect_message(d, e, at, guest);
+        match qemu_defect_line(d, e) {
+            Some(q) => self.corruption_qemu(kind, Some(at), Some(guest), msg, || q),
+            None => self.corruption_with(kind, Some(at), Some(guest), msg),
+        }
+    }
+
     fn corruption(&mut self, kind: &'static str, host: Option<u64>, guest: Option<u64>, message: String) {
         self.out.counts.corruptions += 1;
         self.out.problems.push(kind, host, guest, message);
@@ -269,7 +303,10 @@ impl<'a> Counter<'a> {
                     what()
                 )
             };
-            self.corruption_with("reference-past-eof", Some(offset), guest, msg);
+            let qemu = || {
+                format!("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{size:x}")
+            };
+            self.corruption_qemu("reference-past-eof", Some(offset), guest, msg, qemu);
             return Ok(false);
         }
         for k in (offset >> cb)..=((end - 1) >> cb) {
@@ -433,8 +470,9 @@ impl<'a> Counter<'a> {
             return Ok(Flow::Skip);
         }
         if l2 % self.geo.cluster_size() != 0 {
-            let msg = format!("{l2what} at 0x{l2:x} is not cluster aligned; L1 entry corrupted");
-            self.corruption("misaligned", Some(l2), guest, msg);
+            let msg = || format!("{l2what} at 0x{l2:x} is not cluster aligned; L1 entry corrupted");
+            let qemu = || format!("ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
+            self.corruption_qemu("misaligned", Some(l2), guest, msg, qemu);
             self.fix_entry(at, true, tree.is_active(), guest, EntryFix::Clear);
             return Ok(Flow::Skip);
         }
@@ -498,13 +536,12 @@ impl<'a> Counter<'a> {
                 L2Defect::CompressedCopied => fixed.entry &= !crate::format::L2E_COPIED,
                 _ => {}
             }
-            let msg = || defect_message(d, e, at, guest);
             // QEMU reports a misaligned data offset after counting the cluster statistics.
             if !matches!(d, L2Defect::Misaligned(_)) {
-                self.corruption_with(kind, Some(at), Some(guest), msg);
+                self.defect(kind, d, e, at, guest);
             } else {
                 self.stats(ty, e.host_offset(), active);
-                self.corruption_with(kind, Some(at), Some(guest), msg);
+                self.defect(kind, d, e, at, guest);
                 self.count_data(e.host_offset(), guest, active, e.is_copied(), at)?;
                 // Its data cannot be read at a misaligned offset: a repair makes it zero.
                 self.fix_entry(at, false, active, Some(guest), EntryFix::Clear);

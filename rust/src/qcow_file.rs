@@ -37,6 +37,9 @@ pub struct OpenOptions {
     pub rebuild: bool,
     /// Which backing file to use.
     pub backing: BackingChoice,
+    /// Read-only opens only: take no lock, so an image a running VM holds can be inspected
+    /// (`qemu-img -U`); reads may then see a moving target. Applies to the whole chain.
+    pub force_share: bool,
 }
 
 /// A qcow2 image opened as a guest disk.
@@ -79,8 +82,13 @@ impl QcowFile {
         if opts.rebuild && !opts.writable {
             return Err(Error::ReadOnlyImage("a refcount rebuild on open needs a read-write open".into()));
         }
+        if opts.force_share && opts.writable {
+            return Err(Error::ReadOnlyImage("force_share can only be used with read-only opens".into()));
+        }
         let file = crate::backing::open_image_file(path, opts.writable, "image")?;
-        crate::lock::lock_image(&file, opts.writable, &format!("'{}'", path.display()))?;
+        if !opts.force_share {
+            crate::lock::lock_image(&file, opts.writable, &format!("'{}'", path.display()))?;
+        }
         Self::open_storage(Arc::new(FileStorage::new(file)), path, opts)
     }
 
@@ -116,7 +124,8 @@ impl QcowFile {
         let tables = L2Tables::load(&raw, &header)?;
         let data = match header.data_file() {
             Some(name) if header.has_data_file() => {
-                Some(open_data_file(path, id, &name, opts.writable, header.cluster_size(), header.refcount_order)?)
+                let (cs, order) = (header.cluster_size(), header.refcount_order);
+                Some(open_data_file(path, id, &name, opts.writable, opts.force_share, cs, order)?)
             }
             _ => None,
         };
@@ -124,10 +133,11 @@ impl QcowFile {
         chain.extend(id);
         let backing = match &opts.backing {
             BackingChoice::Disabled => None,
-            BackingChoice::Path(p) => Some(open_backing_path(path, p, None, &chain)?),
+            BackingChoice::Path(p) => Some(open_backing_path(path, p, None, &chain, opts.force_share)?),
             BackingChoice::FromHeader => match &header.backing_file {
                 Some(name) if !name.is_empty() => {
-                    Some(open_backing(path, name, header.backing_format().as_deref(), &chain)?)
+                    let format = header.backing_format();
+                    Some(open_backing(path, name, format.as_deref(), &chain, opts.force_share)?)
                 }
                 _ => None,
             },
@@ -204,6 +214,10 @@ impl QcowFile {
     /// The parsed header.
     pub fn header(&self) -> &QcowHeader {
         &self.header
+    }
+    /// The internal snapshots, in table order.
+    pub fn snapshots(&self) -> Result<Vec<crate::snapshot::Snapshot>> {
+        Ok(crate::snapshot::read_snapshot_table(&self.raw, &self.header)?.snapshots)
     }
     /// Guest-visible size in bytes.
     pub fn virtual_size(&self) -> u64 {

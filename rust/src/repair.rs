@@ -69,7 +69,7 @@ struct Fixer<'a> {
 
 impl Fixer<'_> {
     fn note(&mut self, kind: &'static str, host: Option<u64>, guest: Option<u64>, message: String) {
-        self.dropped.push(Problem { kind, host_offset: host, guest_offset: guest, message });
+        self.dropped.push(Problem { kind, host_offset: host, guest_offset: guest, message, qemu: None });
     }
 
     /// `n` clusters at the end of the file, past every cluster a bad reference names.

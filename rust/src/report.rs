@@ -15,6 +15,8 @@ pub struct Problem {
     pub guest_offset: Option<u64>,
     /// Human-readable description.
     pub message: String,
+    /// The line `qemu-img check` prints for the same finding, where it has one.
+    pub qemu: Option<String>,
 }
 
 /// The problems found by a check: the first [`MAX_LISTED_PROBLEMS`] listed, the rest counted.
@@ -30,7 +32,23 @@ impl ProblemLog {
     /// Records a problem.
     pub fn push(&mut self, kind: &'static str, host_offset: Option<u64>, guest_offset: Option<u64>, message: String) {
         if self.list.len() < MAX_LISTED_PROBLEMS {
-            self.list.push(Problem { kind, host_offset, guest_offset, message });
+            self.list.push(Problem { kind, host_offset, guest_offset, message, qemu: None });
+        } else {
+            self.unlisted += 1;
+        }
+    }
+
+    /// Records a problem with the line `qemu-img check` prints for it.
+    pub fn push_qemu(
+        &mut self,
+        kind: &'static str,
+        host_offset: Option<u64>,
+        guest_offset: Option<u64>,
+        message: impl FnOnce() -> String,
+        qemu: impl FnOnce() -> String,
+    ) {
+        if self.list.len() < MAX_LISTED_PROBLEMS {
+            self.list.push(Problem { kind, host_offset, guest_offset, message: message(), qemu: Some(qemu()) });
         } else {
             self.unlisted += 1;
         }
@@ -46,7 +64,7 @@ impl ProblemLog {
         message: impl FnOnce() -> String,
     ) {
         if self.list.len() < MAX_LISTED_PROBLEMS {
-            self.list.push(Problem { kind, host_offset, guest_offset, message: message() });
+            self.list.push(Problem { kind, host_offset, guest_offset, message: message(), qemu: None });
         } else {
             self.unlisted += 1;
         }
@@ -55,7 +73,11 @@ impl ProblemLog {
     /// Appends another log (keeping the listing limit).
     pub fn extend(&mut self, other: ProblemLog) {
         for p in other.list {
-            self.push(p.kind, p.host_offset, p.guest_offset, p.message);
+            if self.list.len() < MAX_LISTED_PROBLEMS {
+                self.list.push(p);
+            } else {
+                self.unlisted += 1;
+            }
         }
         self.unlisted += other.unlisted;
     }

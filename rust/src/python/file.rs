@@ -51,7 +51,7 @@ impl PyQcowFile {
     /// Opens the image at `path`. `backing`: True follows the header's backing file, False
     /// opens the image alone, a path uses that file as the backing file.
     #[staticmethod]
-    #[pyo3(signature = (path, writable = false, rebuild = false, backing = None, no_backing = false))]
+    #[pyo3(signature = (path, writable = false, rebuild = false, backing = None, no_backing = false, force_share = false))]
     fn open(
         py: Python<'_>,
         path: PathBuf,
@@ -59,13 +59,14 @@ impl PyQcowFile {
         rebuild: bool,
         backing: Option<PathBuf>,
         no_backing: bool,
+        force_share: bool,
     ) -> PyResult<Self> {
         let backing = match (backing, no_backing) {
             (_, true) => BackingChoice::Disabled,
             (Some(p), false) => BackingChoice::Path(p),
             (None, false) => BackingChoice::FromHeader,
         };
-        let q = py.detach(|| QcowFile::open(&path, OpenOptions { writable, rebuild, backing }))?;
+        let q = py.detach(|| QcowFile::open(&path, OpenOptions { writable, rebuild, backing, force_share }))?;
         Ok(Self::new(q))
     }
 
@@ -147,6 +148,12 @@ impl PyQcowFile {
     fn header(&self) -> PyResult<PyQcowHeader> {
         let h = self.read(|q| Ok(q.header().clone()))?;
         Ok(PyQcowHeader::from(&h))
+    }
+
+    /// The internal snapshots (`[Snapshot]`, in table order), as `qemu-img snapshot -l`.
+    fn snapshots(&self, py: Python<'_>) -> PyResult<Vec<super::info::PySnapshot>> {
+        let list = py.detach(|| self.read(QcowFile::snapshots))?;
+        Ok(super::info::snapshot_list(&list))
     }
 
     /// Reads guest data at `offset` straight into the writable buffer `buf`; returns the bytes

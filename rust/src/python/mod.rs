@@ -3,6 +3,7 @@
 mod buffer;
 mod errors;
 mod file;
+mod info;
 mod report;
 mod types;
 
@@ -17,6 +18,8 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::PyQcowRawFile>()?;
     m.add_class::<report::PyCheckReport>()?;
     m.add_class::<report::PyProblem>()?;
+    m.add_class::<info::PySnapshot>()?;
+    m.add_function(wrap_pyfunction!(info::image_info, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_refcounts, m)?)?;
     m.add_function(wrap_pyfunction!(_fail_after_ops, m)?)?;
@@ -28,8 +31,13 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Checks the image at `path` like `qemu-img check`; `repair` is None, "leaks" or "all".
 /// Without repair the file is opened read-only and never modified.
 #[pyfunction]
-#[pyo3(signature = (path, repair = None))]
-fn check(py: Python<'_>, path: std::path::PathBuf, repair: Option<&str>) -> PyResult<report::PyCheckReport> {
+#[pyo3(signature = (path, repair = None, force_share = false))]
+fn check(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    repair: Option<&str>,
+    force_share: bool,
+) -> PyResult<report::PyCheckReport> {
     let repair = match repair {
         None => crate::check::Repair::None,
         Some("leaks") => crate::check::Repair::Leaks,
@@ -40,7 +48,7 @@ fn check(py: Python<'_>, path: std::path::PathBuf, repair: Option<&str>) -> PyRe
             )))
         }
     };
-    let r = py.detach(|| crate::check::check_path(&path, repair, false))?;
+    let r = py.detach(|| crate::check::check_path_shared(&path, repair, false, force_share))?;
     Ok(report::PyCheckReport::from(&r))
 }
 

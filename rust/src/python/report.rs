@@ -18,6 +18,8 @@ pub struct PyProblem {
     guest_offset: Option<u64>,
     /// Description.
     message: String,
+    /// The line `qemu-img check` prints for the same finding, where it has one.
+    qemu_message: Option<String>,
 }
 
 #[pymethods]
@@ -35,6 +37,7 @@ impl From<&Problem> for PyProblem {
             host_offset: p.host_offset,
             guest_offset: p.guest_offset,
             message: p.message.clone(),
+            qemu_message: p.qemu.clone(),
         }
     }
 }

@@ -1,0 +1,59 @@
+"""Argument parsing and the one place errors become one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from qcowrs._errors import QcowError
+from qcowrs._qcowrs import __version__
+from qcowrs.cli import cmd_check, cmd_convert, cmd_create, cmd_info, cmd_map, cmd_rebuild
+from qcowrs.cli._common import CliError, os_message
+
+_COMMANDS = [cmd_info, cmd_check, cmd_map, cmd_create, cmd_convert, cmd_rebuild]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with qemu-img's usage-error convention: one line, exit code 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"{self.prog.removeprefix('qcowrs ')}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="qcowrs",
+        description="qcow2 disk images: the qemu-img commands, plus rebuild. "
+        "Run 'qcowrs COMMAND --help' for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"qcowrs version {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for mod in _COMMANDS:
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code (qemu-img's)."""
+    try:
+        args = _parser().parse_args(argv)
+        return int(args.func(args))
+    except CliError as e:
+        print(f"qcowrs: {e}", file=sys.stderr)
+        return e.code
+    except QcowError as e:
+        print(f"qcowrs: {os_message(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qcowrs: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # The reader went away (`qcowrs map ... | head`): not an error worth a traceback.
+        return 1
+    except OSError as e:
+        print(f"qcowrs: {os_message(e)}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"qcowrs: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,3 @@
+//! Image-level operations, one module per `qemu-img` command.
+
+pub mod info;
