@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -226,8 +227,17 @@ class Progress:
         if self._bar is None:
             from tqdm import tqdm  # type: ignore[import-untyped]
 
+            # A terminal that reports no size (a bare pty) still gets an 80x24 bar (tqdm hides
+            # bars below a 0-line screen).
+            cols, rows = shutil.get_terminal_size()
             self._bar = tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self._desc
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self._desc,
+                ncols=cols,
+                nrows=rows,
             )
         self._bar.total = total
         self._bar.n = done
