@@ -145,12 +145,20 @@ class QcowFile(io.RawIOBase):
         n: int = self._native.readinto_at(buffer, offset)
         return n
 
-    def pwrite(self, data: Buffer, offset: int) -> int:
+    def pwrite(self, data: Buffer, offset: int, *, compressed: bool = False) -> int:
         """Writes ``data`` at guest ``offset``; returns the bytes written. The position is left
-        alone. Writes are serialised (one at a time per handle)."""
+        alone. Writes are serialised (one at a time per handle).
+
+        ``compressed=True`` stores each cluster compressed (with the image's compression type,
+        packed into shared host clusters as ``qemu-img convert -c`` does); ``offset`` must then
+        be a multiple of the cluster size and ``data`` whole clusters (the last cluster of the
+        disk may be short). A cluster that does not compress is stored as it is."""
         self._checkClosed()
         if offset < 0:
             raise ValueError("offset must be non-negative")
+        if compressed:
+            written: int = self._native.write_compressed_at(data, offset)
+            return written
         n: int = self._native.write_at(data, offset)
         return n
 

@@ -55,19 +55,30 @@ fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     }
 }
 
-/// Compresses `data`. Returns `None` if it does not shrink.
-#[cfg(test)]
-pub fn compress(compression_type: u8, data: &[u8]) -> Option<Vec<u8>> {
+/// Compresses one cluster as QEMU's compressed writes do (raw deflate with a 4 KiB window,
+/// which QEMU's inflate needs; or a zstd frame at the default level). Returns `None` if the
+/// result would not fit in `limit` bytes (QEMU writes such a cluster uncompressed).
+pub fn compress(compression_type: u8, data: &[u8], limit: usize) -> Option<Vec<u8>> {
     if compression_type == COMPRESSION_ZSTD {
         let v = zstd::bulk::compress(data, 0).ok()?;
-        (v.len() < data.len()).then_some(v)
+        (v.len() <= limit).then_some(v)
     } else {
-        use std::io::Write;
-        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(data).ok()?;
-        let v = e.finish().ok()?;
-        (v.len() < data.len()).then_some(v)
+        DEFLATE.with(|c| {
+            let mut c = c.borrow_mut();
+            c.reset();
+            let mut out = Vec::with_capacity(limit + 1);
+            match c.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if out.len() <= limit => Some(out),
+                _ => None,
+            }
+        })
     }
+}
+
+thread_local! {
+    /// One deflate state per thread (window bits 12, as QEMU's `deflateInit2(.., -12, ..)`).
+    static DEFLATE: std::cell::RefCell<flate2::Compress> =
+        std::cell::RefCell::new(flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12));
 }
 
 #[cfg(test)]
@@ -75,10 +86,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn incompressible_data_is_refused() {
+        let mut x = 0x1234_5678_u32;
+        let data: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        assert!(compress(0, &data, data.len() - 1).is_none());
+        assert!(compress(1, &data, data.len() - 1).is_none());
+    }
+
+    #[test]
     fn roundtrip_with_padding() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
         for t in [0u8, 1] {
-            let mut c = compress(t, &data).unwrap();
+            let mut c = compress(t, &data, data.len() - 1).unwrap();
             c.extend_from_slice(&[0xee; 300]); // sector padding / neighbouring data
             let mut out = vec![0u8; data.len()];
             decompress(t, &c, &mut out).unwrap();

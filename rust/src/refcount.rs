@@ -148,6 +148,8 @@ pub struct RefcountManager {
     /// Clusters whose references are being removed; decremented by `apply_frees` once the
     /// removal is on disk.
     pending_frees: Vec<u64>,
+    /// The next free byte of the cluster compressed data is being packed into (0: none).
+    free_byte_offset: u64,
 }
 
 impl RefcountManager {
@@ -169,6 +171,7 @@ impl RefcountManager {
             end_cluster: raw.file_clusters(),
             free_hint: 0,
             pending_frees: Vec::new(),
+            free_byte_offset: 0,
         };
         // Refcounts may extend past the end of the file: find the last non-zero one.
         if let Some(ri) = m.reftable.iter().rposition(|&e| e & REFT_OFFSET_MASK != 0) {
@@ -399,6 +402,52 @@ impl RefcountManager {
             self.set(raw, h, k, 1, c..end)?;
         }
         Ok(c)
+    }
+
+    /// Allocates `size` bytes (at most a cluster) for compressed data, packed after the
+    /// previous allocation as QEMU's `qcow2_alloc_bytes` does: in the same host cluster while
+    /// it has room, running into the next cluster when that one is free and adjacent, else in
+    /// a new cluster. Every host cluster the bytes touch gains one reference. Returns the byte
+    /// offset.
+    pub fn alloc_bytes(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, size: u64) -> Result<u64> {
+        let cb = self.geo.cluster_bits;
+        let cs = 1u64 << cb;
+        if size == 0 || size > cs {
+            return Err(Error::InvalidClusterIndex(format!("cannot allocate {size} bytes of compressed data")));
+        }
+        let mut offset = self.free_byte_offset;
+        if offset != 0 {
+            // A cluster freed meanwhile (refcount 0) may be reused for anything: start afresh.
+            let r = self.get(raw, offset >> cb)?;
+            if r == 0 || r >= self.geo.refcount_max() {
+                offset = 0;
+            }
+        }
+        let free_in_cluster = if offset == 0 { 0 } else { cs - (offset & (cs - 1)) };
+        if offset == 0 || free_in_cluster < size {
+            let next = self.alloc(raw, h, 1)? << cb;
+            if offset != 0 && next == (offset | (cs - 1)) + 1 {
+                // The data runs on into the adjacent new cluster: it holds one reference now.
+                self.increment(raw, h, offset >> cb)?;
+            } else {
+                // (The tail of the old cluster, if any, stays unused.)
+                offset = next;
+                let end = offset + size;
+                self.free_byte_offset = if end & (cs - 1) == 0 { 0 } else { end };
+                return Ok(offset);
+            }
+        } else {
+            self.increment(raw, h, offset >> cb)?;
+        }
+        let end = offset + size;
+        self.free_byte_offset = if end & (cs - 1) == 0 { 0 } else { end };
+        Ok(offset)
+    }
+
+    /// Adds one reference to cluster `c`.
+    fn increment(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, c: u64) -> Result<()> {
+        let r = self.get(raw, c)?;
+        self.set(raw, h, c, r + 1, c..c)
     }
 
     /// Defers dropping one reference to cluster `c` until `apply_frees`.

@@ -105,6 +105,23 @@ impl PyQcowFile {
         with_readable_buffer(py, buf, |data| self.write(|q| q.write_at(data, offset).map(|()| data.len())))?
     }
 
+    /// Writes whole clusters compressed (see `QcowFile::write_compressed`), with the GIL
+    /// released; returns the number of bytes written.
+    fn write_compressed_at(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: u64) -> PyResult<usize> {
+        with_readable_buffer(py, buf, |data| {
+            self.write(|q| {
+                let cs = usize::try_from(q.cluster_size()).unwrap_or(usize::MAX);
+                let mut done = 0usize;
+                while done < data.len() {
+                    let n = cs.min(data.len() - done);
+                    q.write_compressed(offset + done as u64, &data[done..done + n])?;
+                    done += n;
+                }
+                Ok(done)
+            })
+        })?
+    }
+
     /// Makes `[offset, offset+length)` read as zeros (zero flag for whole clusters).
     fn write_zeroes(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
         py.detach(|| self.write(|q| q.write_zeroes(offset, length)))

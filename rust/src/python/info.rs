@@ -80,7 +80,10 @@ impl PySnapshot {
     }
 
     fn __repr__(&self) -> String {
-        format!("Snapshot(id={:?}, name={:?}, date_sec={}, vm_state_size={})", self.id, self.name, self.date_sec, self.vm_state_size)
+        format!(
+            "Snapshot(id={:?}, name={:?}, date_sec={}, vm_state_size={})",
+            self.id, self.name, self.date_sec, self.vm_state_size
+        )
     }
 }
 

@@ -251,6 +251,50 @@ impl QcowFile {
         }
     }
 
+    /// Writes one whole guest cluster compressed (QEMU's compressed write, what `qemu-img
+    /// convert -c` does): `offset` is cluster-aligned and `data` a whole cluster, or the rest of
+    /// the disk for its last cluster (padded with zeros). The compressed bytes are packed into
+    /// shared host clusters; a cluster that does not compress is written normally. Returns
+    /// whether it was stored compressed. Not possible with an external data file.
+    pub fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<bool> {
+        let cs = self.cluster_size();
+        let len = data.len() as u64;
+        let aligned = offset & (cs - 1) == 0;
+        let whole = len == cs || (len > 0 && len < cs && offset.checked_add(len) == Some(self.virtual_size()));
+        if !aligned || !whole {
+            return Err(Error::offset(
+                "guest offset",
+                offset,
+                format!("a compressed write must cover one whole cluster (0x{cs:x} bytes at a multiple of it), not 0x{len:x} bytes"),
+            ));
+        }
+        if self.data.is_some() {
+            return Err(Error::UnsupportedFeature(
+                "compressed clusters cannot be written to an image with an external data file".into(),
+            ));
+        }
+        let mut cluster = data.to_vec();
+        cluster.resize(usize::try_from(cs).unwrap_or(0), 0);
+        let limit = usize::try_from(cs - 1).unwrap_or(0);
+        let Some(packed) = crate::compression::compress(self.header.compression_type, &cluster, limit) else {
+            self.write_at(data, offset)?;
+            return Ok(false);
+        };
+        self.begin_change(offset, len, "compressed write")?;
+        let ci = offset >> self.header.cluster_bits;
+        let (old, _) = self.tables.entry(&self.raw, ci)?;
+        self.l2_for_write(ci / self.tables.geometry().entries_per_table())?;
+        let host = {
+            let w = self.writer.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("not prepared".into()))?;
+            w.refcounts.alloc_bytes(&self.raw, &mut self.header, packed.len() as u64)?
+        };
+        self.raw.write_at(&packed, host, "compressed guest data")?;
+        let e = self.tables.geometry().make_compressed(host, packed.len() as u64);
+        self.set_entry(ci, e)?;
+        self.free_entry_clusters(old)?;
+        Ok(true)
+    }
+
     /// `len` bytes of the guest at `start` as they read now, with `data` over them at `at`.
     fn cluster_image(&self, start: u64, len: u64, at: u64, data: &[u8]) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
