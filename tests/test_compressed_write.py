@@ -44,7 +44,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("opts,size", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("opts", "size"), CASES, ids=[c[0] for c in CASES])
 def test_compressed_image_reads_back_in_qemu(
     tmp_path: Path, qcowrs_mod: Any, opts: str, size: int
 ) -> None:
