@@ -3,6 +3,7 @@
 mod buffer;
 mod errors;
 mod file;
+mod map;
 mod report;
 mod types;
 

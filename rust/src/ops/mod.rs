@@ -1,0 +1,4 @@
+//! Image-level operations, one module per `qemu-img` command, built on the open image
+//! (`QcowFile`), its mapping and its backing chain.
+
+pub mod map;
