@@ -440,8 +440,19 @@ fn qcow2_run(q: &QcowFile, off: u64, len: u64) -> Result<Run> {
     let mut first: Option<Status> = None;
     while pos < table_end {
         let l2_index = (pos >> cb) % per;
-        let e = geo.entry_at(&table, usize::try_from(l2_index).unwrap_or(0));
         let in_cluster = pos & (cs - 1);
+        if in_cluster == 0 && first == Some(Status::default()) {
+            // Inside an unallocated run: skip empty entries without classifying each.
+            let w = geo.words_per_entry();
+            let from = usize::try_from(l2_index).unwrap_or(usize::MAX).saturating_mul(w);
+            let empty = table.get(from..).unwrap_or_default().chunks(w).take_while(|c| c.iter().all(|&x| x == 0));
+            let skip = empty.count() as u64;
+            if skip > 0 {
+                pos += skip << cb;
+                continue;
+            }
+        }
+        let e = geo.entry_at(&table, usize::try_from(l2_index).unwrap_or(0));
         let (st, end) = entry_status(geo, e, in_cluster).map_err(|d| {
             Error::corrupt(
                 format!("L2 entry {l2_index} (L2 table at 0x{l2_offset:x}) = 0x{:x}: {d}", e.entry),
