@@ -240,6 +240,20 @@ def prealloc_falloc(b: ImageBuilder) -> Path:
     return b.create("pfalloc.qcow2", "4M", preallocation="falloc")
 
 
+def compat_v2(b: ImageBuilder) -> Path:
+    # qcow2 v2: no zero flag (zero writes allocate or deallocate).
+    b.create("v2base.qcow2", "8M", compat="0.10")
+    b.io("v2base.qcow2", "write -P 1 0 2M")
+    b.create("v2.qcow2", backing="v2base.qcow2", compat="0.10")
+    return b.io("v2.qcow2", "write -P 2 1M 64k", "write -z 1536k 64k", "write -P 2 6M 64k")
+
+
+def data_file_over_backing(b: ImageBuilder) -> Path:
+    chain3(b)
+    b.create("dfb.qcow2", backing="top.qcow2", data_file=str(b.path("dfb.data")))
+    return b.io("dfb.qcow2", "write -P 9 8M 2M", "write -z 1M 64k")
+
+
 SCENARIOS: dict[str, Callable[[ImageBuilder], Path]] = {
     f.__name__: f
     for f in (
@@ -264,6 +278,8 @@ SCENARIOS: dict[str, Callable[[ImageBuilder], Path]] = {
         sparse_4t,
         prealloc_metadata,
         prealloc_falloc,
+        compat_v2,
+        data_file_over_backing,
     )
 }
 
