@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from qcowrs import _qcowrs
+from qcowrs._map import MapEntry
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -262,6 +263,35 @@ class QcowFile(io.RawIOBase):
         """The internal snapshots, in table order (``qemu-img snapshot -l``)."""
         self._checkClosed()
         return list(self._native.snapshots())
+
+    def map(
+        self, start_offset: int = 0, max_length: int | None = None, *, with_files: bool = False
+    ) -> list[MapEntry]:
+        """What every guest range reads from, over the whole backing chain: exactly the entries
+        of ``qemu-img map --output=json`` (same boundaries, values and merging), as dicts with
+        its keys in its order: ``start``, ``length``, ``depth`` (0: this image, 1: its backing
+        file, ...), ``present``, ``zero``, ``data``, ``compressed``, and ``offset`` (the host
+        offset in the file holding the data) only where qemu-img prints one.
+
+        ``start_offset`` and ``max_length`` are qemu-img map's ``--start-offset`` and
+        ``--max-length``: the map covers ``[start_offset, start_offset + max_length)`` clipped
+        to the disk; when that is empty it is one entry of length 0, as qemu-img prints.
+
+        ``with_files=True`` adds ``filename`` to each entry that has an ``offset``: the file the
+        offset points into (this image as opened, its external data file, or a backing file as
+        resolved from the image that names it), the "File" column of qemu-img's human output
+        (see :func:`qcowrs._map.format_map_human`).
+
+        Raises :class:`CorruptImage` for an entry QEMU cannot read either, or for more entries
+        than the files can describe (L2 tables shared by many L1 entries).
+        """
+        self._checkClosed()
+        if start_offset < 0:
+            raise ValueError(f"start_offset must be non-negative, not {start_offset}")
+        if max_length is not None and max_length < 0:
+            raise ValueError(f"max_length must be non-negative, not {max_length}")
+        entries: list[MapEntry] = self._native.map(start_offset, max_length, with_files=with_files)
+        return entries
 
     def check(self) -> _qcowrs.CheckReport:
         """Checks the image like ``qemu-img check`` (no repair)."""

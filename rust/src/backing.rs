@@ -72,6 +72,23 @@ pub(crate) trait BackingRead: Send + Sync + std::fmt::Debug {
     fn size(&self) -> u64;
     /// Fills `buf` with the guest data at `offset` (zeros past the end).
     fn read_into(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// What the backing file is, for code that needs more than its guest data (`map`).
+    fn kind(&self) -> BackingKind<'_>;
+}
+
+/// A backing file as what it is.
+pub(crate) enum BackingKind<'a> {
+    /// A qcow2 image (with its own backing chain).
+    Qcow2(&'a QcowFile),
+    /// A raw file: guest offset = file offset.
+    Raw {
+        /// The file.
+        storage: &'a dyn Storage,
+        /// Its length when opened.
+        len: u64,
+        /// Its path as resolved from the overlay.
+        path: &'a Path,
+    },
 }
 
 impl BackingRead for QcowFile {
@@ -82,6 +99,9 @@ impl BackingRead for QcowFile {
         let n = self.read_at(buf, offset)?;
         buf[n..].fill(0);
         Ok(())
+    }
+    fn kind(&self) -> BackingKind<'_> {
+        BackingKind::Qcow2(self)
     }
 }
 
@@ -108,6 +128,9 @@ impl BackingRead for RawBacking {
         }
         buf[n..].fill(0);
         Ok(())
+    }
+    fn kind(&self) -> BackingKind<'_> {
+        BackingKind::Raw { storage: &*self.storage, len: self.len, path: &self.name }
     }
 }
 

@@ -239,9 +239,17 @@ impl QcowFile {
     pub fn raw_file(&self) -> &QcowRawFile {
         &self.raw
     }
-    #[cfg(test)]
+    /// The L2-table state (active L1, L2 cache).
     pub(crate) fn tables(&self) -> &L2Tables {
         &self.tables
+    }
+    /// The open backing file, if any.
+    pub(crate) fn backing_file(&self) -> Option<&dyn BackingRead> {
+        self.backing.as_deref()
+    }
+    /// The external data file, if the image has one.
+    pub(crate) fn data_file(&self) -> Option<&QcowRawFile> {
+        self.data.as_ref()
     }
 
     /// Maps `guest_offset`: what it reads as, and for how many bytes (<= `max_len`, within the

@@ -1,3 +1,5 @@
-//! Image-level operations, one module per `qemu-img` command.
+//! Image-level operations, one module per `qemu-img` command, built on the open image
+//! (`QcowFile`), its mapping and its backing chain.
 
 pub mod info;
+pub mod map;

@@ -243,4 +243,20 @@ impl PyQcowFile {
     fn closed(&self) -> bool {
         self.inner.read().unwrap_or_else(PoisonError::into_inner).is_none()
     }
+
+    /// The entries of `qemu-img map --output=json [--start-offset] [--max-length]` over the
+    /// whole backing chain, as dicts with qemu-img's keys (`offset` only where it has one);
+    /// `with_files` adds `filename` (the file `offset` points into) to entries with an offset.
+    /// The chain is mapped with the GIL released.
+    #[pyo3(signature = (start_offset = 0, max_length = None, with_files = false))]
+    fn map<'py>(
+        &self,
+        py: Python<'py>,
+        start_offset: u64,
+        max_length: Option<u64>,
+        with_files: bool,
+    ) -> PyResult<Bound<'py, pyo3::types::PyList>> {
+        let m = py.detach(|| self.read(|q| crate::ops::map::map_image(q, start_offset, max_length)))?;
+        super::map::map_to_list(py, &m, with_files)
+    }
 }

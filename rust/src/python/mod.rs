@@ -4,6 +4,7 @@ mod buffer;
 mod errors;
 mod file;
 mod info;
+mod map;
 mod report;
 mod types;
 
