@@ -78,9 +78,8 @@ def imgs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     e = create("extl2.qcow2", "16M", "-o", "extended_l2=on,compression_type=zstd")
     qemu_io(e, "write -P 0x41 3000 5000", "write -z 1M 8k")
     out["extl2"] = e
-    df = create(
-        "dfile.qcow2", "16M", "-o", "data_file=dfile.raw,data_file_raw=on,lazy_refcounts=on"
-    )
+    # An absolute name: QEMU resolves a relative data file name against the working directory.
+    df = create("dfile.qcow2", "16M", "-o", f"data_file={d / 'dfile.raw'},data_file_raw=on")
     qemu_io(df, "write -P 0x51 0 1M")
     out["datafile"] = df
     out["c512"] = create("c512.qcow2", "8M", "-o", "cluster_size=512,refcount_bits=1")
@@ -201,6 +200,29 @@ def test_info_force_share(imgs: dict[str, Path], tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# map
+
+MAP_KINDS = ["plain", "compressed", "chain", "snapshots", "extl2", "datafile", "c512", "c2m", "v2"]
+MAP_KINDS += ["raw"]
+
+
+@pytest.mark.parametrize("kind", MAP_KINDS)
+@pytest.mark.parametrize("window", [[], ["--start-offset=1M", "--max-length=2M"]])
+def test_map_equals_qemu(imgs: dict[str, Path], kind: str, window: list[str]) -> None:
+    img = imgs[kind]
+    q = qemu("map", "--output=json", *window, img.name, cwd=img.parent)
+    ours = qcowrs("map", "--output=json", *window, img.name, cwd=img.parent)
+    assert ours.returncode == q.returncode == 0, (q.stderr, ours.stderr)
+    assert json.loads(ours.stdout) == json.loads(q.stdout)
+    qh = qemu("map", *window, img.name, cwd=img.parent)
+    oh = qcowrs("map", *window, img.name, cwd=img.parent)
+    assert oh.returncode == qh.returncode
+    assert oh.stdout.splitlines() == qh.stdout.splitlines()
+    if qh.returncode:
+        assert oh.stderr.strip() == qh.stderr.strip().replace("qemu-img:", "qcowrs:")
 
 
 # --------------------------------------------------------------------------------------------

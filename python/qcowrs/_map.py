@@ -66,3 +66,73 @@ def format_map_human(entries: Iterable[MapEntry]) -> str:
             start, length, host = _hex(e["start"]), _hex(e["length"]), _hex(e.get("offset", 0))
             lines.append(f"{start:<16}{length:<16}{host:<16}{e.get('filename', '')}")
     return "".join(line + "\n" for line in lines)
+
+
+def raw_map(path: str, start_offset: int = 0, max_length: int | None = None) -> list[MapEntry]:
+    """``qemu-img map`` of a raw image: its data and holes (``SEEK_DATA``/``SEEK_HOLE``), the
+    length rounded up to 512 bytes as QEMU's file layer does (the tail past the end of the file
+    reads as zeros); every entry has its ``offset`` (= its guest offset)."""
+    import os
+
+    with open(path, "rb") as fh:
+        real = fh.seek(0, os.SEEK_END)
+        size = (real + 511) // 512 * 512
+        end = size if max_length is None else min(size, start_offset + max_length)
+        out: list[MapEntry] = []
+
+        def add(start: int, length: int, data: bool) -> None:
+            if length <= 0:
+                return
+            last = out[-1] if out else None
+            if (
+                last is not None
+                and last["data"] == data
+                and last["start"] + last["length"] == start
+            ):
+                last["length"] += length
+                return
+            out.append(
+                {
+                    "start": start,
+                    "length": length,
+                    "depth": 0,
+                    "present": True,
+                    "zero": not data,
+                    "data": data,
+                    "compressed": False,
+                    "offset": start,
+                }
+            )
+
+        pos = min(start_offset, end)
+        while pos < min(end, real):
+            try:
+                data_at = os.lseek(fh.fileno(), pos, os.SEEK_DATA)
+            except OSError:
+                data_at = real
+            data_at = min(data_at, real, end)
+            add(pos, data_at - pos, False)
+            if data_at >= min(end, real):
+                pos = data_at
+                break
+            hole_at = min(os.lseek(fh.fileno(), data_at, os.SEEK_HOLE), real, end)
+            add(data_at, hole_at - data_at, True)
+            pos = hole_at
+        add(pos, end - pos, False)
+        if not out:
+            # An empty window: one empty entry at the offset asked for, as qemu-img prints.
+            out.append(
+                {
+                    "start": start_offset,
+                    "length": 0,
+                    "depth": 0,
+                    "present": False,
+                    "zero": False,
+                    "data": False,
+                    "compressed": False,
+                }
+            )
+        for e in out:
+            if "offset" in e:
+                e["filename"] = path
+        return out
