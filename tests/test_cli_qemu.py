@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import poke_field, qemu_img, qemu_io, requires_qemu
+from conftest import Refcounts, poke_field, qemu_img, qemu_io, requires_qemu
 from hostile import GENERATORS
 
 pytestmark = requires_qemu
@@ -98,6 +98,13 @@ def imgs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     qemu_io(dirty, "write -P 0x91 0 64k")
     poke_field(dirty, "incompatible_features", 1)
     out["dirty"] = dirty
+    leak = create("leak.qcow2", "16M")
+    qemu_io(leak, "write -P 0xa1 0 256k")
+    rc = Refcounts(leak)
+    last = leak.stat().st_size // 65536 - 1
+    rc.set(last, 2)  # a leak: one reference counted twice
+    rc.set(2, 0)  # a corruption: the first refblock loses its own count
+    out["leak"] = leak
     rawimg = d / "disk.raw"
     rawimg.write_bytes(b"\x01" * 1000)
     out["raw"] = rawimg
@@ -240,6 +247,7 @@ CHECK_KINDS = [
     "bitmaps",
     "l1_past_eof",
     "file_cut_after_header",
+    "leak",
 ]
 
 
