@@ -288,12 +288,21 @@ fn check_backing(image: &Path, o: &CreateOptions) -> Result<Option<PathBuf>> {
             return Err(bad_value("backing_format", f, "'qcow2' or 'raw': qcowrs reads qcow2 and raw backing files"));
         }
     }
-    if Path::new(name) == image {
+    let path = resolve_relative(image, name);
+    let same_inode = |a: std::fs::Metadata, b: std::fs::Metadata| {
+        use std::os::unix::fs::MetadataExt;
+        a.dev() == b.dev() && a.ino() == b.ino()
+    };
+    let same = match (std::fs::metadata(image), std::fs::metadata(&path)) {
+        (Ok(a), Ok(b)) => same_inode(a, b),
+        _ => false,
+    };
+    if path == image || same {
         return Err(Error::InvalidArgument(
             "Error: Trying to create an image with the same filename as the backing file".into(),
         ));
     }
-    Ok(Some(resolve_relative(image, name)))
+    Ok(Some(path))
 }
 
 /// The backing file's virtual size, read as `qemu-img create` opens it: read-only, sharing
@@ -340,9 +349,8 @@ struct Plan {
     layout: Layout,
     /// Header cluster contents (header, extensions, backing file name).
     header: Vec<u8>,
-    /// Where the data file goes, and the backing file read for its size or checked.
+    /// Where the data file goes.
     data_path: Option<PathBuf>,
-    backing_path: Option<PathBuf>,
 }
 
 impl Plan {
@@ -383,7 +391,7 @@ impl Plan {
         let layout = Layout::build(&params)?;
         let header = header_bytes(o, &c, &layout, size)?;
         let data_path = o.data_file.as_deref().map(|d| resolve_relative(image, d));
-        Ok(Plan { layout, header, data_path, backing_path })
+        Ok(Plan { layout, header, data_path })
     }
 }
 

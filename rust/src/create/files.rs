@@ -44,13 +44,12 @@ fn follow_links(path: &Path) -> Result<PathBuf> {
 }
 
 impl Target {
-    /// Finds the file for `path` and, if it exists, opens it read-write and takes QEMU's write
-    /// lock on it (refused with [`Error::ImageLocked`] if another process uses it).
-    fn prepare(path: &Path, what: &str, overwrite: bool) -> Result<Target> {
+    /// Finds the file for `path` (symbolic links followed) and whether it exists.
+    fn locate(path: &Path, what: &str, overwrite: bool) -> Result<(PathBuf, Option<fs::Metadata>)> {
         let real = follow_links(path)?;
         let meta = match fs::metadata(&real) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Target { path: real, existing: None }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((real, None)),
             Err(e) => return Err(Error::io(format!("creating {what} '{}'", path.display()), e)),
         };
         if !overwrite {
@@ -65,6 +64,13 @@ impl Target {
                 path.display()
             )));
         }
+        Ok((real, Some(meta)))
+    }
+
+    /// Opens an existing file read-write and takes QEMU's write lock on it (refused with
+    /// [`Error::ImageLocked`] if another process uses it).
+    fn lock(path: &Path, real: PathBuf, meta: Option<fs::Metadata>, what: &str) -> Result<Target> {
+        let Some(meta) = meta else { return Ok(Target { path: real, existing: None }) };
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -74,13 +80,13 @@ impl Target {
             .map_err(|e| super::prefix_error(e, "Is another process using the image? "))?;
         Ok(Target { path: real, existing: Some((file, meta)) })
     }
+}
 
-    /// Same file as `other` (both existing)?
-    fn same_file(&self, other: &Target) -> bool {
-        match (&self.existing, &other.existing) {
-            (Some((_, a)), Some((_, b))) => a.dev() == b.dev() && a.ino() == b.ino(),
-            _ => self.path == other.path,
-        }
+/// Same file (by identity if both exist, else by path)?
+fn same_file(a: &(PathBuf, Option<fs::Metadata>), b: &(PathBuf, Option<fs::Metadata>)) -> bool {
+    match (&a.1, &b.1) {
+        (Some(x), Some(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a.0 == b.0,
     }
 }
 
@@ -188,12 +194,22 @@ fn sync_dir(path: &Path) -> Result<()> {
 /// Writes the planned image (and data file) to temporary files, syncs them, renames them
 /// over `path` (and the data file) and returns the image file, opened read-write and locked.
 pub(super) fn install(path: &Path, opts: &CreateOptions, plan: &Plan) -> Result<File> {
-    let image = Target::prepare(path, "image", opts.overwrite)?;
+    let image = Target::locate(path, "image", opts.overwrite)?;
     let data = match &plan.data_path {
-        Some(p) => Some(Target::prepare(p, "data file", opts.overwrite)?),
+        Some(p) => Some((p.as_path(), Target::locate(p, "data file", opts.overwrite)?)),
         None => None,
     };
-    check_distinct(path, &image, data.as_ref(), plan.backing_path.as_deref())?;
+    if data.as_ref().is_some_and(|d| same_file(&d.1, &image)) {
+        return Err(Error::InvalidArgument(format!(
+            "data_file: the external data file is the image itself ('{}')",
+            path.display()
+        )));
+    }
+    let image = Target::lock(path, image.0, image.1, "image")?;
+    let data = match data {
+        Some((p, (real, meta))) => Some(Target::lock(p, real, meta, "data file")?),
+        None => None,
+    };
     let mut image_tmp = Temp::beside(&image, "image")?;
     let mut data_tmp = match &data {
         Some(t) => Some((Temp::beside(t, "data file")?, t)),
@@ -222,24 +238,4 @@ pub(super) fn install(path: &Path, opts: &CreateOptions, plan: &Plan) -> Result<
     // The data file's temporary handle goes (the image's open locks the data file again).
     drop(data_tmp);
     image_tmp.file.take().ok_or_else(|| Error::InvalidArgument("temporary file closed".into()))
-}
-
-/// The image, the data file and the backing file must be three files.
-fn check_distinct(path: &Path, image: &Target, data: Option<&Target>, backing: Option<&Path>) -> Result<()> {
-    if let Some(d) = data {
-        if d.same_file(image) {
-            return Err(Error::InvalidArgument(format!(
-                "data_file: the external data file is the image itself ('{}')",
-                path.display()
-            )));
-        }
-    }
-    if let (Some(b), Some((_, meta))) = (backing, &image.existing) {
-        if fs::metadata(b).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()) {
-            return Err(Error::InvalidArgument(
-                "Error: Trying to create an image with the same filename as the backing file".into(),
-            ));
-        }
-    }
-    Ok(())
 }
