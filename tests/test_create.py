@@ -527,7 +527,7 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     (
         "size_too_large_for_clusters",
         {"virtual_size": 1 << 40, "cluster_size": 512},
-        "ValueError",
+        "UnsupportedFeature",
         "too large for file format 'qcow2'",
     ),
     (

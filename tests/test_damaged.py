@@ -86,7 +86,8 @@ def test_repair_leaves_clean_and_keeps_content(damaged: Path, qcowrs_mod: Any) -
     assert r.exit_code == 0, r.to_dict()
     assert r.dropped, "the repair changed structure but lists nothing it dropped"
     for p in r.dropped:
-        assert p.kind and p.message
+        assert p.kind
+        assert p.message
     assert_qemu_clean(damaged, "after check(repair='all')")
     assert qcowrs_mod.check(damaged).is_clean
     assert raw_sha256(damaged) == before, "the repair changed the readable content"

@@ -747,7 +747,7 @@ def test_refcount_overflow_is_reported_and_repair_does_no_harm(
     before = file_sha256(c2)
     # Issue 8: a repair that cannot end clean refuses before writing anything (before, it ran
     # and left the overflow corruption in place).
-    with pytest.raises(qcowrs_mod.CorruptImage, match="refused.*refcounts can count"):
+    with pytest.raises(qcowrs_mod.CorruptImage, match=r"refused.*refcounts can count"):
         qcowrs_mod.check(c2, repair="all")
     assert file_sha256(c2) == before, "a refused repair changed the file"
     assert raw_sha256(c2) == sha

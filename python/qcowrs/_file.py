@@ -114,8 +114,9 @@ class QcowFile(io.RawIOBase):
         with :class:`ImageLocked`.
 
         Bad values raise ``ValueError`` (a value out of range, options that contradict each
-        other) or, for the cluster size and refcount width, :class:`InvalidClusterSize` and
-        :class:`UnsupportedFeature`, with ``qemu-img``'s reasons.
+        other) or, for the cluster size, the refcount width and a size too large for the
+        format, :class:`InvalidClusterSize` and :class:`UnsupportedFeature`, with
+        ``qemu-img``'s reasons.
         """
         for name, value in (
             ("virtual_size", virtual_size),

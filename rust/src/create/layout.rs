@@ -192,7 +192,7 @@ impl Layout {
         }
         let l1_entries = size_to_l1(p.size, p.cluster_bits, l.l2_entries);
         if l1_entries > QCOW_MAX_L1_SIZE / 8 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::UnsupportedFeature(format!(
                 "virtual size {}: The image size is too large for file format 'qcow2' (try using a larger cluster size)",
                 p.size
             )));
@@ -748,7 +748,7 @@ pub(super) fn refcount_metadata_size(clusters: u64, cluster_bits: u32, refcount_
 }
 
 fn too_large(what: &str) -> Error {
-    Error::InvalidArgument(format!("virtual size too large: the image would need {what} (qemu-img: File too large)"))
+    Error::UnsupportedFeature(format!("virtual size too large: the image would need {what} (qemu-img: File too large)"))
 }
 
 /// Where the layout is written: the image file, its data file, or a [`Storage`].
