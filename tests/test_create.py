@@ -678,3 +678,34 @@ def test_create_refuses_a_data_file_qemu_io_holds(
         qcowrs_mod.QcowFile.create(tmp_path / "b.qcow2", MiB, data_file="d.raw")
     assert listing(tmp_path) == before
     h.close()
+
+
+def test_a_backing_file_qemu_io_writes_is_refused(
+    tmp_path: Path, qcowrs_mod: Any, hold: Callable[..., HeldByQemuIo]
+) -> None:
+    """qemu-img create reads the backing file's size sharing everything, so it makes an overlay
+    of a base that a VM writes to. qcowrs returns the new image open with its backing chain,
+    which it opens as QEMU opens one (read-only, sharing reads but not writes): it refuses,
+    before anything is created, with ImageLocked. With unsafe=True (qemu-img -u) it creates."""
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "3M")
+    h = hold(base)
+    before = listing(tmp_path)
+    kw = {"backing_file": "base.qcow2", "backing_format": "qcow2"}
+    with pytest.raises(qcowrs_mod.ImageLocked):
+        qcowrs_mod.QcowFile.create(tmp_path / "top.qcow2", **kw)
+    assert listing(tmp_path) == before
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "q.qcow2", cwd=tmp_path
+    )
+    qcowrs_mod.QcowFile.create(tmp_path / "top.qcow2", 3 * MiB, unsafe=True, **kw).close()
+    h.close()
+    with qcowrs_mod.QcowFile.open(tmp_path / "top.qcow2") as f:
+        assert f.virtual_size == 3 * MiB
+
+
+def test_invalid_argument_is_a_value_error() -> None:
+    from qcowrs import _qcowrs
+
+    with pytest.raises(ValueError, match="cluster_size"):
+        _qcowrs._error_for_test("ValueError")

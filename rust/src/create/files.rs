@@ -194,6 +194,12 @@ fn sync_dir(path: &Path) -> Result<()> {
 /// Writes the planned image (and data file) to temporary files, syncs them, renames them
 /// over `path` (and the data file) and returns the image file, opened read-write and locked.
 pub(super) fn install(path: &Path, opts: &CreateOptions, plan: &Plan) -> Result<File> {
+    // The new image is returned open with its backing chain, which an open locks (read-only)
+    // as QEMU does: a chain that cannot be opened so (a VM writing the backing file) is
+    // refused now, before anything changes, rather than after the image replaced `path`.
+    if let (Some(name), false) = (&opts.backing_file, opts.unsafe_backing) {
+        drop(crate::backing::open_backing(path, name, opts.backing_format.as_deref(), &[])?);
+    }
     let image = Target::locate(path, "image", opts.overwrite)?;
     let data = match &plan.data_path {
         Some(p) => Some((p.as_path(), Target::locate(p, "data file", opts.overwrite)?)),
