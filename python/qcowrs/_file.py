@@ -83,24 +83,84 @@ class QcowFile(io.RawIOBase):
     def create(
         cls,
         path: str | os.PathLike[str],
-        virtual_size: int,
+        virtual_size: int | None = None,
+        *,
         cluster_size: int = 65536,
         refcount_bits: int = 16,
-        backing_file: str | None = None,
+        backing_file: str | os.PathLike[str] | None = None,
         backing_format: str | None = None,
         lazy_refcounts: bool = False,
         extended_l2: bool = False,
+        compat: str = "1.1",
+        preallocation: str = "off",
+        compression_type: str = "zlib",
+        data_file: str | os.PathLike[str] | None = None,
+        data_file_raw: bool = False,
+        unsafe: bool = False,
+        overwrite: bool = True,
     ) -> QcowFile:
-        """Creates a new qcow2 (v3) image at ``path`` and returns it opened read-write."""
+        """Creates a qcow2 image at ``path`` as ``qemu-img create -f qcow2`` does and returns it
+        opened read-write (``"r+b"``).
+
+        The keywords are ``qemu-img create``'s ``-o`` options with its defaults and checks:
+        ``compat`` ``"1.1"`` (or ``"v3"``) or ``"0.10"`` (``"v2"``); ``preallocation``
+        ``"off"``, ``"metadata"``, ``"falloc"`` or ``"full"``; ``compression_type`` ``"zlib"``
+        or ``"zstd"``; ``data_file`` an external data file (created or replaced too; a relative
+        name is relative to the image's folder) and ``data_file_raw`` its raw flag.
+        ``virtual_size`` is rounded up to a multiple of 512 bytes.
+
+        ``backing_file`` needs ``backing_format`` (``"qcow2"`` or ``"raw"``), as ``qemu-img``
+        10 needs ``-F``; a relative name is relative to the image's folder and stored as given.
+        With a backing file, ``virtual_size`` None (or 0) takes the backing file's size.
+        ``unsafe=True`` (``qemu-img create -u``) does not open the backing file and needs a size.
+
+        An existing file at ``path`` is replaced (``overwrite=False`` refuses with ``EEXIST``),
+        but only once the new image is complete and synced: it is written to a temporary file in
+        the same folder and renamed over ``path``. On any error nothing is left behind and the
+        existing file is untouched. A file another process holds (a VM, ``qemu-io``) is refused
+        with :class:`ImageLocked`.
+
+        Bad values raise ``ValueError`` (a value out of range, options that contradict each
+        other) or, for the cluster size, the refcount width and a size too large for the
+        format, :class:`InvalidClusterSize` and :class:`UnsupportedFeature`, with
+        ``qemu-img``'s reasons.
+        """
+        for name, value in (
+            ("virtual_size", virtual_size),
+            ("cluster_size", cluster_size),
+            ("refcount_bits", refcount_bits),
+        ):
+            if value is not None and not 0 <= value < 1 << 64:
+                raise ValueError(
+                    f"Parameter '{name}' expects a non-negative number below 2^64, not {value}"
+                )
+        if backing_file is not None and backing_format is None:
+            raise ValueError(
+                "Backing file specified without backing format "
+                "(give backing_format='qcow2' or 'raw', as qemu-img create -F)"
+            )
+        if virtual_size is None and backing_file is None:
+            raise ValueError("Image creation needs a size parameter (virtual_size)")
+        if refcount_bits >= 1 << 32:
+            raise ValueError(
+                f"Parameter 'refcount_bits' {refcount_bits} is not a power of two up to 64"
+            )
         native = _qcowrs.QcowFile.create(
             os.fspath(path),
             virtual_size,
             cluster_size=cluster_size,
             refcount_bits=refcount_bits,
-            backing_file=backing_file,
+            backing_file=None if backing_file is None else os.fspath(backing_file),
             backing_format=backing_format,
-            lazy_refcounts=lazy_refcounts,
-            extended_l2=extended_l2,
+            lazy_refcounts=bool(lazy_refcounts),
+            extended_l2=bool(extended_l2),
+            compat=compat,
+            preallocation=preallocation,
+            compression_type=compression_type,
+            data_file=None if data_file is None else os.fspath(data_file),
+            data_file_raw=bool(data_file_raw),
+            unsafe=bool(unsafe),
+            overwrite=bool(overwrite),
         )
         return cls(native, os.fspath(path), "r+b")
 

@@ -134,13 +134,21 @@ class QcowFile:
     @staticmethod
     def create(
         path: str,
-        virtual_size: int,
+        virtual_size: int | None = None,
+        *,
         cluster_size: int = 65536,
         refcount_bits: int = 16,
         backing_file: str | None = None,
         backing_format: str | None = None,
         lazy_refcounts: bool = False,
         extended_l2: bool = False,
+        compat: str = "1.1",
+        preallocation: str = "off",
+        compression_type: str = "zlib",
+        data_file: str | None = None,
+        data_file_raw: bool = False,
+        unsafe: bool = False,
+        overwrite: bool = True,
     ) -> QcowFile: ...
     @property
     def writable(self) -> bool: ...

@@ -58,6 +58,10 @@ pub enum Error {
     /// The operation needs an image opened read-write.
     #[error("image is opened read-only: {0}")]
     ReadOnlyImage(String),
+    /// An argument out of range or options that contradict each other (Python: `ValueError`):
+    /// the caller's mistake, not the image's.
+    #[error("{0}")]
+    InvalidArgument(String),
     /// An I/O error from the operating system, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -94,6 +98,7 @@ impl From<Error> for io::Error {
             Error::Io { source, context } => io::Error::new(source.kind(), Error::Io { context, source }),
             Error::ReadOnlyImage(_) => io::Error::new(io::ErrorKind::PermissionDenied, e),
             Error::ImageLocked(_) => io::Error::new(io::ErrorKind::ResourceBusy, e),
+            Error::InvalidArgument(_) => io::Error::new(io::ErrorKind::InvalidInput, e),
             Error::UnsupportedFeature(_) | Error::UnsupportedVersion(_) => {
                 io::Error::new(io::ErrorKind::Unsupported, e)
             }

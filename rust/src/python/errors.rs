@@ -35,6 +35,8 @@ impl From<Error> for PyErr {
             // anywhere else.
             Error::ReadOnlyImage(_) => ReadOnlyImage::new_err((libc::EBADF, msg)),
             Error::ImageLocked(_) => ImageLocked::new_err((libc::EAGAIN, msg)),
+            // Argument misuse is a ValueError, as Python does it.
+            Error::InvalidArgument(_) => pyo3::exceptions::PyValueError::new_err(msg),
             Error::Io { source, .. } => match source.raw_os_error() {
                 // OSError(errno, strerror): `e.errno` works as for any OS error.
                 Some(errno) => QcowError::new_err((errno, msg)),
@@ -59,6 +61,7 @@ pub(crate) fn sample(name: &str) -> Option<Error> {
         "RefcountRebuildRequired" => Error::RefcountRebuildRequired("stale".into()),
         "ImageLocked" => Error::ImageLocked("in use".into()),
         "ReadOnlyImage" => Error::ReadOnlyImage("read-only".into()),
+        "ValueError" => Error::InvalidArgument("cluster_size".into()),
         "QcowError" => Error::io("reading", std::io::Error::from_raw_os_error(libc::EIO)),
         _ => return None,
     })

@@ -70,30 +70,49 @@ impl PyQcowFile {
         Ok(Self::new(q))
     }
 
-    /// Creates a new v3 image and opens it read-write.
+    /// Creates an image as `qemu-img create -f qcow2` does (the options are its `-o` options;
+    /// `virtual_size` None or 0 with a backing file takes the backing file's size; `unsafe` is
+    /// its `-u`) and opens it read-write. An existing file is replaced once the new image is
+    /// complete, unless `overwrite` is False.
     #[staticmethod]
-    #[pyo3(signature = (path, virtual_size, cluster_size = 65536, refcount_bits = 16, backing_file = None,
-                        backing_format = None, lazy_refcounts = false, extended_l2 = false))]
+    #[pyo3(signature = (path, virtual_size = None, *, cluster_size = 65536, refcount_bits = 16, backing_file = None,
+                        backing_format = None, lazy_refcounts = false, extended_l2 = false, compat = "1.1",
+                        preallocation = "off", compression_type = "zlib", data_file = None, data_file_raw = false,
+                        r#unsafe = false, overwrite = true))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
         path: PathBuf,
-        virtual_size: u64,
+        virtual_size: Option<u64>,
         cluster_size: u64,
         refcount_bits: u32,
         backing_file: Option<String>,
         backing_format: Option<String>,
         lazy_refcounts: bool,
         extended_l2: bool,
+        compat: &str,
+        preallocation: &str,
+        compression_type: &str,
+        data_file: Option<String>,
+        data_file_raw: bool,
+        r#unsafe: bool,
+        overwrite: bool,
     ) -> PyResult<Self> {
         let opts = CreateOptions {
-            virtual_size,
+            virtual_size: virtual_size.unwrap_or(0),
             cluster_size,
             refcount_bits,
             backing_file,
             backing_format,
             lazy_refcounts,
             extended_l2,
+            compat: compat.parse()?,
+            preallocation: preallocation.parse()?,
+            compression_type: compression_type.parse()?,
+            data_file,
+            data_file_raw,
+            unsafe_backing: r#unsafe,
+            overwrite,
         };
         let q = py.detach(|| QcowFile::create(&path, &opts))?;
         Ok(Self::new(q))
