@@ -198,7 +198,7 @@ pub(super) fn install(path: &Path, opts: &CreateOptions, plan: &Plan) -> Result<
     // as QEMU does: a chain that cannot be opened so (a VM writing the backing file) is
     // refused now, before anything changes, rather than after the image replaced `path`.
     if let (Some(name), false) = (&opts.backing_file, opts.unsafe_backing) {
-        drop(crate::backing::open_backing(path, name, opts.backing_format.as_deref(), &[])?);
+        drop(crate::backing::open_backing(path, name, opts.backing_format.as_deref(), &[], false)?);
     }
     let image = Target::locate(path, "image", opts.overwrite)?;
     let data = match &plan.data_path {
