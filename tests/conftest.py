@@ -8,6 +8,7 @@ allocation with ``qemu-img map --output=json``. Everything that needs QEMU is sk
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import hashlib
 import json
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -386,6 +388,35 @@ def _watchdog() -> Iterator[None]:
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+@contextlib.contextmanager
+def held_by_qemu_io(path: str | os.PathLike[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs ``qemu-io`` on ``path`` (read-write, as a VM holds its disk) until the block ends.
+
+    Returns once qemu-io holds its locks. Waiting is done by watching ``/proc/locks`` for the
+    file's inode, never by probing with another QEMU process: a probe that opens the image
+    while qemu-io is starting takes locks of its own and can make qemu-io fail to start.
+    """
+    ino = os.stat(path).st_ino
+    holder = subprocess.Popen(
+        ["qemu-io", "-c", "sleep 20000", os.fspath(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not any(f":{ino} " in line for line in Path("/proc/locks").read_text().splitlines()):
+            if holder.poll() is not None:
+                err = holder.stderr.read().decode() if holder.stderr else ""
+                pytest.fail(f"qemu-io exited before taking its locks: {err}")
+            assert time.monotonic() < deadline, "qemu-io never took its locks"
+            time.sleep(0.02)
+        time.sleep(0.2)  # every lock byte of the open is taken by now
+        yield holder
+    finally:
+        holder.kill()
+        holder.communicate()
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import errno
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import qcowrs
-from conftest import qemu_img, requires_qemu
+from conftest import held_by_qemu_io, qemu_img, requires_qemu
 
 pytestmark = requires_qemu
 
@@ -28,26 +27,16 @@ def _qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_qemu_writer_keeps_qcowrs_out(image: Path) -> None:
-    holder = subprocess.Popen(["qemu-io", "-c", "sleep 20000", str(image)])
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # wait until qemu-io holds its locks
-            try:
-                qcowrs.QcowFile.open(image, mode="r+b").close()
-            except qcowrs.QcowError as e:
-                err = e
-                break
-            assert time.monotonic() < deadline, "qemu-io never took its locks"
-            time.sleep(0.05)
+    with held_by_qemu_io(image):
+        with pytest.raises(qcowrs.QcowError) as info:
+            qcowrs.QcowFile.open(image, mode="r+b")
+        err = info.value
         assert err.errno == errno.EAGAIN
         assert "in use" in str(err)
         with pytest.raises(qcowrs.QcowError, match="in use"):
             qcowrs.QcowFile.open(image, mode="rb")
         with pytest.raises(qcowrs.QcowError, match="in use"):
             qcowrs.check(image, repair="all")
-    finally:
-        holder.kill()
-        holder.wait()
     # Once QEMU is gone the image opens again.
     qcowrs.QcowFile.open(image, mode="r+b").close()
 

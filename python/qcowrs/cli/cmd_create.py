@@ -212,6 +212,11 @@ def _create_raw(image: str, size: int, prealloc: str) -> None:
                 fh.truncate(size)
                 if prealloc == "falloc" and size:
                     os.posix_fallocate(fh.fileno(), 0, size)
+                elif size:
+                    # As QEMU's file driver: the first block is allocated so that later
+                    # probes of the file's alignment see data there (4 KiB, 512 bytes for
+                    # files smaller than that).
+                    os.posix_fallocate(fh.fileno(), 0, min(size, 4096 if size >= 4096 else 512))
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
