@@ -18,18 +18,18 @@ if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked || cargo install cargo-fuzz
 fi
 # One core for the fuzzer; the build may use what CARGO_BUILD_JOBS allows.
-cargo +nightly fuzz build
+cargo +nightly fuzz build -s none
 failed=()
 mkdir -p logs
 for t in "${targets[@]}"; do
   mkdir -p "corpus-run/$t" "artifacts/$t"
   max_len=()
-  [ "$t" = write_model ] && max_len=(-max_len=388)
+  [ "$t" = write_model ] && max_len=(-max_len=388 -len_control=0)
   log="logs/$t.log"
   echo "== fuzz $t for ${seconds}s (log: fuzz/$log)"
   rm -f fuzz-0.log
   rc=0
-  cargo +nightly fuzz run "$t" "corpus-run/$t" "corpus/$t" -- \
+  cargo +nightly fuzz run -s none "$t" "corpus-run/$t" "corpus/$t" -- \
     -max_total_time="$seconds" -jobs=1 -workers=1 -rss_limit_mb=2048 -timeout=10 \
     -print_final_stats=1 "${max_len[@]}" >/dev/null 2>&1 || rc=$?
   mv -f fuzz-0.log "$log" 2>/dev/null || true

@@ -1,8 +1,8 @@
 //! `check_raw` with `Repair::All` on arbitrary bytes (in memory). The invariants:
 //! * a repair that reports the image clean leaves an image that a fresh check finds clean, and
 //!   that a second repair does not fail on;
-//! * such an image, opened read-write (with `rebuild: true`), written and closed, still checks
-//!   clean;
+//! * such an image, opened read-write (with `rebuild: true`), written and closed, has no
+//!   corruptions or check errors (leaks are possible, see below);
 //! * otherwise only: no panic, hang or runaway allocation.
 #![no_main]
 
@@ -47,8 +47,14 @@ fuzz_target!(|data: &[u8]| {
     let closed = f.close().is_ok();
     drop(f);
     if repaired_clean && wrote && closed {
+        // Leaks are possible (and harmless): like qemu-img check, a check ignores refcounts of
+        // clusters past the end of the file, so a nonzero one there is no leak until the file
+        // grows over it, and the allocator (like QEMU's) does not reuse such a cluster.
         match check_mem(&mem, Repair::None) {
-            Ok(r) => assert!(r.is_clean(), "a clean repaired image, written and closed, checks: {r:?}"),
+            Ok(r) => assert!(
+                r.counts.check_errors == 0 && r.counts.corruptions == 0,
+                "a clean repaired image, written and closed, checks: {r:?}"
+            ),
             Err(e) => panic!("a clean repaired image, written and closed, fails the check: {e}"),
         }
     }
