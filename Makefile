@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_PACKAGES := "maturin>=1.9.4,<2" pytest hypothesis pytest-timeout ruff mypy tqdm
 
-.PHONY: help setup dev test test-rust test-python lint fmt demo bench clean
+.PHONY: help setup dev test test-rust test-python lint fmt demo bench fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ demo: dev ## build, make a sample image with qemu-img, read it back through qcow
 
 bench: dev ## read benchmark: qcowrs vs a raw file vs qemu-img (1 GiB)
 	$(PY) bench/bench_read.py
+
+FUZZ_SECONDS ?= 60
+fuzz: ## cargo-fuzz (nightly; installed if missing): each target for FUZZ_SECONDS (60) on one core
+	fuzz/run.sh $(FUZZ_SECONDS)
 
 clean: ## remove build products and the venv
 	cargo clean
