@@ -335,7 +335,7 @@ def test_cli_create_matches_qemu(
     from qcowrs.cli import main
 
     p = builder.path("q.qcow2")
-    argv = ["create", str(p), size] + (["-o", opts] if opts else [])
+    argv = ["create", "-f", "qcow2", str(p), size] + (["-o", opts] if opts else [])
     assert main(argv) in (0, None)
     twin = builder.create("twin.qcow2", size, **qopts)
     assert info_subset(p) == info_subset(twin)
@@ -350,7 +350,7 @@ def test_cli_create_with_backing(builder: ImageBuilder, qcowrs_mod: Any) -> None
     cwd = os.getcwd()
     os.chdir(builder.root)  # a relative backing name, as a user would type it
     try:
-        assert main(["create", "top.qcow2", "3M", "-b", "base.qcow2", "-F", "qcow2"]) in (0, None)
+        assert main(["create", "-f", "qcow2", "top.qcow2", "3M", "-b", "base.qcow2", "-F", "qcow2"]) in (0, None)
     finally:
         os.chdir(cwd)
     twin = builder.create("twin.qcow2", "3M", backing="base.qcow2", backing_fmt="qcow2")

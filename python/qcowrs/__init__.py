@@ -14,6 +14,7 @@ from qcowrs._errors import (
     UnsupportedFeature,
     UnsupportedVersion,
 )
+from qcowrs._convert import convert
 from qcowrs._file import QcowFile
 from qcowrs._info import info
 from qcowrs._qcowrs import (
@@ -48,6 +49,7 @@ __all__ = [
     "UnsupportedVersion",
     "__version__",
     "check",
+    "convert",
     "info",
     "rebuild_refcounts",
 ]

@@ -1,6 +1,7 @@
 """Type stubs for the native module (hand-written; keep in step with rust/src/python/)."""
 
 import datetime
+from collections.abc import Callable
 from typing import Any, final
 
 from typing_extensions import Buffer
@@ -183,6 +184,31 @@ class QcowFile:
 
 def check(path: str, repair: str | None = None, force_share: bool = False) -> CheckReport: ...
 def image_info(path: str, force_share: bool = False) -> dict[str, Any]: ...
+def convert(
+    sources: list[str],
+    target: str,
+    output_format: str,
+    *,
+    source_format: str | None = None,
+    compress: bool = False,
+    compression_type: str = "zlib",
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    sparse_size: int = 4096,
+    existing_target: bool = False,
+    target_is_zero: bool = False,
+    cluster_size: int = 65536,
+    refcount_bits: int = 16,
+    compat: str = "1.1",
+    lazy_refcounts: bool = False,
+    extended_l2: bool = False,
+    preallocation: str = "off",
+    data_file: str | None = None,
+    data_file_raw: bool = False,
+    threads: int = 0,
+    force_share: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+) -> None: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
 def _fail_after_ops(n: int | None) -> None: ...
 def _io_ops() -> int: ...

@@ -183,18 +183,39 @@ pub(crate) fn open_backing_path(
             crate::header::field_offset::BACKING_FILE_OFFSET,
         ));
     }
-    let file = open_image_file(p, false, &format!("backing file (of '{}')", image.display()))?;
+    let what = format!("backing file (of '{}')", image.display());
+    open_layer(p, format, chain, force_share, &what, || {
+        Error::corrupt(
+            format!("backing chain loop: '{}' is already in the chain of '{}'", p.display(), image.display()),
+            crate::header::field_offset::BACKING_FILE_OFFSET,
+        )
+    })
+}
+
+/// Opens `p` read-only as guest data, qcow2 (with its chain) or raw (`format`, or probed),
+/// locked as QEMU locks an image it reads (unless `force_share`): a source of `convert`.
+pub(crate) fn open_image_any(p: &Path, format: Option<&str>, force_share: bool) -> Result<Box<dyn BackingRead>> {
+    open_layer(p, format, &[], force_share, "image", || Error::InvalidArgument("no chain to loop in".into()))
+}
+
+fn open_layer(
+    p: &Path,
+    format: Option<&str>,
+    chain: &[FileId],
+    force_share: bool,
+    what: &str,
+    in_loop: impl Fn() -> Error,
+) -> Result<Box<dyn BackingRead>> {
+    let file = open_image_file(p, false, what)?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
     if let Some(id) = file_id(&*storage) {
         if chain.contains(&id) {
-            return Err(Error::corrupt(
-                format!("backing chain loop: '{}' is already in the chain of '{}'", p.display(), image.display()),
-                crate::header::field_offset::BACKING_FILE_OFFSET,
-            ));
+            return Err(in_loop());
         }
     }
     if let (Some(f), false) = (storage.file(), force_share) {
-        crate::lock::lock_image(f, false, &format!("backing file '{}'", p.display()))?;
+        let name = if what == "image" { format!("'{}'", p.display()) } else { format!("backing file '{}'", p.display()) };
+        crate::lock::lock_image(f, false, &name)?;
     }
     let is_qcow2 = match format {
         Some("qcow2") => true,

@@ -13,6 +13,20 @@ pub fn decompress(compression_type: u8, input: &[u8], out: &mut [u8]) -> Result<
     }
 }
 
+/// `data` (one guest cluster of `cluster_size` bytes, or a disk's short last one, padded with
+/// zeros) compressed as a qcow2 compressed cluster; `None` when that would not save at least
+/// one byte. Pure: [`crate::ops::convert`] runs it on every core.
+pub fn compress_cluster(compression_type: u8, cluster_size: u64, data: &[u8]) -> Option<Vec<u8>> {
+    let cs = usize::try_from(cluster_size).unwrap_or(0);
+    let limit = cs.saturating_sub(1);
+    if data.len() >= cs {
+        return compress(compression_type, &data[..cs], limit);
+    }
+    let mut cluster = data.to_vec();
+    cluster.resize(cs, 0);
+    compress(compression_type, &cluster, limit)
+}
+
 thread_local! {
     /// One inflate state per thread, reset between clusters instead of allocated for each.
     static INFLATE: std::cell::RefCell<flate2::Decompress> = std::cell::RefCell::new(flate2::Decompress::new(false));

@@ -209,6 +209,29 @@ fn find_allocation(file: Option<&File>, start: u64) -> Allocation {
     }
 }
 
+/// The extents of a raw file of `len` bytes as `lseek(SEEK_DATA/SEEK_HOLE)` reports them:
+/// `(start, end, hole)`, in order, covering `[0, len)`. Without a file (or where the file
+/// system cannot tell), everything is data.
+pub(crate) fn raw_extents(storage: &dyn Storage, len: u64) -> Vec<(u64, u64, bool)> {
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut off = 0;
+    while off < len {
+        let (end, hole) = match find_allocation(storage.file(), off) {
+            Allocation::Data { hole } => (hole, false),
+            Allocation::Hole { data } => (data, true),
+            Allocation::TrailingHole => (len, true),
+            Allocation::Unknown => (len, false),
+        };
+        let end = end.clamp(off + 1, len);
+        match out.last_mut() {
+            Some(last) if last.2 == hole => last.1 = end,
+            _ => out.push((off, end, hole)),
+        }
+        off = end;
+    }
+    out
+}
+
 impl HostFile<'_> {
     /// QEMU's length of the file: whole sectors.
     fn len(&self) -> Result<u64> {

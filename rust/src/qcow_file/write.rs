@@ -273,10 +273,16 @@ impl QcowFile {
                 "compressed clusters cannot be written to an image with an external data file".into(),
             ));
         }
-        let mut cluster = data.to_vec();
-        cluster.resize(usize::try_from(cs).unwrap_or(0), 0);
-        let limit = usize::try_from(cs - 1).unwrap_or(0);
-        let Some(packed) = crate::compression::compress(self.header.compression_type, &cluster, limit) else {
+        let packed = crate::compression::compress_cluster(self.header.compression_type, cs, data);
+        self.store_compressed(offset, data, packed.as_deref())
+    }
+
+    /// The second half of [`QcowFile::write_compressed`]: stores `packed` (from
+    /// [`crate::compression::compress_cluster`] on `data`) for the cluster at `offset`, or `data`
+    /// uncompressed when `packed` is `None`. The caller checked the alignment.
+    pub(crate) fn store_compressed(&mut self, offset: u64, data: &[u8], packed: Option<&[u8]>) -> Result<bool> {
+        let len = data.len() as u64;
+        let Some(packed) = packed else {
             self.write_at(data, offset)?;
             return Ok(false);
         };
