@@ -350,7 +350,9 @@ def test_cli_create_with_backing(builder: ImageBuilder, qcowrs_mod: Any) -> None
     cwd = os.getcwd()
     os.chdir(builder.root)  # a relative backing name, as a user would type it
     try:
-        assert main(["create", "-f", "qcow2", "top.qcow2", "3M", "-b", "base.qcow2", "-F", "qcow2"]) in (0, None)
+        assert main(
+            ["create", "-f", "qcow2", "top.qcow2", "3M", "-b", "base.qcow2", "-F", "qcow2"]
+        ) in (0, None)
     finally:
         os.chdir(cwd)
     twin = builder.create("twin.qcow2", "3M", backing="base.qcow2", backing_fmt="qcow2")

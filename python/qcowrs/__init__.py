@@ -1,5 +1,6 @@
 """qcowrs: qcow2 disk images from Python — read, write, check and repair, with a Rust core."""
 
+from qcowrs._convert import convert
 from qcowrs._errors import (
     CorruptImage,
     ImageLocked,
@@ -14,7 +15,6 @@ from qcowrs._errors import (
     UnsupportedFeature,
     UnsupportedVersion,
 )
-from qcowrs._convert import convert
 from qcowrs._file import QcowFile
 from qcowrs._info import info
 from qcowrs._qcowrs import (

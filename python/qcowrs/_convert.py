@@ -67,7 +67,9 @@ def convert(
         raise ValueError(f"output_format: qcowrs writes raw and qcow2, not {output_format!r}")
     if compress not in (None, "zlib", "zstd"):
         raise ValueError(f"compress: None, 'zlib' or 'zstd', not {compress!r}")
-    sources = [os.fspath(src)] if isinstance(src, (str, os.PathLike)) else [os.fspath(s) for s in src]
+    sources = (
+        [os.fspath(src)] if isinstance(src, (str, os.PathLike)) else [os.fspath(s) for s in src]
+    )
     kwargs: dict[str, Any] = {}
     for key, value in (options or {}).items():
         name = _QCOW2_OPTIONS.get(key.replace("-", "_"))
@@ -83,7 +85,9 @@ def convert(
     if compress is not None:
         kwargs["compression_type"] = compress
     if "compat" in kwargs:
-        kwargs["compat"] = {"v2": "0.10", "v3": "1.1"}.get(str(kwargs["compat"]), str(kwargs["compat"]))
+        kwargs["compat"] = {"v2": "0.10", "v3": "1.1"}.get(
+            str(kwargs["compat"]), str(kwargs["compat"])
+        )
     _qcowrs.convert(
         sources,
         os.fspath(dst),

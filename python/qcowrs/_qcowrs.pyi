@@ -20,6 +20,7 @@ __all__ = [
     "_fail_after_ops",
     "_io_ops",
     "check",
+    "convert",
     "image_info",
     "rebuild_refcounts",
 ]

@@ -191,17 +191,32 @@ fn guest_size(image: &dyn BackingRead) -> u64 {
     }
 }
 
-/// `[start, end, data)` runs of an image's guest content (the whole chain flattened), with
-/// the depth of the layer that answered.
-fn status(image: &dyn BackingRead) -> Result<Vec<(u64, u64, bool, u32, bool)>> {
+/// A run of an image's guest content (the whole chain flattened).
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    start: u64,
+    end: u64,
+    /// Holds data (else reads as zeros).
+    data: bool,
+    /// The layer that answered (0: the image itself).
+    depth: u32,
+}
+
+/// The runs of an image, as `qemu-img map` finds them (`SEEK_DATA`/`SEEK_HOLE` for raw).
+fn status(image: &dyn BackingRead) -> Result<Vec<Run>> {
     match image.kind() {
         BackingKind::Qcow2(f) => {
             let map = map_image(f, 0, None)?;
-            Ok(map.entries.iter().map(|e| (e.start, e.start + e.length, e.data, e.depth, e.present)).collect())
+            Ok(map
+                .entries
+                .iter()
+                .map(|e| Run { start: e.start, end: e.start + e.length, data: e.data, depth: e.depth })
+                .collect())
         }
-        BackingKind::Raw { storage, len, .. } => {
-            Ok(raw_extents(storage, len).into_iter().map(|(s, e, hole)| (s, e, !hole, 0, true)).collect())
-        }
+        BackingKind::Raw { storage, len, .. } => Ok(raw_extents(storage, len)
+            .into_iter()
+            .map(|(start, end, hole)| Run { start, end, data: !hole, depth: 0 })
+            .collect()),
     }
 }
 
@@ -209,15 +224,14 @@ fn status(image: &dyn BackingRead) -> Result<Vec<(u64, u64, bool, u32, bool)>> {
 /// chain that is the target's backing file, if it is one.
 fn source_pieces(image: &dyn BackingRead, base_depth: Option<usize>) -> Result<Vec<Piece>> {
     let mut out: Vec<Piece> = Vec::new();
-    for (start, end, data, depth, present) in status(image)? {
+    for r in status(image)? {
         let kind = match base_depth {
-            Some(b) if depth as usize >= b => Kind::Same,
-            Some(_) if data || present => Kind::Cmp { src_data: data },
-            Some(_) => Kind::Cmp { src_data: false },
-            None if data => Kind::Data,
+            Some(b) if r.depth as usize >= b => Kind::Same,
+            Some(_) => Kind::Cmp { src_data: r.data },
+            None if r.data => Kind::Data,
             None => Kind::Zero,
         };
-        push_piece(&mut out, Piece { start, end, kind });
+        push_piece(&mut out, Piece { start: r.start, end: r.end, kind });
     }
     Ok(out)
 }
@@ -279,7 +293,7 @@ fn open_base(target: &Path, opts: &ConvertOptions) -> Result<Option<Base>> {
 /// The whole plan: every source's pieces, shifted to their place in the concatenation.
 fn plan(sources: &[Source], base: Option<&Base>) -> Result<Vec<Piece>> {
     let base_status: Option<Vec<(u64, u64, bool)>> = match base {
-        Some(b) => Some(status(&*b.image)?.into_iter().map(|(s, e, d, _, _)| (s, e, d)).collect()),
+        Some(b) => Some(status(&*b.image)?.into_iter().map(|r| (r.start, r.end, r.data)).collect()),
         None => None,
     };
     let mut all = Vec::new();

@@ -294,7 +294,7 @@ impl QcowFile {
             let w = self.writer.as_mut().ok_or_else(|| Error::RefcountRebuildRequired("not prepared".into()))?;
             w.refcounts.alloc_bytes(&self.raw, &mut self.header, packed.len() as u64)?
         };
-        self.raw.write_at(&packed, host, "compressed guest data")?;
+        self.raw.write_at(packed, host, "compressed guest data")?;
         let e = self.tables.geometry().make_compressed(host, packed.len() as u64);
         self.set_entry(ci, e)?;
         self.free_entry_clusters(old)?;
