@@ -3,11 +3,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from qcowrs import _qcowrs
+
+_BLOCK = 1 << 20
+_ZERO = bytes(_BLOCK)
+
+
+@contextlib.contextmanager
+def _spool_stdin(directory: str) -> Iterator[str]:
+    """Standard input (a raw stream of unknown length) copied into a sparse temporary file
+    beside the target (all-zero blocks become holes), removed afterwards."""
+    fd, path = tempfile.mkstemp(prefix=".qcowrs-stdin-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            src = sys.stdin.buffer
+            size = 0
+            while True:
+                block = src.read(_BLOCK)
+                if not block:
+                    break
+                if block == _ZERO[: len(block)]:
+                    out.seek(len(block), os.SEEK_CUR)
+                else:
+                    out.write(block)
+                size += len(block)
+            out.truncate(size)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
 
 StrPath = str | os.PathLike[str]
 
@@ -59,7 +91,9 @@ def convert(
     an exception it raises (or Ctrl-C) stops the convert, leaving the source untouched and the
     target a valid image. A target that is a file the convert reads (the source, its backing
     chain, the new backing file) or that another process holds is refused before anything is
-    written.
+    written. ``dst`` "-" writes the image to standard output, front to back (a pipe will do;
+    qcow2 is laid out metadata first, after a first pass over the data); a source "-" is a raw
+    image read from standard input.
     """
     if snapshot is not None:
         raise ValueError("snapshot: internal snapshots cannot be read yet (convert -l)")
@@ -88,6 +122,43 @@ def convert(
         kwargs["compat"] = {"v2": "0.10", "v3": "1.1"}.get(
             str(kwargs["compat"]), str(kwargs["compat"])
         )
+    with contextlib.ExitStack() as stack:
+        if "-" in sources:
+            if source_format not in (None, "raw"):
+                raise ValueError("a source read from standard input ('-') is raw")
+            spool = stack.enter_context(_spool_stdin(os.path.dirname(os.fspath(dst)) or "."))
+            sources = [spool if s == "-" else s for s in sources]
+            source_format = "raw"
+        _run(
+            sources,
+            dst,
+            output_format,
+            source_format,
+            compress,
+            sparse_size,
+            existing_target,
+            target_is_zero,
+            threads,
+            force_share,
+            progress,
+            kwargs,
+        )
+
+
+def _run(
+    sources: list[str],
+    dst: StrPath,
+    output_format: str,
+    source_format: str | None,
+    compress: str | None,
+    sparse_size: int,
+    existing_target: bool,
+    target_is_zero: bool,
+    threads: int | None,
+    force_share: bool,
+    progress: Callable[[int, int], object] | None,
+    kwargs: dict[str, Any],
+) -> None:
     _qcowrs.convert(
         sources,
         os.fspath(dst),

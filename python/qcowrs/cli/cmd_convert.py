@@ -29,7 +29,9 @@ def register(sub: Any) -> None:
         description="Copies the guest content of SRC (several are concatenated; qcow2 with "
         "its backing chain, or raw) into DST. Only allocated data is read; zero runs of -S "
         "bytes stay unallocated. A target that is a file the convert reads, or that another "
-        "process uses, is refused before anything is written.",
+        "process uses, is refused before anything is written. DST '-' writes the image to "
+        "standard output (a pipe: raw, or qcow2 laid out metadata first); SRC '-' reads a raw "
+        "image from standard input.",
     )
     add_format(p, help="source format: qcow2 or raw (probed when not given)")
     p.add_argument(
@@ -150,8 +152,10 @@ def run(args: argparse.Namespace) -> int:
         )
     kw = _target_options(args, pairs)
     for s in sources:
-        if not os.path.exists(s):
+        if s != "-" and not os.path.exists(s):
             raise CliError(f"Could not open '{s}': No such file or directory")
+    if dst == "-" and args.progress:
+        args.progress = False  # the bar would share the terminal with the stream's reader
     if os.path.isdir(dst):
         raise CliError(f"{dst}: Could not create '{dst}': Is a directory")
     if not args.existing and not os.path.isdir(os.path.dirname(dst) or "."):

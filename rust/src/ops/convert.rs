@@ -24,7 +24,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 use crate::backing::{file_id, open_image_any, resolve_relative, BackingKind, BackingRead, FileId};
 use crate::create::CreateOptions;
@@ -486,6 +486,10 @@ fn push_op(ops: &mut Vec<Op>, op: Op) {
 enum Target {
     Raw { file: File, path: PathBuf },
     Qcow2(Box<QcowFile>),
+    /// First pass of a qcow2 stream: what goes where (`v2`: no zero clusters).
+    Record { rec: stream::Record, cluster_bits: u32, v2: bool },
+    /// Second pass of a qcow2 stream, or a raw stream.
+    Stream { s: Box<stream::Stream>, v2: bool },
 }
 
 impl Target {
@@ -504,6 +508,23 @@ impl Target {
             (Target::Raw { file, path }, Op::Fill { off, len }) => fill(*off, *len, |b, o| {
                 file.write_all_at(b, o).ctx(|| format!("writing '{}' at 0x{o:x}", path.display()))
             }),
+            (Target::Record { rec, cluster_bits, v2 }, op) => {
+                match *op {
+                    Op::Data { off, len, .. } | Op::Compressed { off, len, .. } => {
+                        stream::Record::add(&mut rec.data, off, len as u64, *cluster_bits);
+                    }
+                    Op::Fill { off, len } => stream::Record::add(&mut rec.data, off, len, *cluster_bits),
+                    Op::Zero { off, len } if *v2 => stream::Record::add(&mut rec.data, off, len, *cluster_bits),
+                    Op::Zero { off, len } => stream::Record::add(&mut rec.zero, off, len, *cluster_bits),
+                }
+                Ok(())
+            }
+            (Target::Stream { s, v2 }, op) => match *op {
+                Op::Data { off, at, len } | Op::Compressed { off, at, len, .. } => s.data(off, &buf[at..at + len]),
+                Op::Fill { off, len } => fill(off, len, |b, o| s.data(o, b)),
+                Op::Zero { off, len } if *v2 => fill(off, len, |b, o| s.data(o, b)),
+                Op::Zero { .. } => Ok(()),
+            },
         }
     }
 
@@ -519,6 +540,8 @@ impl Target {
         match self {
             Target::Qcow2(mut f) => f.close(),
             Target::Raw { file, path } => file.sync_all().ctx(|| format!("syncing '{}'", path.display())),
+            Target::Record { .. } => Ok(()),
+            Target::Stream { s, .. } => s.finish(),
         }
     }
 }
@@ -650,13 +673,16 @@ pub fn convert(sources: &[PathBuf], target: &Path, opts: &ConvertOptions, progre
     }
     refuse_source_target(target, &reads)?;
     let pieces = plan(&opened, base.as_ref())?;
+    if target == Path::new("-") {
+        return convert_to_stream(&opened, base.as_ref(), &pieces, base_off, opts, progress);
+    }
     let mut out = open_target(target, base_off, opts)?;
     let (block, compress) = match &out {
         Target::Qcow2(f) => {
             let cs = f.cluster_size();
             (cs, opts.compress.then_some((f.header().compression_type, cs)))
         }
-        Target::Raw { .. } => (opts.sparse_size.max(SECTOR), None),
+        _ => (opts.sparse_size.max(SECTOR), None),
     };
     let zeros = if opts.sparse_size == 0 {
         ZeroMode::Fill
@@ -672,6 +698,59 @@ pub fn convert(sources: &[PathBuf], target: &Path, opts: &ConvertOptions, progre
     let result = run(&shared, &items, &mut out, opts.threads, progress);
     let finished = out.finish();
     result.and(finished)
+}
+
+/// `convert ... -`: see [`stream`].
+fn convert_to_stream(
+    sources: &[Source],
+    base: Option<&Base>,
+    pieces: &[Piece],
+    size: u64,
+    opts: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<()> {
+    use std::os::fd::AsFd;
+    if opts.compress {
+        return Err(Error::InvalidArgument(
+            "compressed clusters cannot be streamed (the layout needs their sizes first); write to a file".into(),
+        ));
+    }
+    if opts.create.data_file.is_some() || opts.existing_target {
+        return Err(Error::InvalidArgument("a stream has no external data file and cannot be written into (-n)".into()));
+    }
+    let out = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(File::from)
+        .ctx(|| "opening the output stream".to_string())?;
+    let zeros = if opts.sparse_size == 0 { ZeroMode::Fill } else { ZeroMode::Skip };
+    if opts.output_format == OutputFormat::Raw {
+        let block = opts.sparse_size.max(SECTOR);
+        let items = work_items(pieces, UNIT.div_ceil(block) * block, zeros);
+        let shared = Shared { sources, base, pieces, block, sparse: opts.sparse_size, zeros, compress: None };
+        let s = stream::Stream { out, data: Vec::new(), next: 0, cluster_bits: 0, raw_size: Some(size), pos: 0 };
+        let mut t = Target::Stream { s: Box::new(s), v2: false };
+        let r = run(&shared, &items, &mut t, opts.threads, progress);
+        return r.and(t.finish());
+    }
+    // The header of a new empty image with the target's options (made in memory).
+    let mem = Arc::new(crate::storage::MemStorage::default());
+    let mut c = opts.create.clone();
+    c.virtual_size = size;
+    drop(crate::create::create_on(mem.clone(), &c)?);
+    let h = crate::header::QcowHeader::read_from(&*mem)?;
+    let (cs, bits, v2) = (h.cluster_size(), h.cluster_bits, h.version < 3);
+    let items = work_items(pieces, UNIT.max(cs).div_ceil(cs) * cs, zeros);
+    let shared = Shared { sources, base, pieces, block: cs, sparse: opts.sparse_size, zeros, compress: None };
+    let mut rec = Target::Record { rec: stream::Record::default(), cluster_bits: bits, v2 };
+    run(&shared, &items, &mut rec, opts.threads, &|d, t| progress(d, 2 * t))?;
+    let Target::Record { rec, .. } = rec else { unreachable!("the first pass records") };
+    let layout = stream::layout(h, &rec)?;
+    let mut s = stream::Stream { out, data: rec.data, next: 0, cluster_bits: bits, raw_size: None, pos: 0 };
+    s.data_meta(&layout.meta)?;
+    let mut t = Target::Stream { s: Box::new(s), v2 };
+    let r = run(&shared, &items, &mut t, opts.threads, &|d, t| progress(t + d, 2 * t));
+    r.and(t.finish())
 }
 
 /// Runs the items: workers examine units in parallel, this thread applies them in order.
@@ -754,5 +833,6 @@ fn apply_in_order(
     Ok(())
 }
 
+mod stream;
 #[cfg(test)]
 mod tests;
