@@ -3,15 +3,17 @@
 
     python bench/bench_convert.py [--size 1G] [--compress-size 256M] [--backing-size 1T]
                                   [--runs 3] [--workdir DIR] [--keep] [--quick]
-                                  [--qemu-cache MODE] [--qcowrs PATH]
+                                  [--qemu-cache MODE] [--qcowrs CMD]
 
 Everything happens in --workdir (default: a temporary directory under /var/tmp, removed at the
 end unless --keep). Both tools get the same command line, `TOOL convert -f FMT -O FMT [options]
 SRC DST`, run as processes (start-up included) and timed with time.perf_counter; in each of
---runs rounds qemu-img runs first, then qcowrs, and the target is deleted before every run.
-Nothing is dropped from the page cache: the sources are read once beforehand and both tools
-see the same warm cache. The first qcowrs output of every case is checked with
-`qemu-img compare` against the source (and `qemu-img check` when it is a qcow2).
+--runs rounds qemu-img runs first, then qcowrs; before every run the target is deleted and
+sync(2) called (not timed: no dirty pages of an earlier run are written back during the next
+one), and st_blocks is read after another sync. Nothing is dropped from the page cache: the
+sources are read once beforehand and both tools see the same warm cache. The first qcowrs output
+of every case is checked with `qemu-img compare` against the source (and `qemu-img check` when
+it is a qcow2).
 
 Cases:
   1. qcow2 -> raw    of --size bytes of incompressible data (the qcow2 made by qemu-img);
@@ -38,6 +40,7 @@ import argparse
 import os
 import random
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -173,6 +176,7 @@ def run_case(case: Case, work: Path, tools: dict[str, list[str]], args: argparse
     for rnd in range(args.runs):
         for name, tool in tools.items():
             dst.unlink(missing_ok=True)
+            os.sync()  # no dirty pages of an earlier run left to write back during this one
             cmd = case.cmd(tool, dst, args.qemu_cache)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -182,6 +186,7 @@ def run_case(case: Case, work: Path, tools: dict[str, list[str]], args: argparse
                     f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
                 )
             case.times[name].append(dt)
+            os.sync()  # settle ext4's delayed allocation before reading st_blocks
             size = allocated(dst)
             if name in case.alloc and case.alloc[name] != size:
                 print(f"    note: {name} target size changed: {case.alloc[name]} -> {size}")
@@ -224,7 +229,7 @@ def summary(cases: list[Case], runs: int) -> None:
 
 def find_qcowrs(given: str | None) -> list[str]:
     if given:
-        return [given]
+        return shlex.split(given)
     beside = Path(sys.executable).parent / "qcowrs"
     if beside.exists():
         return [os.fspath(beside)]
@@ -244,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--qemu-cache", metavar="MODE", help="pass -t MODE to qemu-img (its default is unsafe)"
     )
-    ap.add_argument("--qcowrs", metavar="PATH", help="the qcowrs CLI (default: the venv's)")
+    ap.add_argument(
+        "--qcowrs",
+        metavar="CMD",
+        help="the qcowrs CLI, a command line (default: the one beside this Python)",
+    )
     args = ap.parse_args(argv)
     size = args.size or parse_size("64M" if args.quick else "1G")
     csize = args.compress_size or parse_size("32M" if args.quick else "256M")
@@ -268,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.cpu_count()} cores, load average {load}; work directory {work}")
     print(
         f"{args.runs} round(s) per case, alternating qemu-img then qcowrs, median wall time; "
-        "target deleted before every run; no cache dropping: the sources are read once "
-        "beforehand and both tools see the same warm page cache"
+        "target deleted and sync(2) before every run (outside the timing); no cache dropping: "
+        "the sources are read once beforehand and both tools see the same warm page cache"
     )
     startup = {}
     for name, tool in tools.items():
@@ -327,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     summary(cases, args.runs)
+    print("load average at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     bad = [c.name for c in cases if c.verified == "DIFFERS"]
     if bad:
         print(f"qcowrs output did not verify: {', '.join(bad)}")

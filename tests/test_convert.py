@@ -570,3 +570,62 @@ def test_stream_raw_both_ways(sources: dict[str, Path], tmp_path: Path) -> None:
     assert r.returncode == 1
     assert len(r.stderr.splitlines()) == 1
     assert "cannot be streamed" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# dd
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        "bs=64k",
+        "bs=64k count=10",
+        "bs=64k skip=10",
+        "bs=64k count=10 skip=4",
+        "bs=1M count=300",
+        "bs=512 count=3",
+        "bs=4k skip=1000 count=1003",
+    ],
+)
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_dd_equals_qemu_img_dd(
+    sources: dict[str, Path], tmp_path: Path, ops: str, fmt: str
+) -> None:
+    src = sources["chain3"]
+    ours, theirs = tmp_path / "ours.out", tmp_path / "theirs.out"
+    r = qcowrs_cli("dd", "-O", fmt, *ops.split(), f"if={src}", f"of={ours}")
+    assert r.returncode == 0, r.stderr
+    qemu_img("dd", "-O", fmt, *ops.split(), f"if={src}", f"of={theirs}")
+    if fmt == "raw":
+        assert file_sha256(ours) == file_sha256(theirs)
+    else:
+        assert_clean(ours)
+        r = qemu_img("compare", ours, theirs, check=False)
+        assert r.returncode == 0, r.stdout
+        size = [
+            json.loads(qemu_img("info", "--output=json", p).stdout)["virtual-size"]
+            for p in (ours, theirs)
+        ]
+        assert size[0] == size[1]
+
+
+@pytest.mark.parametrize(
+    ("ops", "message"),
+    [
+        (["bs=1M", "foo=1"], "unrecognized operand foo"),
+        (["bs=1M", "count=x"], "Invalid count specified: 'x'."),
+        (["bs=0"], "Invalid bs specified. Must be between 1 and 2147483647."),
+        (["bs=1M", "skip=100", "count=10"], "cannot skip to specified offset"),
+        (["bs=1M", "skip=100"], "cannot skip to specified offset"),
+    ],
+)
+def test_dd_errors(sources: dict[str, Path], tmp_path: Path, ops: list[str], message: str) -> None:
+    out = tmp_path / "o.raw"
+    r = qcowrs_cli("dd", *ops, f"if={sources['v3']}", f"of={out}")
+    assert r.returncode == 1
+    assert len(r.stderr.splitlines()) == 1
+    assert message in r.stderr
+    assert not out.exists()
+    r = qcowrs_cli("dd", "bs=1M", f"if={sources['v3']}")
+    assert r.stderr == "qcowrs: Must specify both input and output files\n"

@@ -1,6 +1,6 @@
 """qcowrs: qcow2 disk images from Python — read, write, check and repair, with a Rust core."""
 
-from qcowrs._convert import convert
+from qcowrs._convert import convert, dd
 from qcowrs._errors import (
     CorruptImage,
     ImageLocked,
@@ -50,6 +50,7 @@ __all__ = [
     "__version__",
     "check",
     "convert",
+    "dd",
     "info",
     "rebuild_refcounts",
 ]

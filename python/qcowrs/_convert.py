@@ -158,6 +158,7 @@ def _run(
     force_share: bool,
     progress: Callable[[int, int], object] | None,
     kwargs: dict[str, Any],
+    window: tuple[int, int] | None,
 ) -> None:
     _qcowrs.convert(
         sources,
@@ -171,5 +172,54 @@ def _run(
         threads=threads or 0,
         force_share=force_share,
         progress=progress,
+        window=window,
         **kwargs,
+    )
+
+
+_NO_LIMIT = (1 << 64) - 1
+
+
+def dd(
+    src: StrPath,
+    dst: StrPath,
+    *,
+    bs: int = 512,
+    count: int | None = None,
+    skip: int = 0,
+    source_format: str | None = None,
+    output_format: str = "raw",
+    force_share: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+) -> None:
+    """``qemu-img dd``: the source's guest bytes from ``skip * bs`` up to ``count * bs`` (or
+    its end) into a new ``dst`` (raw or qcow2, created or replaced), on convert's engine. As
+    in qemu-img, ``count`` counts from the start of the source, so the skipped blocks are
+    part of it."""
+    if not 1 <= bs <= 2**31 - 1:
+        raise ValueError("Invalid bs specified. Must be between 1 and 2147483647.")
+    if skip < 0:
+        raise ValueError("Invalid skip specified. Must be between 0 and 9223372036854775807.")
+    if count is not None and count < 0:
+        raise ValueError("Invalid count specified. Must be between 0 and 9223372036854775807.")
+    offset = skip * bs
+    length = _NO_LIMIT if count is None else count * bs - offset
+    if length < 0:
+        raise ValueError(f"{os.fspath(src)}: cannot skip to specified offset")
+    if output_format not in ("raw", "qcow2"):
+        raise ValueError(f"output_format: qcowrs writes raw and qcow2, not {output_format!r}")
+    _run(
+        [os.fspath(src)],
+        dst,
+        output_format,
+        source_format,
+        None,
+        4096,
+        False,
+        False,
+        None,
+        force_share,
+        progress,
+        {},
+        (offset, length),
     )

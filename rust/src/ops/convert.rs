@@ -73,6 +73,9 @@ pub struct ConvertOptions {
     pub threads: usize,
     /// `-U`: read sources another process holds open.
     pub force_share: bool,
+    /// Only `len` bytes of the (single) source from `offset` on, which become the target's
+    /// bytes from 0 (`qemu-img dd`'s `skip` and `count`).
+    pub window: Option<(u64, u64)>,
 }
 
 impl Default for ConvertOptions {
@@ -87,6 +90,7 @@ impl Default for ConvertOptions {
             target_is_zero: false,
             threads: 0,
             force_share: false,
+            window: None,
         }
     }
 }
@@ -117,11 +121,13 @@ struct Piece {
     kind: Kind,
 }
 
-/// One source and where it starts in the concatenation.
+/// One source and where it starts in the concatenation: its bytes from `skip` on, `size` of
+/// them.
 struct Source {
     image: Box<dyn BackingRead>,
     base: u64,
     size: u64,
+    skip: u64,
 }
 
 /// The work list, in guest order.
@@ -306,8 +312,11 @@ fn plan(sources: &[Source], base: Option<&Base>) -> Result<Vec<Piece>> {
             pieces = overlay_base(&pieces, bs);
         }
         for p in pieces {
-            let end = p.end.min(s.size);
-            push_piece(&mut all, Piece { start: s.base + p.start, end: s.base + end, kind: p.kind });
+            let (start, end) = (p.start.max(s.skip), p.end.min(s.skip + s.size));
+            if start < end {
+                let (start, end) = (start - s.skip, end - s.skip);
+                push_piece(&mut all, Piece { start: s.base + start, end: s.base + end, kind: p.kind });
+            }
         }
         let covered = all.last().map_or(s.base, |p| p.end);
         if covered < s.base + s.size {
@@ -389,7 +398,7 @@ impl Shared<'_> {
                 continue;
             }
             let (i, j) = (usize::try_from(a - start).unwrap_or(0), usize::try_from(b - start).unwrap_or(0));
-            s.image.read_into(&mut buf[i..j], a - s.base)?;
+            s.image.read_into(&mut buf[i..j], a - s.base + s.skip)?;
         }
         Ok(())
     }
@@ -643,6 +652,9 @@ fn check_options(sources: &[PathBuf], opts: &ConvertOptions) -> Result<()> {
     if opts.create.backing_file.is_some() && (opts.output_format == OutputFormat::Raw || opts.existing_target) {
         return Err(Error::InvalidArgument("-B makes no sense with a raw target or -n".into()));
     }
+    if opts.window.is_some() && sources.len() > 1 {
+        return Err(Error::InvalidArgument("a window (dd) takes one source".into()));
+    }
     if opts.sparse_size % SECTOR != 0 {
         return Err(Error::InvalidArgument(format!(
             "Invalid buffer size for sparse output specified: {} (a multiple of 512)",
@@ -662,9 +674,16 @@ pub fn convert(sources: &[PathBuf], target: &Path, opts: &ConvertOptions, progre
     let mut reads: Vec<FileId> = Vec::new();
     for p in sources {
         let image = open_image_any(p, opts.source_format.as_deref(), opts.force_share)?;
-        let size = guest_size(&*image);
+        let mut size = guest_size(&*image);
+        let mut skip = 0;
+        if let Some((offset, len)) = opts.window {
+            if offset > size {
+                return Err(Error::InvalidArgument(format!("{}: cannot skip to specified offset", p.display())));
+            }
+            (skip, size) = (offset, len.min(size - offset));
+        }
         reads.extend(layer_ids(&*image).concat());
-        opened.push(Source { image, base: base_off, size });
+        opened.push(Source { image, base: base_off, size, skip });
         base_off += size;
     }
     let base = open_base(target, opts)?;
