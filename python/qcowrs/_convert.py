@@ -142,6 +142,7 @@ def convert(
             force_share,
             progress,
             kwargs,
+            None,
         )
 
 
