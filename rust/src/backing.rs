@@ -214,7 +214,8 @@ fn open_layer(
         }
     }
     if let (Some(f), false) = (storage.file(), force_share) {
-        let name = if what == "image" { format!("'{}'", p.display()) } else { format!("backing file '{}'", p.display()) };
+        let name =
+            if what == "image" { format!("'{}'", p.display()) } else { format!("backing file '{}'", p.display()) };
         crate::lock::lock_image(f, false, &name)?;
     }
     let is_qcow2 = match format {

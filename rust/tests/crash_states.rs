@@ -260,6 +260,12 @@ impl Ctx {
         f.write_at(data, off).unwrap();
         self.model.write(p, off, data);
     }
+    /// A whole cluster written compressed (`convert -c`'s write).
+    fn write_compressed(&mut self, f: &mut QcowFile, off: u64, data: &[u8]) {
+        let p = self.pos();
+        f.write_compressed(off, data).unwrap();
+        self.model.write(p, off, data);
+    }
     fn write_zeroes(&mut self, f: &mut QcowFile, off: u64, len: u64) {
         let p = self.pos();
         f.write_zeroes(off, len).unwrap();
@@ -1367,6 +1373,41 @@ fn writes_over_compressed_clusters() {
         ctx.close(f);
     });
     assert_safe(&crash_states(&rec, true), "compressed");
+}
+
+/// What `convert -c` does to its new target: whole clusters written compressed, packed several
+/// to a host cluster (byte-granular allocation, each host cluster's refcount counting the
+/// compressed clusters in it), across an L2 table boundary, with a cluster that does not
+/// compress stored plainly; then a write over a compressed cluster (copy on write).
+#[test]
+fn compressed_writes_of_a_convert() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(dir.path(), "conv.qcow2", "cluster_size=4096", "16M", &[], None);
+    let rec = record("convert-compressed", &base, |ctx| {
+        let mut f = ctx.open();
+        let cs = 4 * K;
+        let mut noise = 0x9e37_79b9_7f4a_7c15u64;
+        for (i, c) in [0u64, 1, 2, 5, 511, 512, 513, 1000].iter().enumerate() {
+            let mut data = pattern(i as u64 + 1, c * cs, cs);
+            if i == 3 {
+                for b in &mut data {
+                    noise ^= noise << 13;
+                    noise ^= noise >> 7;
+                    noise ^= noise << 17;
+                    *b = noise as u8; // incompressible: stored plainly
+                }
+            } else {
+                data[..cs as usize / 2].fill(i as u8); // compresses to a few hundred bytes
+            }
+            ctx.write_compressed(&mut f, c * cs, &data);
+            if i == 4 {
+                ctx.flush(&mut f);
+            }
+        }
+        ctx.write(&mut f, cs + 100, &pattern(9, cs + 100, 200)); // over a compressed cluster
+        ctx.close(f);
+    });
+    assert_safe(&crash_states(&rec, false), "convert-compressed");
 }
 
 /// A mixed workload: writes (shared, private, new L2), write_zeroes and discard, with flushes.

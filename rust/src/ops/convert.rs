@@ -306,7 +306,8 @@ fn plan(sources: &[Source], base: Option<&Base>) -> Result<Vec<Piece>> {
     for s in sources {
         let layers = layer_ids(&*s.image);
         // The target's backing file as a layer of this source's chain (its top file).
-        let depth = base.and_then(|b| layers.iter().position(|ids| ids.first().is_some_and(|id| b.ids.first() == Some(id))));
+        let depth =
+            base.and_then(|b| layers.iter().position(|ids| ids.first().is_some_and(|id| b.ids.first() == Some(id))));
         let mut pieces = source_pieces(&*s.image, depth)?;
         if let (None, Some(bs)) = (depth, &base_status) {
             pieces = overlay_base(&pieces, bs);
@@ -413,7 +414,8 @@ impl Shared<'_> {
     fn unit(&self, start: u64, end: u64) -> Result<Done> {
         let len = usize::try_from(end - start).unwrap_or(0);
         let mut buf = vec![0u8; len];
-        let needs_src = self.kinds(start, end).any(|p| matches!(p.kind, Kind::Data | Kind::Same | Kind::Cmp { src_data: true }));
+        let needs_src =
+            self.kinds(start, end).any(|p| matches!(p.kind, Kind::Data | Kind::Same | Kind::Cmp { src_data: true }));
         if needs_src {
             self.read_sources(&mut buf, start, end)?;
         }
@@ -434,8 +436,7 @@ impl Shared<'_> {
     fn decide(&self, start: u64, buf: &[u8], base: Option<&[u8]>) -> Vec<Op> {
         let bs = usize::try_from(self.block).unwrap_or(1);
         let blocks: Vec<(usize, usize)> = (0..buf.len()).step_by(bs).map(|i| (i, (i + bs).min(buf.len()))).collect();
-        let mut zero: Vec<bool> =
-            blocks.iter().map(|&(a, b)| self.sparse > 0 && is_zero(&buf[a..b])).collect();
+        let mut zero: Vec<bool> = blocks.iter().map(|&(a, b)| self.sparse > 0 && is_zero(&buf[a..b])).collect();
         // Zero runs shorter than `-S` are written as data (when `-S` exceeds the block).
         let min_run = usize::try_from(self.sparse.div_ceil(self.block)).unwrap_or(1).max(1);
         if min_run > 1 {
@@ -493,12 +494,22 @@ fn push_op(ops: &mut Vec<Op>, op: Op) {
 
 /// The target being written.
 enum Target {
-    Raw { file: File, path: PathBuf },
+    Raw {
+        file: File,
+        path: PathBuf,
+    },
     Qcow2(Box<QcowFile>),
     /// First pass of a qcow2 stream: what goes where (`v2`: no zero clusters).
-    Record { rec: stream::Record, cluster_bits: u32, v2: bool },
+    Record {
+        rec: stream::Record,
+        cluster_bits: u32,
+        v2: bool,
+    },
     /// Second pass of a qcow2 stream, or a raw stream.
-    Stream { s: Box<stream::Stream>, v2: bool },
+    Stream {
+        s: Box<stream::Stream>,
+        v2: bool,
+    },
 }
 
 impl Target {
@@ -712,8 +723,15 @@ pub fn convert(sources: &[PathBuf], target: &Path, opts: &ConvertOptions, progre
     };
     let unit = UNIT.max(block).div_ceil(block) * block;
     let items = work_items(&pieces, unit, zeros);
-    let shared =
-        Shared { sources: &opened, base: base.as_ref(), pieces: &pieces, block, sparse: opts.sparse_size, zeros, compress };
+    let shared = Shared {
+        sources: &opened,
+        base: base.as_ref(),
+        pieces: &pieces,
+        block,
+        sparse: opts.sparse_size,
+        zeros,
+        compress,
+    };
     let result = run(&shared, &items, &mut out, opts.threads, progress);
     let finished = out.finish();
     result.and(finished)
@@ -735,7 +753,9 @@ fn convert_to_stream(
         ));
     }
     if opts.create.data_file.is_some() || opts.existing_target {
-        return Err(Error::InvalidArgument("a stream has no external data file and cannot be written into (-n)".into()));
+        return Err(Error::InvalidArgument(
+            "a stream has no external data file and cannot be written into (-n)".into(),
+        ));
     }
     let out = std::io::stdout()
         .as_fd()
@@ -774,10 +794,14 @@ fn convert_to_stream(
 
 /// Runs the items: workers examine units in parallel, this thread applies them in order.
 fn run(shared: &Shared<'_>, items: &[Item], out: &mut Target, threads: usize, progress: Progress<'_>) -> Result<()> {
-    let workers = if threads == 0 { std::thread::available_parallelism().map_or(2, std::num::NonZero::get) } else { threads };
-    let total: u64 = items.iter().map(|i| match *i {
-        Item::Unit { start, end } | Item::Zero { start, end } | Item::Fill { start, end } => end - start,
-    }).sum();
+    let workers =
+        if threads == 0 { std::thread::available_parallelism().map_or(2, std::num::NonZero::get) } else { threads };
+    let total: u64 = items
+        .iter()
+        .map(|i| match *i {
+            Item::Unit { start, end } | Item::Zero { start, end } | Item::Fill { start, end } => end - start,
+        })
+        .sum();
     let window = 2 * workers + 2;
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);

@@ -51,7 +51,9 @@ pub fn convert(
     let output_format = match output_format {
         "raw" => OutputFormat::Raw,
         "qcow2" => OutputFormat::Qcow2,
-        other => return Err(Error::InvalidArgument(format!("output format '{other}': qcowrs writes raw and qcow2")).into()),
+        other => {
+            return Err(Error::InvalidArgument(format!("output format '{other}': qcowrs writes raw and qcow2")).into())
+        }
     };
     let create = CreateOptions {
         virtual_size: 0,

@@ -101,7 +101,8 @@ pub(super) fn layout(mut h: QcowHeader, rec: &Record) -> Result<Layout> {
     write_l2_entries(&raw, &h, rec, &table_of, data_off)?;
     h.l1_table_offset = l1_off;
     h.refcount_table_offset = rt_off;
-    h.refcount_table_clusters = u32::try_from(rt).map_err(|_| Error::InvalidArgument("refcount table too large".into()))?;
+    h.refcount_table_clusters =
+        u32::try_from(rt).map_err(|_| Error::InvalidArgument("refcount table too large".into()))?;
     let bytes = h.to_bytes()?;
     raw.write_at(&bytes, 0, "header")?;
     Ok(Layout { meta: mem.to_vec() })

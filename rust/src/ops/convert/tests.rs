@@ -23,7 +23,8 @@ fn base_data_turns_pieces_into_comparisons() {
 #[test]
 fn units_only_where_data_is() {
     let mib = 1 << 20;
-    let pieces = [p(0, 3 * mib, Kind::Zero), p(3 * mib, 3 * mib + 10, Kind::Data), p(3 * mib + 10, 1 << 40, Kind::Zero)];
+    let pieces =
+        [p(0, 3 * mib, Kind::Zero), p(3 * mib, 3 * mib + 10, Kind::Data), p(3 * mib + 10, 1 << 40, Kind::Zero)];
     let items = work_items(&pieces, mib, ZeroMode::Skip);
     assert_eq!(items.len(), 1);
     assert!(matches!(items[0], Item::Unit { start, end } if start == 3 * mib && end == 4 * mib));
