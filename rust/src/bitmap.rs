@@ -99,6 +99,11 @@ fn unsafe_to_update(raw: &QcowRawFile, h: &QcowHeader, bitmaps: &[BitmapEntry]) 
             return false;
         }
         let Some(end) = offset.checked_add(len) else { return false };
+        // A structure reaching past the end of the file is not one to update in place (and
+        // its clusters are not walked one by one: the range is the image's to claim).
+        if end > raw.file_len() {
+            return false;
+        }
         ((offset >> cb)..=((end - 1) >> cb)).all(|c| view.get(raw, c) == Ok(1))
     };
     let Some(ext) = h.bitmaps() else { return Ok(Some("no bitmaps extension".into())) };
