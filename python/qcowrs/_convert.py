@@ -12,6 +12,7 @@ from typing import Any
 
 from qcowrs import _qcowrs
 
+_CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
 _BLOCK = 1 << 20
 _ZERO = bytes(_BLOCK)
 
@@ -76,6 +77,7 @@ def convert(
     snapshot: str | None = None,
     threads: int | None = None,
     force_share: bool = False,
+    target_cache: str = "writeback",
     progress: Callable[[int, int], object] | None = None,
 ) -> None:
     """Copies the guest content of ``src`` (one image or several, concatenated; qcow2 with its
@@ -93,8 +95,14 @@ def convert(
     chain, the new backing file) or that another process holds is refused before anything is
     written. ``dst`` "-" writes the image to standard output, front to back (a pipe will do;
     qcow2 is laid out metadata first, after a first pass over the data); a source "-" is a raw
-    image read from standard input.
+    image read from standard input. ``target_cache="unsafe"`` never syncs the target
+    (``qemu-img convert``'s default: faster, but a power cut soon after can leave anything);
+    the default ("writeback") orders the target's metadata writes and returns once all is
+    durable.
     """
+    if target_cache not in _CACHE_MODES:
+        raise ValueError(f"Invalid cache option: {target_cache}")
+    unsafe_cache = target_cache == "unsafe"
     if snapshot is not None:
         raise ValueError("snapshot: internal snapshots cannot be read yet (convert -l)")
     if output_format not in ("raw", "qcow2"):
@@ -118,6 +126,7 @@ def convert(
         kwargs["backing_format"] = backing_format
     if compress is not None:
         kwargs["compression_type"] = compress
+    kwargs["unsafe_cache"] = unsafe_cache
     if "compat" in kwargs:
         kwargs["compat"] = {"v2": "0.10", "v3": "1.1"}.get(
             str(kwargs["compat"]), str(kwargs["compat"])

@@ -208,6 +208,7 @@ def convert(
     data_file_raw: bool = False,
     threads: int = 0,
     force_share: bool = False,
+    unsafe_cache: bool = False,
     window: tuple[int, int] | None = None,
     progress: Callable[[int, int], object] | None = None,
 ) -> None: ...

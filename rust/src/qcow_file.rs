@@ -243,6 +243,13 @@ impl QcowFile {
     pub(crate) fn tables(&self) -> &L2Tables {
         &self.tables
     }
+    /// QEMU's `cache=unsafe` for this image and its data file: writes are never synced.
+    pub(crate) fn set_unsafe_cache(&mut self) {
+        self.raw.set_unsafe_cache();
+        if let Some(d) = self.data.as_mut() {
+            d.set_unsafe_cache();
+        }
+    }
     /// The open backing file, if any.
     pub(crate) fn backing_file(&self) -> Option<&dyn BackingRead> {
         self.backing.as_deref()

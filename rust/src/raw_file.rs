@@ -56,6 +56,8 @@ pub struct QcowRawFile {
     writable: bool,
     /// Length of the host file, kept up to date by our own writes.
     file_len: AtomicU64,
+    /// `sync` does nothing (QEMU's `cache=unsafe`: a convert target nobody has seen yet).
+    no_sync: bool,
 }
 
 impl Clone for QcowRawFile {
@@ -66,6 +68,7 @@ impl Clone for QcowRawFile {
             refcount_order: self.refcount_order,
             writable: self.writable,
             file_len: AtomicU64::new(self.file_len()),
+            no_sync: self.no_sync,
         }
     }
 }
@@ -97,6 +100,7 @@ impl QcowRawFile {
             refcount_order,
             writable,
             file_len: AtomicU64::new(file_len),
+            no_sync: false,
         })
     }
 
@@ -269,9 +273,16 @@ impl QcowRawFile {
         Ok(())
     }
 
+    /// QEMU's `cache=unsafe`: from now on `sync` does nothing, so nothing written is known to
+    /// be durable and a power cut can leave anything (what `qemu-img convert` does by default;
+    /// qcowrs only on request, `convert -t unsafe`).
+    pub fn set_unsafe_cache(&mut self) {
+        self.no_sync = true;
+    }
+
     /// Makes written data durable (fdatasync).
     pub fn sync(&self) -> Result<()> {
-        if self.writable {
+        if self.writable && !self.no_sync {
             fault_point("flush", 0)?;
             self.storage.sync().ctx(|| "flushing the image file (fdatasync)".into())?;
         }

@@ -83,6 +83,15 @@ def register(sub: Any) -> None:
         metavar="SNAPSHOT",
         help="convert an internal snapshot (snapshot.name=NAME or snapshot.id=ID)",
     )
+    p.add_argument(
+        "-t",
+        dest="cache",
+        default="writeback",
+        metavar="CACHE",
+        help="target cache mode: writeback (default: metadata writes ordered, all durable when "
+        "convert returns) or unsafe (never synced, qemu-img convert's default); none, "
+        "directsync and writethrough are taken as writeback",
+    )
     p.add_argument("-m", dest="threads", metavar="N", help="worker threads (default: one per core)")
     p.add_argument(
         "-W",
@@ -142,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("Compression not supported for this file format")
     if args.backing and args.out_fmt == "raw":
         raise CliError("Backing file not supported for file format 'raw'")
+    if args.cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
+        raise CliError(f"Invalid cache option: {args.cache}")
     sparse = parse_size(args.sparse)
     if sparse % 512:
         raise CliError(f"Invalid buffer size for sparse output specified: {args.sparse}")
@@ -171,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             target_is_zero=args.target_is_zero,
             threads=threads,
             force_share=args.force_share,
+            target_cache=args.cache,
             progress=bar.callback,
             **kw,
         )

@@ -73,6 +73,10 @@ pub struct ConvertOptions {
     pub threads: usize,
     /// `-U`: read sources another process holds open.
     pub force_share: bool,
+    /// `-t unsafe`: the target is never synced (QEMU's default for `convert`: faster, but a
+    /// power cut before the kernel writes it back can leave anything). Default: the target's
+    /// metadata writes are ordered and everything is durable when `convert` returns.
+    pub unsafe_cache: bool,
     /// Only `len` bytes of the (single) source from `offset` on, which become the target's
     /// bytes from 0 (`qemu-img dd`'s `skip` and `count`).
     pub window: Option<(u64, u64)>,
@@ -90,6 +94,7 @@ impl Default for ConvertOptions {
             target_is_zero: false,
             threads: 0,
             force_share: false,
+            unsafe_cache: false,
             window: None,
         }
     }
@@ -497,6 +502,7 @@ enum Target {
     Raw {
         file: File,
         path: PathBuf,
+        sync: bool,
     },
     Qcow2(Box<QcowFile>),
     /// First pass of a qcow2 stream: what goes where (`v2`: no zero clusters).
@@ -521,11 +527,11 @@ impl Target {
             (Target::Qcow2(f), Op::Compressed { off, at, len, packed }) => {
                 f.store_compressed(*off, &buf[*at..*at + *len], packed.as_deref()).map(|_| ())
             }
-            (Target::Raw { file, path }, Op::Data { off, at, len } | Op::Compressed { off, at, len, .. }) => file
+            (Target::Raw { file, path, .. }, Op::Data { off, at, len } | Op::Compressed { off, at, len, .. }) => file
                 .write_all_at(&buf[*at..*at + *len], *off)
                 .ctx(|| format!("writing '{}' at 0x{off:x}", path.display())),
-            (Target::Raw { file, path }, Op::Zero { off, len }) => punch(file, path, *off, *len),
-            (Target::Raw { file, path }, Op::Fill { off, len }) => fill(*off, *len, |b, o| {
+            (Target::Raw { file, path, .. }, Op::Zero { off, len }) => punch(file, path, *off, *len),
+            (Target::Raw { file, path, .. }, Op::Fill { off, len }) => fill(*off, *len, |b, o| {
                 file.write_all_at(b, o).ctx(|| format!("writing '{}' at 0x{o:x}", path.display()))
             }),
             (Target::Record { rec, cluster_bits, v2 }, op) => {
@@ -559,7 +565,8 @@ impl Target {
     fn finish(self) -> Result<()> {
         match self {
             Target::Qcow2(mut f) => f.close(),
-            Target::Raw { file, path } => file.sync_all().ctx(|| format!("syncing '{}'", path.display())),
+            Target::Raw { file, path, sync: true } => file.sync_all().ctx(|| format!("syncing '{}'", path.display())),
+            Target::Raw { sync: false, .. } => Ok(()),
             Target::Record { .. } => Ok(()),
             Target::Stream { s, .. } => s.finish(),
         }
@@ -610,10 +617,17 @@ fn open_target(target: &Path, size: u64, opts: &ConvertOptions) -> Result<Target
             let mut c = opts.create.clone();
             c.virtual_size = size;
             c.overwrite = true;
-            Ok(Target::Qcow2(Box::new(QcowFile::create(target, &c)?)))
+            let mut f = QcowFile::create(target, &c)?;
+            if opts.unsafe_cache {
+                f.set_unsafe_cache();
+            }
+            Ok(Target::Qcow2(Box::new(f)))
         }
         (OutputFormat::Qcow2, true) => {
-            let f = QcowFile::open(target, OpenOptions { writable: true, ..OpenOptions::default() })?;
+            let mut f = QcowFile::open(target, OpenOptions { writable: true, ..OpenOptions::default() })?;
+            if opts.unsafe_cache {
+                f.set_unsafe_cache();
+            }
             if f.virtual_size() < size {
                 return Err(Error::InvalidArgument(format!(
                     "Target image '{}' is smaller than the source ({} < {size} bytes)",
@@ -637,7 +651,7 @@ fn open_target(target: &Path, size: u64, opts: &ConvertOptions) -> Result<Target
                 file.set_len(0).ctx(ctx)?;
                 file.set_len(size).ctx(ctx)?;
             }
-            Ok(Target::Raw { file, path: target.to_path_buf() })
+            Ok(Target::Raw { file, path: target.to_path_buf(), sync: !opts.unsafe_cache })
         }
     }
 }

@@ -18,7 +18,8 @@ use crate::ops::convert::{ConvertOptions, OutputFormat};
     compression_type = "zlib", backing_file = None, backing_format = None, sparse_size = 4096,
     existing_target = false, target_is_zero = false, cluster_size = 65536, refcount_bits = 16,
     compat = "1.1", lazy_refcounts = false, extended_l2 = false, preallocation = "off",
-    data_file = None, data_file_raw = false, threads = 0, force_share = false, window = None,
+    data_file = None, data_file_raw = false, threads = 0, force_share = false, unsafe_cache = false,
+    window = None,
     progress = None
 ))]
 #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
@@ -45,6 +46,7 @@ pub fn convert(
     data_file_raw: bool,
     threads: usize,
     force_share: bool,
+    unsafe_cache: bool,
     window: Option<(u64, u64)>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<()> {
@@ -81,6 +83,7 @@ pub fn convert(
         target_is_zero,
         threads,
         force_share,
+        unsafe_cache,
         window,
     };
     // A Python exception from the callback (or Ctrl-C) stops the engine; it is kept here and
