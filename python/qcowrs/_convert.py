@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,6 +20,8 @@ _ZERO = bytes(_BLOCK)
 def _spool_stdin(directory: str) -> Iterator[str]:
     """Standard input (a raw stream of unknown length) copied into a sparse temporary file
     beside the target (all-zero blocks become holes), removed afterwards."""
+    import tempfile  # only here: it costs the command line's start-up several milliseconds
+
     fd, path = tempfile.mkstemp(prefix=".qcowrs-stdin-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:

@@ -393,9 +393,30 @@ struct Shared<'a> {
     sparse: u64,
     zeros: ZeroMode,
     compress: Option<(u8, u64)>,
+    /// Unit buffers the writer is done with, for the workers to reuse (no allocation, no
+    /// page faults and no zeroing per unit).
+    pool: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Shared<'_> {
+    /// A buffer of `len` bytes (contents unspecified unless `zeroed`).
+    fn take(&self, len: usize, zeroed: bool) -> Vec<u8> {
+        let mut b = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
+        if zeroed {
+            b.clear();
+        }
+        b.resize(len, 0);
+        b
+    }
+
+    /// Gives a buffer back.
+    fn give(&self, b: Vec<u8>) {
+        let mut pool = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pool.len() < 64 {
+            pool.push(b);
+        }
+    }
+
     /// Reads the sources' guest data over `[start, end)` into `buf`.
     fn read_sources(&self, buf: &mut [u8], start: u64, end: u64) -> Result<()> {
         for s in self.sources {
@@ -418,22 +439,26 @@ impl Shared<'_> {
     /// Examines one unit: what the target needs there.
     fn unit(&self, start: u64, end: u64) -> Result<Done> {
         let len = usize::try_from(end - start).unwrap_or(0);
-        let mut buf = vec![0u8; len];
         let needs_src =
             self.kinds(start, end).any(|p| matches!(p.kind, Kind::Data | Kind::Same | Kind::Cmp { src_data: true }));
+        // The sources' read fills every byte of the unit (zeros where they read zeros).
+        let mut buf = self.take(len, !needs_src);
         if needs_src {
             self.read_sources(&mut buf, start, end)?;
         }
         let cmp = self.kinds(start, end).any(|p| matches!(p.kind, Kind::Cmp { .. }));
         let base_buf = match (cmp, self.base) {
             (true, Some(b)) => {
-                let mut v = vec![0u8; len];
+                let mut v = self.take(len, false);
                 b.image.read_into(&mut v, start)?;
                 Some(v)
             }
             _ => None,
         };
         let ops = self.decide(start, &buf, base_buf.as_deref());
+        if let Some(v) = base_buf {
+            self.give(v);
+        }
         Ok(Done { buf, ops })
     }
 
@@ -745,6 +770,7 @@ pub fn convert(sources: &[PathBuf], target: &Path, opts: &ConvertOptions, progre
         sparse: opts.sparse_size,
         zeros,
         compress,
+        pool: Mutex::default(),
     };
     let result = run(&shared, &items, &mut out, opts.threads, progress);
     let finished = out.finish();
@@ -780,7 +806,16 @@ fn convert_to_stream(
     if opts.output_format == OutputFormat::Raw {
         let block = opts.sparse_size.max(SECTOR);
         let items = work_items(pieces, UNIT.div_ceil(block) * block, zeros);
-        let shared = Shared { sources, base, pieces, block, sparse: opts.sparse_size, zeros, compress: None };
+        let shared = Shared {
+            sources,
+            base,
+            pieces,
+            block,
+            sparse: opts.sparse_size,
+            zeros,
+            compress: None,
+            pool: Mutex::default(),
+        };
         let s = stream::Stream { out, data: Vec::new(), next: 0, cluster_bits: 0, raw_size: Some(size), pos: 0 };
         let mut t = Target::Stream { s: Box::new(s), v2: false };
         let r = run(&shared, &items, &mut t, opts.threads, progress);
@@ -794,7 +829,16 @@ fn convert_to_stream(
     let h = crate::header::QcowHeader::read_from(&*mem)?;
     let (cs, bits, v2) = (h.cluster_size(), h.cluster_bits, h.version < 3);
     let items = work_items(pieces, UNIT.max(cs).div_ceil(cs) * cs, zeros);
-    let shared = Shared { sources, base, pieces, block: cs, sparse: opts.sparse_size, zeros, compress: None };
+    let shared = Shared {
+        sources,
+        base,
+        pieces,
+        block: cs,
+        sparse: opts.sparse_size,
+        zeros,
+        compress: None,
+        pool: Mutex::default(),
+    };
     let mut rec = Target::Record { rec: stream::Record::default(), cluster_bits: bits, v2 };
     run(&shared, &items, &mut rec, opts.threads, &|d, t| progress(d, 2 * t))?;
     let Target::Record { rec, .. } = rec else { unreachable!("the first pass records") };
@@ -846,7 +890,7 @@ fn run(shared: &Shared<'_>, items: &[Item], out: &mut Target, threads: usize, pr
             });
         }
         drop(tx);
-        let r = apply_in_order(items, out, &rx, &applied, total, progress);
+        let r = apply_in_order(shared, items, out, &rx, &applied, total, progress);
         stop.store(true, Ordering::Relaxed);
         applied.1.notify_all();
         r
@@ -854,6 +898,7 @@ fn run(shared: &Shared<'_>, items: &[Item], out: &mut Target, threads: usize, pr
 }
 
 fn apply_in_order(
+    shared: &Shared<'_>,
     items: &[Item],
     out: &mut Target,
     rx: &mpsc::Receiver<(usize, Result<Done>)>,
@@ -880,6 +925,7 @@ fn apply_in_order(
         for op in &done.ops {
             out.apply(op, &done.buf)?;
         }
+        shared.give(done.buf);
         *applied.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = i + 1;
         applied.1.notify_all();
         done_bytes += match *item {

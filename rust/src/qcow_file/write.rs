@@ -204,17 +204,83 @@ impl QcowFile {
         }
         self.begin_change(offset, buf.len() as u64, "write")?;
         let cs = self.cluster_size();
+        let ept = self.tables.geometry().entries_per_table();
+        // Whole clusters whose host clusters turn out contiguous are written with one pwrite
+        // (a run never spans two L2 tables, and is written before another table is touched,
+        // so no L2 table can reach the disk pointing at data not yet written).
+        let mut run: Option<Run> = None;
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
             let in_cluster = usize::try_from(off & (cs - 1)).unwrap_or(0);
             let n = (usize::try_from(cs).unwrap_or(0) - in_cluster).min(buf.len() - done);
+            let ci = off >> self.header.cluster_bits;
+            if in_cluster == 0 && n as u64 == cs {
+                if run.is_some_and(|r| r.table != ci / ept) {
+                    self.write_run(run.take(), buf)?;
+                }
+                if let Some(host) = self.place_whole_cluster(ci)? {
+                    run = match run {
+                        Some(r) if r.host + r.len as u64 == host && r.at + r.len == done => {
+                            Some(Run { len: r.len + n, ..r })
+                        }
+                        r => {
+                            self.write_run(r, buf)?;
+                            Some(Run { host, at: done, len: n, table: ci / ept })
+                        }
+                    };
+                    done += n;
+                    continue;
+                }
+            }
+            self.write_run(run.take(), buf)?;
             self.write_cluster(off, &buf[done..done + n])?;
             done += n;
         }
-        Ok(())
+        self.write_run(run, buf)
     }
 
+    fn write_run(&self, run: Option<Run>, buf: &[u8]) -> Result<()> {
+        match run {
+            Some(r) => self.write_host(&buf[r.at..r.at + r.len], r.host),
+            None => Ok(()),
+        }
+    }
+
+    /// For a write of the whole guest cluster `ci`: where its data goes (the entry already
+    /// updated in the cached L2 table, the data not yet written), or `None` when the cluster
+    /// needs the general path (subclusters).
+    fn place_whole_cluster(&mut self, ci: u64) -> Result<Option<u64>> {
+        let cs = self.cluster_size();
+        match self.tables.write_plan(&self.raw, ci, 0, cs)? {
+            WritePlan::InPlace { host } => Ok(Some(host)),
+            WritePlan::Subclusters { .. } => Ok(None),
+            WritePlan::Rewrite { target, old } => {
+                self.l2_for_write(ci / self.tables.geometry().entries_per_table())?;
+                let host = self.target_host(target)?;
+                let e = self.tables.data_entry(host);
+                self.set_entry(ci, e)?;
+                if target == Target::Allocate {
+                    self.free_entry_clusters(old)?;
+                }
+                Ok(Some(host))
+            }
+        }
+    }
+}
+
+/// Whole clusters of a write placed at contiguous host offsets, written together.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    host: u64,
+    /// Offset in the caller's buffer.
+    at: usize,
+    len: usize,
+    /// The L2 table the clusters are in.
+    table: u64,
+}
+
+impl QcowFile {
     /// Writes `data` (within one cluster) at guest offset `off`.
     fn write_cluster(&mut self, off: u64, data: &[u8]) -> Result<()> {
         let cs = self.cluster_size();
@@ -302,7 +368,11 @@ impl QcowFile {
     }
 
     /// `len` bytes of the guest at `start` as they read now, with `data` over them at `at`.
-    fn cluster_image(&self, start: u64, len: u64, at: u64, data: &[u8]) -> Result<Vec<u8>> {
+    /// (A write of the whole range is `data` itself: no copy.)
+    fn cluster_image<'d>(&self, start: u64, len: u64, at: u64, data: &'d [u8]) -> Result<std::borrow::Cow<'d, [u8]>> {
+        if at == 0 && data.len() as u64 == len {
+            return Ok(std::borrow::Cow::Borrowed(data));
+        }
         let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
         if data.len() as u64 != len {
             let n = self.read_at(&mut buf, start)?;
@@ -310,7 +380,7 @@ impl QcowFile {
         }
         let s = usize::try_from(at).unwrap_or(0);
         buf[s..s + data.len()].copy_from_slice(data);
-        Ok(buf)
+        Ok(std::borrow::Cow::Owned(buf))
     }
 
     fn target_host(&mut self, target: Target) -> Result<u64> {

@@ -51,6 +51,7 @@ fn zero_runs_shorter_than_sparse_size_are_written() {
         sparse: 3 * 4096,
         zeros: ZeroMode::Skip,
         compress: None,
+        pool: std::sync::Mutex::default(),
     };
     let mut buf = vec![1u8; 8 * 4096];
     buf[4096..3 * 4096].fill(0); // a 2-block run: written
