@@ -74,8 +74,17 @@ fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<(), String> {
 /// result would not fit in `limit` bytes (QEMU writes such a cluster uncompressed).
 pub fn compress(compression_type: u8, data: &[u8], limit: usize) -> Option<Vec<u8>> {
     if compression_type == COMPRESSION_ZSTD {
-        let v = zstd::bulk::compress(data, 0).ok()?;
-        (v.len() <= limit).then_some(v)
+        ZSTD.with(|c| {
+            let mut c = c.borrow_mut();
+            let z = match c.as_mut() {
+                Some(z) => z,
+                None => c.insert(zstd::bulk::Compressor::new(0).ok()?),
+            };
+            // A buffer of `limit` bytes: a frame that does not fit fails, as it should.
+            let mut out = Vec::with_capacity(limit);
+            z.compress_to_buffer(data, &mut out).ok()?;
+            (out.len() <= limit).then_some(out)
+        })
     } else {
         DEFLATE.with(|c| {
             let mut c = c.borrow_mut();
@@ -90,6 +99,8 @@ pub fn compress(compression_type: u8, data: &[u8], limit: usize) -> Option<Vec<u
 }
 
 thread_local! {
+    /// One zstd compression context per thread (made on first use).
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
     /// One deflate state per thread (window bits 12, as QEMU's `deflateInit2(.., -12, ..)`).
     static DEFLATE: std::cell::RefCell<flate2::Compress> =
         std::cell::RefCell::new(flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12));
