@@ -3,7 +3,7 @@
 
     python bench/bench_convert.py [--size 1G] [--compress-size 256M] [--backing-size 1T]
                                   [--runs 3] [--workdir DIR] [--keep] [--quick]
-                                  [--qemu-cache MODE] [--qcowrs CMD]
+                                  [--cache MODE] [--qcowrs CMD]
 
 Everything happens in --workdir (default: a temporary directory under /var/tmp, removed at the
 end unless --keep). Both tools get the same command line, `TOOL convert -f FMT -O FMT [options]
@@ -29,9 +29,10 @@ Cases:
 
 Prints each run, then per case the median wall time of each tool, the ratio qemu-img / qcowrs
 (above 1: qcowrs is faster) and the target's allocated size (st_blocks * 512) for both, and a
-summary table at the end. Note: qemu-img convert's default cache mode for the target is
-`unsafe` (no flush), while qcowrs syncs the target before it exits; --qemu-cache writeback
-makes qemu-img flush too.
+summary table at the end. Both tools get the same target cache mode, `-t MODE` (--cache):
+`unsafe` by default (qemu-img convert's default: the target is never synced), or `writeback`
+(qcowrs's default: metadata writes ordered and the target synced before exit; qemu-img then
+flushes at the end too).
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ class Case:
     alloc: dict[str, int] = field(default_factory=dict)
     verified: str = "-"
 
-    def cmd(self, tool: list[str], dst: Path, qemu_cache: str | None) -> list[str]:
-        extra = ["-t", qemu_cache] if qemu_cache and tool == ["qemu-img"] else []
+    def cmd(self, tool: list[str], dst: Path, cache: str) -> list[str]:
+        extra = ["-t", cache]
         return [
             *tool,
             "convert",
@@ -177,7 +178,7 @@ def run_case(case: Case, work: Path, tools: dict[str, list[str]], args: argparse
         for name, tool in tools.items():
             dst.unlink(missing_ok=True)
             os.sync()  # no dirty pages of an earlier run left to write back during this one
-            cmd = case.cmd(tool, dst, args.qemu_cache)
+            cmd = case.cmd(tool, dst, args.cache)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             dt = time.perf_counter() - t0
@@ -247,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the images at the end")
     ap.add_argument("--quick", action="store_true", help="64M / 32M / 64G: a smoke test")
     ap.add_argument(
-        "--qemu-cache", metavar="MODE", help="pass -t MODE to qemu-img (its default is unsafe)"
+        "--cache",
+        metavar="MODE",
+        default="unsafe",
+        choices=["unsafe", "writeback"],
+        help="-t MODE for both tools: unsafe (default, as qemu-img's) or writeback (both sync)",
     )
     ap.add_argument(
         "--qcowrs",
@@ -292,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         "process start-up (`--version`, median of 3, included in every time below): "
         + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in startup.items())
     )
-    cache = f"-t {args.qemu_cache}" if args.qemu_cache else "its default (-t unsafe: no flush)"
-    print(f"qemu-img target cache mode: {cache}; qcowrs syncs the target before exiting")
+    what = {"unsafe": "never synced", "writeback": "synced before exit"}[args.cache]
+    print(f"target cache mode for both tools: -t {args.cache} ({what})")
 
     cases: list[Case] = []
     try:
