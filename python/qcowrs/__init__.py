@@ -1,5 +1,6 @@
 """qcowrs: qcow2 disk images from Python — read, write, check and repair, with a Rust core."""
 
+from qcowrs._compare import compare
 from qcowrs._convert import convert, dd
 from qcowrs._errors import (
     CorruptImage,
@@ -19,6 +20,7 @@ from qcowrs._file import QcowFile
 from qcowrs._info import info
 from qcowrs._qcowrs import (
     CheckReport,
+    CompareResult,
     Problem,
     QcowHeader,
     QcowRawFile,
@@ -30,6 +32,7 @@ from qcowrs._qcowrs import (
 
 __all__ = [
     "CheckReport",
+    "CompareResult",
     "CorruptImage",
     "ImageLocked",
     "InvalidClusterIndex",
@@ -49,6 +52,7 @@ __all__ = [
     "UnsupportedVersion",
     "__version__",
     "check",
+    "compare",
     "convert",
     "dd",
     "info",

@@ -10,6 +10,7 @@ from qcowrs._map import MapEntry
 
 __all__ = [
     "CheckReport",
+    "CompareResult",
     "Problem",
     "QcowFile",
     "QcowHeader",
@@ -20,6 +21,7 @@ __all__ = [
     "_fail_after_ops",
     "_io_ops",
     "check",
+    "compare",
     "convert",
     "image_info",
     "rebuild_refcounts",
@@ -183,7 +185,26 @@ class QcowFile:
         self, start_offset: int = 0, max_length: int | None = None, with_files: bool = False
     ) -> list[MapEntry]: ...
 
+@final
+class CompareResult:
+    identical: bool
+    first_difference: int | None
+    reason: str | None
+    size_a: int
+    size_b: int
+
 def check(path: str, repair: str | None = None, force_share: bool = False) -> CheckReport: ...
+def compare(
+    a: str,
+    b: str,
+    *,
+    strict: bool = False,
+    format_a: str | None = None,
+    format_b: str | None = None,
+    force_share: bool = False,
+    threads: int = 0,
+    progress: Callable[[int, int], object] | None = None,
+) -> CompareResult: ...
 def image_info(path: str, force_share: bool = False) -> dict[str, Any]: ...
 def convert(
     sources: list[str],

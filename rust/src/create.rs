@@ -308,7 +308,7 @@ fn check_backing(image: &Path, o: &CreateOptions) -> Result<Option<PathBuf>> {
 /// The backing file's virtual size, read as `qemu-img create` opens it: read-only, sharing
 /// everything (a running VM may hold it), with the given format (probed if none).
 fn backing_size(path: &Path, format: Option<&str>) -> Result<u64> {
-    let context = |e: Error| prefix_error(e, &format!("Could not open backing image '{}': ", path.display()));
+    let context = |e: Error| e.prefixed(&format!("Could not open backing image '{}': ", path.display()));
     let file = crate::backing::open_image_file(path, false, "backing file").map_err(context)?;
     let storage = FileStorage::new(file);
     let len = storage.len().ctx(|| format!("reading the length of '{}'", path.display()))?;
@@ -322,24 +322,6 @@ fn backing_size(path: &Path, format: Option<&str>) -> Result<u64> {
         Some(_) => Err(context(Error::InvalidMagic(
             "Image is not in qcow2 format: field 'magic' at 0x0 is not \"QFI\\xfb\" (backing_format='qcow2')".into(),
         ))),
-    }
-}
-
-/// `e` with `prefix` before its message (same variant).
-fn prefix_error(e: Error, prefix: &str) -> Error {
-    let p = |s: String| format!("{prefix}{s}");
-    match e {
-        Error::InvalidMagic(s) => Error::InvalidMagic(p(s)),
-        Error::UnsupportedFeature(s) => Error::UnsupportedFeature(p(s)),
-        Error::InvalidClusterSize(s) => Error::InvalidClusterSize(p(s)),
-        Error::InvalidRefcountTableSize(s) => Error::InvalidRefcountTableSize(p(s)),
-        Error::InvalidClusterIndex(s) => Error::InvalidClusterIndex(p(s)),
-        Error::ImageLocked(s) => Error::ImageLocked(p(s)),
-        Error::InvalidArgument(s) => Error::InvalidArgument(p(s)),
-        Error::CorruptImage { what, offset } => Error::CorruptImage { what: p(what), offset },
-        Error::InvalidOffset { field, offset, reason } => Error::InvalidOffset { field: p(field), offset, reason },
-        Error::Io { context, source } => Error::Io { context: p(context), source },
-        other => other,
     }
 }
 

@@ -84,6 +84,27 @@ impl Error {
         Error::CorruptImage { what: what.into(), offset }
     }
 
+    /// The same error with `prefix` before its message ("Could not open 'x': ...").
+    #[must_use]
+    pub fn prefixed(self, prefix: &str) -> Self {
+        let p = |s: String| format!("{prefix}{s}");
+        match self {
+            Error::InvalidMagic(s) => Error::InvalidMagic(p(s)),
+            Error::UnsupportedFeature(s) => Error::UnsupportedFeature(p(s)),
+            Error::InvalidClusterSize(s) => Error::InvalidClusterSize(p(s)),
+            Error::InvalidRefcountTableSize(s) => Error::InvalidRefcountTableSize(p(s)),
+            Error::InvalidClusterIndex(s) => Error::InvalidClusterIndex(p(s)),
+            Error::RefcountRebuildRequired(s) => Error::RefcountRebuildRequired(p(s)),
+            Error::ImageLocked(s) => Error::ImageLocked(p(s)),
+            Error::ReadOnlyImage(s) => Error::ReadOnlyImage(p(s)),
+            Error::InvalidArgument(s) => Error::InvalidArgument(p(s)),
+            Error::CorruptImage { what, offset } => Error::CorruptImage { what: p(what), offset },
+            Error::InvalidOffset { field, offset, reason } => Error::InvalidOffset { field: p(field), offset, reason },
+            Error::Io { context, source } => Error::Io { context: p(context), source },
+            other @ Error::UnsupportedVersion(_) => other,
+        }
+    }
+
     /// A bad offset in a named field.
     pub fn offset(field: impl Into<String>, offset: u64, reason: impl Into<String>) -> Self {
         Error::InvalidOffset { field: field.into(), offset, reason: reason.into() }

@@ -52,6 +52,7 @@ pub use create::{create_on, CreateOptions};
 pub use error::{Error, Result};
 pub use header::{field_offset, QcowHeader};
 pub use mapping::ReadPlan;
+pub use ops::compare::{compare, CompareError, CompareOptions, Comparison, Outcome, Stage};
 pub use ops::convert::{convert, ConvertOptions, OutputFormat};
 pub use ops::map::{map_image, ImageMap, MapEntry};
 pub use qcow_file::{OpenOptions, QcowFile};

@@ -77,7 +77,7 @@ impl Target {
             .open(&real)
             .ctx(|| format!("Could not create {what} '{}'", path.display()))?;
         crate::lock::lock_image(&file, true, &format!("{what} '{}'", path.display()))
-            .map_err(|e| super::prefix_error(e, "Is another process using the image? "))?;
+            .map_err(|e| e.prefixed("Is another process using the image? "))?;
         Ok(Target { path: real, existing: Some((file, meta)) })
     }
 }

@@ -138,12 +138,12 @@ fn mergeable(a: &MapEntry, b: &MapEntry) -> bool {
 
 /// A block status (QEMU's `BDRV_BLOCK_*` flags and map), `host` being that of the run's start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Status {
-    data: bool,
-    zero: bool,
-    compressed: bool,
-    allocated: bool,
-    host: Option<u64>,
+pub(crate) struct Status {
+    pub(crate) data: bool,
+    pub(crate) zero: bool,
+    pub(crate) compressed: bool,
+    pub(crate) allocated: bool,
+    pub(crate) host: Option<u64>,
 }
 
 impl Status {
@@ -182,7 +182,7 @@ struct HostFile<'a> {
 }
 
 /// What `lseek(SEEK_DATA/SEEK_HOLE)` says about an offset (file-posix `find_allocation`).
-enum Allocation {
+pub(crate) enum Allocation {
     /// In data, up to the next hole.
     Data { hole: u64 },
     /// In a hole, up to the next data.
@@ -193,7 +193,7 @@ enum Allocation {
     Unknown,
 }
 
-fn find_allocation(file: Option<&File>, start: u64) -> Allocation {
+pub(crate) fn find_allocation(file: Option<&File>, start: u64) -> Allocation {
     use nix::errno::Errno;
     use nix::unistd::{lseek, Whence};
     let (Some(f), Ok(s)) = (file, i64::try_from(start)) else { return Allocation::Unknown };
@@ -402,7 +402,7 @@ impl Layer<'_> {
 
 /// QEMU's `qcow2_detect_metadata_preallocation`: more clusters have a refcount than the file
 /// has space allocated (by 10%, or 2 clusters).
-fn detect_metadata_preallocation(q: &QcowFile) -> bool {
+pub(crate) fn detect_metadata_preallocation(q: &QcowFile) -> bool {
     use std::os::unix::fs::MetadataExt;
     let raw = q.raw_file();
     let Some(meta) = raw.storage().file().and_then(|f| f.metadata().ok()) else { return false };
@@ -425,7 +425,7 @@ fn detect_metadata_preallocation(q: &QcowFile) -> bool {
 }
 
 /// The driver status of one L2 entry at `in_cluster` and where, in its cluster, it ends.
-fn entry_status(geo: L2Geometry, e: L2Entry, in_cluster: u64) -> std::result::Result<(Status, u64), String> {
+pub(crate) fn entry_status(geo: L2Geometry, e: L2Entry, in_cluster: u64) -> std::result::Result<(Status, u64), String> {
     let (state, end) = geo.read_state(e, in_cluster).map_err(|d| d.to_string())?;
     let ty = geo.cluster_type(e);
     if ty == ClusterType::Compressed {

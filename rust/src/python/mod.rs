@@ -1,6 +1,7 @@
 //! PyO3 glue: the `qcowrs._qcowrs` extension module. Nothing outside this folder knows Python.
 
 mod buffer;
+mod compare;
 mod convert;
 mod errors;
 mod file;
@@ -21,8 +22,10 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<report::PyCheckReport>()?;
     m.add_class::<report::PyProblem>()?;
     m.add_class::<info::PySnapshot>()?;
+    m.add_class::<compare::PyCompareResult>()?;
     m.add_function(wrap_pyfunction!(info::image_info, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
+    m.add_function(wrap_pyfunction!(compare::compare, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_refcounts, m)?)?;
     m.add_function(wrap_pyfunction!(_fail_after_ops, m)?)?;
