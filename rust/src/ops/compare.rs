@@ -161,7 +161,11 @@ fn open_image(path: &Path, format: Option<&str>, force_share: bool) -> Result<Bo
             return Err(Error::InvalidMagic(format!("{prefix}Image is not in qcow2 format")));
         }
     }
-    open_image_any(path, format, force_share).map_err(|e| e.prefixed(&prefix))
+    open_image_any(path, format, force_share).map_err(|e| match e {
+        // "image locked: 'x' is in use: ..." says it all.
+        Error::ImageLocked(_) => e,
+        e => e.prefixed(&prefix),
+    })
 }
 
 /// Compares `a` and `b` like `qemu-img compare [-s] [-f FMT] [-F FMT] [-U] a b` (see the

@@ -138,12 +138,12 @@ fn mergeable(a: &MapEntry, b: &MapEntry) -> bool {
 
 /// A block status (QEMU's `BDRV_BLOCK_*` flags and map), `host` being that of the run's start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Status {
-    pub(crate) data: bool,
-    pub(crate) zero: bool,
-    pub(crate) compressed: bool,
-    pub(crate) allocated: bool,
-    pub(crate) host: Option<u64>,
+struct Status {
+    data: bool,
+    zero: bool,
+    compressed: bool,
+    allocated: bool,
+    host: Option<u64>,
 }
 
 impl Status {
@@ -425,7 +425,7 @@ pub(crate) fn detect_metadata_preallocation(q: &QcowFile) -> bool {
 }
 
 /// The driver status of one L2 entry at `in_cluster` and where, in its cluster, it ends.
-pub(crate) fn entry_status(geo: L2Geometry, e: L2Entry, in_cluster: u64) -> std::result::Result<(Status, u64), String> {
+fn entry_status(geo: L2Geometry, e: L2Entry, in_cluster: u64) -> std::result::Result<(Status, u64), String> {
     let (state, end) = geo.read_state(e, in_cluster).map_err(|d| d.to_string())?;
     let ty = geo.cluster_type(e);
     if ty == ClusterType::Compressed {

@@ -7,15 +7,16 @@
 //! lengths must be QEMU's (checked against qemu-img 10):
 //!
 //! * qcow2 (`qcow2_co_block_status`, `qcow2_get_host_offset`, `count_contiguous_subclusters`):
-//!   at most `INT_MAX` bytes per answer; never past the end of the L2 table (a whole table is
-//!   one slice with the default cache entry size); an empty L1 entry, or one past the L1 table,
-//!   answers "unallocated" up to the end of its table's range; otherwise subclusters of the
+//!   at most `INT_MAX` bytes per answer; never past the end of the L2 slice (the whole table,
+//!   or 4 KiB of it when QEMU's 32 MiB L2 cache cannot hold the tables of the whole disk); an
+//!   empty L1 entry, or one past the L1 table, answers "unallocated" up to the end of the
+//!   slice; otherwise subclusters of the
 //!   same type (normal, zero with or without a host cluster, unallocated with or without one)
 //!   whose host clusters follow each other; a compressed cluster is always answered alone.
-//!   Flags: data, zero, offset-valid (a host cluster), compressed, recurse (metadata
-//!   preallocation). The block layer adds allocated (data or zero), zero where nothing is
-//!   allocated and there is no backing file or the offset is past its end, and asks the host
-//!   file about data clusters of a metadata-preallocated image.
+//!   Flags: data, zero, offset-valid (a host cluster), compressed. The block layer adds
+//!   allocated (data or zero), and zero where nothing is allocated and there is no backing
+//!   file or the offset is past its end; for an image that looks metadata-preallocated it asks
+//!   the host file about data clusters (a hole there is zero, and ends the answer).
 //! * raw, and the host file (file-posix): `lseek(SEEK_DATA/SEEK_HOLE)` extents; a trailing
 //!   hole (or a file system that cannot tell) answers all that was asked. Always allocated and
 //!   offset-valid.
@@ -29,8 +30,8 @@
 
 use crate::backing::{resolve_relative, BackingKind, BackingRead};
 use crate::error::{Error, IoContext, Result};
-use crate::format::SubclusterState;
-use crate::ops::map::{detect_metadata_preallocation, entry_status, find_allocation, Allocation, Status};
+use crate::format::{ClusterType, L2Defect, L2Entry, L2Geometry, SubclusterState};
+use crate::ops::map::{detect_metadata_preallocation, find_allocation, Allocation};
 use crate::qcow_file::QcowFile;
 use crate::storage::Storage;
 
@@ -38,6 +39,8 @@ use crate::storage::Storage;
 const SECTOR: u64 = 512;
 /// `qcow2_co_block_status` asks `qcow2_get_host_offset` for at most `INT_MAX` bytes.
 const QCOW2_MAX_BYTES: u64 = 0x7fff_ffff;
+/// QEMU's default largest L2 cache (`DEFAULT_L2_CACHE_MAX_SIZE`).
+const L2_CACHE_MAX: u64 = 32 << 20;
 
 /// `BDRV_BLOCK_*` flags (QEMU's values).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,13 +52,12 @@ impl Flags {
     pub(crate) const OFFSET_VALID: Flags = Flags(0x04);
     pub(crate) const ALLOCATED: Flags = Flags(0x10);
     pub(crate) const EOF: Flags = Flags(0x20);
-    pub(crate) const RECURSE: Flags = Flags(0x40);
     pub(crate) const COMPRESSED: Flags = Flags(0x80);
 
     pub(crate) fn has(self, f: Flags) -> bool {
         self.0 & f.0 == f.0
     }
-    fn with(self, f: Flags) -> Flags {
+    pub(crate) fn with(self, f: Flags) -> Flags {
         Flags(self.0 | f.0)
     }
     fn without(self, f: Flags) -> Flags {
@@ -158,7 +160,7 @@ impl QcowNode<'_> {
         let run = match self.run {
             Some(r) if r.start <= off && off < r.end && (r.definite || limit <= r.end) => r,
             _ => {
-                let r = qcow2_run(self.q, off, limit)?;
+                let r = qcow2_run(self.q, off, limit, self.len)?;
                 self.run = Some(r);
                 r
             }
@@ -171,15 +173,15 @@ impl QcowNode<'_> {
             .when(ty.state == SubclusterState::Zero, Flags::ZERO)
             .when(ty.hosted, Flags::OFFSET_VALID)
             .when(ty.compressed, Flags::COMPRESSED);
-        if data && ty.hosted && self.metadata_preallocated() {
-            flags = flags.with(Flags::RECURSE);
-        }
         if data || ty.state == SubclusterState::Zero {
             flags = flags.with(Flags::ALLOCATED);
         } else if self.backing_len.is_none_or(|b| off >= b) {
             flags = flags.with(Flags::ZERO);
         }
-        if flags.has(Flags::RECURSE) && !flags.has(Flags::ZERO) {
+        // BDRV_BLOCK_RECURSE: the host file is asked whether the data clusters of a
+        // metadata-preallocated image are holes (read as zeros). The flag itself is cleared
+        // once used (QEMU 9 and later), so it never shows.
+        if data && ty.hosted && self.metadata_preallocated() {
             let (file_flags, file_n) = self.host.status(run.host + (off - run.start), n);
             if file_flags.has(Flags::EOF) && (file_n == 0 || file_flags.has(Flags::ZERO)) {
                 flags = flags.with(Flags::ZERO);
@@ -197,19 +199,31 @@ impl QcowNode<'_> {
     }
 }
 
+/// The guest bytes one L2 slice maps: a whole L2 table, unless QEMU's default L2 cache
+/// (32 MiB, `read_cache_sizes`) cannot hold the tables of the whole disk; then the cache
+/// entries, hence the slices, are 4 KiB (or the cluster, if smaller).
+fn slice_bytes(geo: L2Geometry, len: u64) -> u64 {
+    let cs = geo.cluster_size();
+    let entry_bytes = 8 * geo.words_per_entry() as u64;
+    let max_cache = len.div_ceil(cs).saturating_mul(entry_bytes).div_ceil(cs).saturating_mul(cs);
+    let cache_entry = if max_cache > L2_CACHE_MAX { cs.min(4096) } else { cs };
+    cache_entry / entry_bytes * cs
+}
+
 /// `qcow2_get_host_offset` from `off`, looking no further than `limit` (the bytes asked for)
-/// nor past the L2 table.
-fn qcow2_run(q: &QcowFile, off: u64, limit: u64) -> Result<Run> {
+/// nor past the L2 slice.
+fn qcow2_run(q: &QcowFile, off: u64, limit: u64, len: u64) -> Result<Run> {
     let (raw, tables) = (q.raw_file(), q.tables());
     let geo = tables.geometry();
     let (cb, cs, per, span) = (geo.cluster_bits, geo.cluster_size(), geo.entries_per_table(), geo.bytes_per_table());
     let l1_index = off / span;
-    let table_end = (l1_index + 1).saturating_mul(span);
+    let slice = slice_bytes(geo, len);
+    let slice_end = (off / slice + 1).saturating_mul(slice);
     let unallocated = SubType { state: SubclusterState::Unallocated, hosted: false, compressed: false };
     let Some((l2_offset, table)) = tables.l2_table(raw, l1_index)? else {
-        return Ok(Run { start: off, end: table_end, definite: true, ty: unallocated, host: 0 });
+        return Ok(Run { start: off, end: slice_end, definite: true, ty: unallocated, host: 0 });
     };
-    let bound = limit.min(table_end);
+    let bound = limit.min(slice_end);
     let mut pos = off;
     let mut first: Option<(SubType, Option<u64>)> = None;
     let mut definite = false;
@@ -217,20 +231,31 @@ fn qcow2_run(q: &QcowFile, off: u64, limit: u64) -> Result<Run> {
         let l2_index = (pos >> cb) % per;
         let cluster = pos & !(cs - 1);
         let e = geo.entry_at(&table, usize::try_from(l2_index).unwrap_or(0));
-        let (st, end) = entry_status(geo, e, pos - cluster).map_err(|d| {
-            let at = l2_offset + l2_index * 8 * geo.words_per_entry() as u64;
-            Error::corrupt(format!("L2 entry {l2_index} (L2 table at 0x{l2_offset:x}) = 0x{:x}: {d}", e.entry), at)
-        })?;
-        let ty = SubType { state: subcluster_state(st), hosted: st.host.is_some(), compressed: st.compressed };
-        if let Some((t, host)) = first {
+        let (ty, host, end) = match classify(geo, e, pos - cluster) {
+            Ok(c) => c,
+            // QEMU refuses any bad entry where it starts, only bitmaps it cannot read after.
+            Err(d)
+                if first.is_none() || matches!(d, L2Defect::AllocatedAndZero | L2Defect::UnallocatedWithAllocBits) =>
+            {
+                let at = l2_offset + l2_index * 8 * geo.words_per_entry() as u64;
+                let what = format!("L2 entry {l2_index} (L2 table at 0x{l2_offset:x}) = 0x{:x}: {d}", e.entry);
+                return Err(Error::corrupt(what, at));
+            }
+            // A misaligned host offset cannot continue a run.
+            Err(_) => {
+                definite = true;
+                break;
+            }
+        };
+        if let Some((t, start_host)) = first {
             // Host clusters must follow each other (`count_contiguous_subclusters`).
-            let contiguous = host.zip(st.host).is_none_or(|(h, s)| s == h + (pos - off));
+            let contiguous = start_host.zip(host).is_none_or(|(h, s)| s == h + (pos - off));
             if t != ty || !contiguous {
                 definite = true;
                 break;
             }
         } else {
-            first = Some((ty, st.host));
+            first = Some((ty, host));
         }
         pos = cluster + end;
         // A compressed cluster is answered alone; a type change inside a cluster ends the run.
@@ -240,17 +265,20 @@ fn qcow2_run(q: &QcowFile, off: u64, limit: u64) -> Result<Run> {
         }
     }
     let (ty, host) = first.unwrap_or((unallocated, None));
-    Ok(Run { start: off, end: pos, definite: definite || pos >= table_end, ty, host: host.unwrap_or(0) })
+    Ok(Run { start: off, end: pos, definite: definite || pos >= slice_end, ty, host: host.unwrap_or(0) })
 }
 
-fn subcluster_state(st: Status) -> SubclusterState {
-    if st.data {
-        SubclusterState::Data
-    } else if st.zero {
-        SubclusterState::Zero
-    } else {
-        SubclusterState::Unallocated
+/// QEMU's subcluster type at `in_cluster` (`qcow2_get_subcluster_type`), the host offset of
+/// that byte (types with a host cluster) and where the same type ends in the cluster.
+fn classify(geo: L2Geometry, e: L2Entry, in_cluster: u64) -> Result<(SubType, Option<u64>, u64), L2Defect> {
+    let ty = geo.cluster_type(e);
+    if ty == ClusterType::Compressed {
+        let ty = SubType { state: SubclusterState::Data, hosted: false, compressed: true };
+        return Ok((ty, None, geo.cluster_size()));
     }
+    let (state, end) = geo.read_state(e, in_cluster)?;
+    let hosted = matches!(ty, ClusterType::Normal | ClusterType::ZeroAlloc);
+    Ok((SubType { state, hosted, compressed: false }, hosted.then(|| e.host_offset() + in_cluster), end))
 }
 
 /// A node of a chain.
