@@ -369,6 +369,9 @@ BAD = [
     ["convert", "-O", "raw", "base.qcow2", "missing-dir/out.raw"],
     ["convert", "-O", "vdi", "base.qcow2", "NEW"],
     ["map", "missing.qcow2"],
+    ["compare", "missing.qcow2", "base.qcow2"],
+    ["compare", "-f", "vmdk", "base.qcow2", "base.qcow2"],
+    ["compare", "base.qcow2"],
     ["nosuchcommand"],
     ["info"],
 ]
@@ -410,7 +413,7 @@ def _help_entries(text: str) -> dict[str, str]:
 
 
 def test_help_explains_every_option() -> None:
-    for sub in ("info", "check", "map", "create", "convert", "rebuild"):
+    for sub in ("info", "check", "map", "create", "convert", "compare", "rebuild"):
         p = qcowrs(sub, "--help")
         assert p.returncode == 0
         entries = _help_entries(p.stdout)
