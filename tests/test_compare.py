@@ -256,7 +256,8 @@ def test_strict_allocation_mismatch(imgs: ImageBuilder) -> None:
 
 def test_strict_sees_the_end_of_each_answer(tmp_path: Path) -> None:
     """qemu-img compares every flag, EOF included: identical empty images whose L2 tables
-    span other ranges (cluster sizes), or whose answers are cut at INT_MAX bytes, differ."""
+    span other ranges (cluster sizes), or whose answers are cut at INT_MAX bytes, differ.
+    (qcowrs computes these stretches of empty L1 entries rather than walking them.)"""
     b = ImageBuilder(tmp_path)
     b.create("e64k.qcow2", "1G")
     b.create("e2m.qcow2", "1G", cluster_size="2M")
@@ -269,6 +270,15 @@ def test_strict_sees_the_end_of_each_answer(tmp_path: Path) -> None:
     assert both_ways(tmp_path, "f64k.qcow2", "f2m.qcow2")[2] == (
         f"Strict mode: Offset {3584 * MiB} block status mismatch!\n"
     )
+    # Answers of INT_MAX bytes: the offset is a multiple of 2^31 - 1, not of a sector.
+    b.create("g1m.qcow2", "129G", cluster_size="1M")
+    b.create("g2m.qcow2", "129G", cluster_size="2M")
+    b.create("g512k.qcow2", "129G", cluster_size="512k")
+    assert both_ways(tmp_path, "g1m.qcow2", "g2m.qcow2")[2] == (
+        f"Strict mode: Offset {64 * 0x7FFF_FFFF} block status mismatch!\n"
+    )
+    both_ways(tmp_path, "g512k.qcow2", "g2m.qcow2")
+    both_ways(tmp_path, "g512k.qcow2", "g1m.qcow2")
 
 
 def test_strict_with_chains_and_preallocation(imgs: ImageBuilder, tmp_path: Path) -> None:

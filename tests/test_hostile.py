@@ -1,6 +1,6 @@
 """Hostile and damaged images (issue 8): every generator of `hostile.py` is opened, read, mapped,
-checked, repaired and written, each operation in a child process with a 2 GiB address-space
-limit and a 20 s timeout. For every one:
+checked, compared with itself (plain and strict), repaired and written, each operation in a
+child process with a 2 GiB address-space limit and a 20 s timeout. For every one:
 
 * no signal, no PanicException, no hang, peak RSS under 512 MiB;
 * every exception is a `qcowrs.QcowError`;
@@ -86,6 +86,9 @@ try:
             out["pieces"] = pieces
             out["read_errors"] = len(errors)
             out["header"] = f.header.to_dict()["version"]
+    elif op == "compare":
+        r = qcowrs.compare(path, path, strict=args[0] == "strict")
+        out["identical"] = r.identical
     elif op == "check":
         r = qcowrs.check(path)
         out["report"] = r.to_dict()
@@ -196,11 +199,13 @@ def test_hostile_image(name: str, tmp_path: Path) -> None:
 
     read = run_op(img, "read", str(READ_BUDGET))
     check = run_op(img, "check")
+    compared = [run_op(img, "compare", mode) for mode in ("plain", "strict")]
     assert file_sha256(img) == before, "a read-only operation changed the file"
     if case.valid:
         assert read["ok"], read
         assert check["ok"], check
         assert check["exit"] == 0, check
+        assert all(c["ok"] and c["identical"] for c in compared), compared
 
     # A repair: refused cleanly, or clean and nothing readable lost.
     rep = copy_case(case, "repair")

@@ -30,7 +30,7 @@
 
 use crate::backing::{resolve_relative, BackingKind, BackingRead};
 use crate::error::{Error, IoContext, Result};
-use crate::format::{ClusterType, L2Defect, L2Entry, L2Geometry, SubclusterState};
+use crate::format::{l1_entry_l2_offset, ClusterType, L2Defect, L2Entry, L2Geometry, SubclusterState};
 use crate::ops::map::{detect_metadata_preallocation, find_allocation, Allocation};
 use crate::qcow_file::QcowFile;
 use crate::storage::Storage;
@@ -38,7 +38,7 @@ use crate::storage::Storage;
 /// QEMU's sector: node lengths are whole sectors.
 const SECTOR: u64 = 512;
 /// `qcow2_co_block_status` asks `qcow2_get_host_offset` for at most `INT_MAX` bytes.
-const QCOW2_MAX_BYTES: u64 = 0x7fff_ffff;
+pub(crate) const QCOW2_MAX_BYTES: u64 = 0x7fff_ffff;
 /// QEMU's default largest L2 cache (`DEFAULT_L2_CACHE_MAX_SIZE`).
 const L2_CACHE_MAX: u64 = 32 << 20;
 
@@ -147,15 +147,27 @@ pub(crate) struct QcowNode<'a> {
     host: FileNode<'a>,
     prealloc: Option<bool>,
     run: Option<Run>,
+    /// The last stretch of empty L1 entries found: `[start, end)`.
+    empty: Option<(u64, u64)>,
 }
 
 impl QcowNode<'_> {
-    /// `bdrv_co_block_status` of the node.
-    fn status(&mut self, off: u64, bytes: u64) -> Result<(Flags, u64)> {
+    /// `bdrv_co_block_status` of the node. `bulk`: a stretch of empty L1 entries is answered
+    /// in one piece (not one L2 slice at a time, nor `INT_MAX` bytes): the same flags, a
+    /// longer answer, for callers that only need to know what reads as zeros.
+    fn status(&mut self, off: u64, bytes: u64, bulk: bool) -> Result<(Flags, u64)> {
         if off >= self.len {
             return Ok((Flags::EOF, 0));
         }
         let bytes = bytes.min(self.len - off);
+        if bulk {
+            if let Some(end) = self.empty_l1_end(off) {
+                let n = end.min(off + bytes) - off;
+                let zero = self.backing_len.is_none_or(|b| off >= b);
+                let flags = Flags::default().when(zero, Flags::ZERO).when(off + n == self.len, Flags::EOF);
+                return Ok((flags, n));
+            }
+        }
         let limit = off + bytes.min(QCOW2_MAX_BYTES);
         let run = match self.run {
             Some(r) if r.start <= off && off < r.end && (r.definite || limit <= r.end) => r,
@@ -191,6 +203,32 @@ impl QcowNode<'_> {
             }
         }
         Ok((flags.when(off + n == self.len, Flags::EOF), n))
+    }
+
+    /// Where the stretch of empty L1 entries (or of guest offsets past the L1 table) that
+    /// holds `off` ends (at most the node's length); `None` if `off`'s L1 entry names an L2
+    /// table.
+    fn empty_l1_end(&mut self, off: u64) -> Option<u64> {
+        if let Some((s, e)) = self.empty {
+            if s <= off && off < e {
+                return Some(e);
+            }
+        }
+        let tables = self.q.tables();
+        let (l1, span) = (tables.l1(), tables.geometry().bytes_per_table());
+        let empty =
+            |i: u64| usize::try_from(i).ok().and_then(|i| l1.get(i)).is_none_or(|&e| l1_entry_l2_offset(e) == 0);
+        let first = off / span;
+        if !empty(first) {
+            return None;
+        }
+        let mut i = first + 1;
+        while i < l1.len() as u64 && i.saturating_mul(span) < self.len && empty(i) {
+            i += 1;
+        }
+        let end = if i >= l1.len() as u64 { self.len } else { i.saturating_mul(span).min(self.len) };
+        self.empty = Some((first * span, end));
+        Some(end)
     }
 
     fn metadata_preallocated(&mut self) -> bool {
@@ -281,6 +319,26 @@ fn classify(geo: L2Geometry, e: L2Entry, in_cluster: u64) -> Result<(SubType, Op
     Ok((SubType { state, hosted, compressed: false }, hosted.then(|| e.host_offset() + in_cluster), end))
 }
 
+/// Refuses an image whose active L1 table names one L2 table more than once: a damaged image
+/// (`qemu-img check` counts the references) whose few clusters would describe more guest data
+/// than the file holds, to be read again and again.
+fn refuse_shared_l2_tables(q: &QcowFile) -> Result<()> {
+    let tables = q.tables();
+    let mut named: Vec<(u64, usize)> =
+        tables.l1().iter().enumerate().map(|(i, &e)| (l1_entry_l2_offset(e), i)).filter(|&(o, _)| o != 0).collect();
+    named.sort_unstable();
+    for w in named.windows(2) {
+        if w[0].0 == w[1].0 {
+            let (offset, first, second) = (w[0].0, w[0].1, w[1].1);
+            return Err(Error::corrupt(
+                format!("the L2 table at 0x{offset:x} is named by L1[{first}] and L1[{second}]"),
+                tables.l1_offset() + 8 * second as u64,
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A node of a chain.
 pub(crate) enum Node<'a> {
     Qcow2(QcowNode<'a>),
@@ -288,9 +346,9 @@ pub(crate) enum Node<'a> {
 }
 
 impl Node<'_> {
-    fn status(&mut self, off: u64, bytes: u64) -> Result<(Flags, u64)> {
+    fn status(&mut self, off: u64, bytes: u64, bulk: bool) -> Result<(Flags, u64)> {
         match self {
-            Node::Qcow2(n) => n.status(off, bytes),
+            Node::Qcow2(n) => n.status(off, bytes, bulk),
             Node::Raw(n) => Ok(n.status(off, bytes)),
         }
     }
@@ -323,8 +381,9 @@ impl<'a> Chain<'a> {
                     };
                     let file_len = storage.len().ctx(|| format!("reading the length of '{}'", path.display()))?;
                     let host = FileNode::new(storage, file_len);
+                    refuse_shared_l2_tables(q)?;
                     let len = q.virtual_size() / SECTOR * SECTOR;
-                    Node::Qcow2(QcowNode { q, len, backing_len: None, host, prealloc: None, run: None })
+                    Node::Qcow2(QcowNode { q, len, backing_len: None, host, prealloc: None, run: None, empty: None })
                 }
                 BackingKind::Raw { storage, len, .. } => Node::Raw(FileNode::new(storage, len)),
             };
@@ -336,23 +395,37 @@ impl<'a> Chain<'a> {
         Ok(Chain { nodes })
     }
 
+    /// For an image without backing file whose L1 entry at `off` is empty: where that
+    /// stretch of empty L1 entries ends and the bytes of one L2 slice (QEMU answers one slice
+    /// at a time there, at most `INT_MAX` bytes, all with the same flags).
+    pub(crate) fn empty_stretch(&mut self, off: u64) -> Option<(u64, u64)> {
+        match self.nodes.as_mut_slice() {
+            [Node::Qcow2(n)] => {
+                let end = n.empty_l1_end(off)?;
+                Some((end, slice_bytes(n.q.tables().geometry(), n.len)))
+            }
+            _ => None,
+        }
+    }
+
     /// QEMU's length of the image (`blk_getlength`).
     pub(crate) fn len(&self) -> u64 {
         self.nodes.first().map_or(0, Node::len)
     }
 
     /// `bdrv_block_status_above(bs, NULL, off, bytes)`: the flags at `off` and how many bytes
-    /// (at most `bytes`) they hold for.
-    pub(crate) fn status(&mut self, off: u64, bytes: u64) -> Result<(Flags, u64)> {
+    /// (at most `bytes`) they hold for. `bulk`: stretches of empty L1 entries are answered in
+    /// one piece (the flags are QEMU's, the lengths may be longer).
+    pub(crate) fn status(&mut self, off: u64, bytes: u64, bulk: bool) -> Result<(Flags, u64)> {
         let Some((top, below)) = self.nodes.split_first_mut() else { return Ok((Flags::EOF, 0)) };
-        let (mut flags, mut n) = top.status(off, bytes)?;
+        let (mut flags, mut n) = top.status(off, bytes, bulk)?;
         if n == 0 || flags.has(Flags::ALLOCATED) {
             return Ok((flags, n));
         }
         let eof = flags.has(Flags::EOF).then_some(off + n);
         let mut bytes = n;
         for node in below {
-            (flags, n) = node.status(off, bytes)?;
+            (flags, n) = node.status(off, bytes, bulk)?;
             if n == 0 {
                 // A shorter backing file: its zeros past the end count as allocated there.
                 (flags, n) = (Flags::ZERO.with(Flags::ALLOCATED), bytes);

@@ -12,13 +12,23 @@ fn image(size: u64, cluster_size: u64) -> QcowFile {
     create_on(Arc::new(MemStorage::default()), &opts).unwrap()
 }
 
+fn extended(size: u64) -> QcowFile {
+    let opts = CreateOptions { virtual_size: size, extended_l2: true, ..CreateOptions::default() };
+    create_on(Arc::new(MemStorage::default()), &opts).unwrap()
+}
+
 fn no_progress(_: u64, _: u64) -> Result<()> {
     Ok(())
 }
 
 /// QEMU's loop over two open images (what `compare` does after opening them).
 fn outcome(a: &QcowFile, b: &QcowFile, strict: bool, threads: usize) -> Result<Outcome, CompareError> {
-    let walk = Walk::new([Chain::new(a).unwrap(), Chain::new(b).unwrap()], strict);
+    walked(a, b, strict, threads, true)
+}
+
+fn walked(a: &QcowFile, b: &QcowFile, strict: bool, threads: usize, skip: bool) -> Result<Outcome, CompareError> {
+    let mut walk = Walk::new([Chain::new(a).unwrap(), Chain::new(b).unwrap()], strict);
+    walk.skip_empty_stretches = skip;
     if strict && walk.sizes[0] != walk.sizes[1] {
         return Ok(Outcome::SizeMismatch);
     }
@@ -92,12 +102,73 @@ fn empty_images_with_other_l2_spans_differ_in_strict_mode_only() {
 }
 
 #[test]
+fn strict_mode_computes_its_way_over_empty_stretches_as_qemu_walks_them() {
+    // Offsets qemu-img 10 reports for these pairs of empty images.
+    let g = 1u64 << 30;
+    assert_eq!(
+        outcome(&image(5 * g, 65536), &image(5 * g, 2 << 20), true, 1).unwrap(),
+        Outcome::StatusMismatch(3584 << 20)
+    );
+    assert_eq!(
+        outcome(&image(64 * g, 65536), &image(64 * g, 2 << 20), true, 1).unwrap(),
+        Outcome::StatusMismatch(62 * g + (g >> 1))
+    );
+    assert_eq!(
+        outcome(&extended(192 * g), &image(192 * g, 2 << 20), true, 1).unwrap(),
+        Outcome::StatusMismatch(190 * g + (16 << 20))
+    );
+    // The same answers as walking QEMU's loop, with data here and there.
+    for (size, cs_a, cs_b, data) in [
+        (5 * g, 65536, 2 << 20, None),
+        (5 * g, 2 << 20, 1 << 20, Some(3 * g)),
+        (3 * g + 512, 4096, 2 << 20, Some(g + 4096)),
+        (9 * g, 1 << 20, 2 << 20, Some(8 * g)),
+        (9 * g, 1 << 20, 1 << 20, Some(7 * g)),
+        (700 << 20, 512, 65536, Some(650 << 20)),
+    ] {
+        let (mut a, mut b) = (image(size, cs_a), image(size, cs_b));
+        if let Some(at) = data {
+            a.write_at(&[1u8; 4096], at).unwrap();
+            b.write_at(&[1u8; 4096], at).unwrap();
+        }
+        let fast = walked(&a, &b, true, 1, true).unwrap();
+        assert_eq!(fast, walked(&a, &b, true, 1, false).unwrap(), "{size} {cs_a} {cs_b} {data:?}");
+        assert_eq!(walked(&b, &a, true, 1, true).unwrap(), fast);
+    }
+}
+
+#[test]
+fn a_2_61_byte_disk_compares_at_once() {
+    let (a, b) = (image(1 << 61, 2 << 20), image(1 << 61, 2 << 20));
+    assert_eq!(outcome(&a, &b, false, 2).unwrap(), Outcome::Identical);
+    assert_eq!(outcome(&a, &b, true, 2).unwrap(), Outcome::Identical);
+    // 2^29 slices of 512 MiB against 2^28 of 1 GiB (4 KiB cache entries for both).
+    let (c, d) = (image(1 << 58, 1 << 20), image(1 << 58, 2 << 20));
+    assert_eq!(outcome(&c, &d, false, 2).unwrap(), Outcome::Identical);
+    assert_eq!(outcome(&c, &d, true, 2).unwrap(), Outcome::StatusMismatch((1 << 58) - (1 << 30)));
+}
+
+#[test]
+fn l2_tables_named_twice_are_refused() {
+    let mut f = image(1 << 30, 65536);
+    f.write_at(&[1u8; 512], 0).unwrap();
+    f.flush().unwrap();
+    let (raw, h) = (f.raw_file().clone(), f.header().clone());
+    drop(f);
+    let l1 = raw.read_u64_table(h.l1_table_offset, u64::from(h.l1_size), "L1").unwrap();
+    raw.write_u64_table(h.l1_table_offset, &vec![l1[0]; l1.len()], "L1").unwrap();
+    let f = QcowFile::open_storage(Arc::clone(raw.storage()), Path::new("mem"), crate::OpenOptions::default()).unwrap();
+    let err = Chain::new(&f).err().unwrap();
+    assert!(err.to_string().contains("is named by L1[0] and L1[1]"), "{err}");
+}
+
+#[test]
 fn qcow2_answers_are_qemus() {
     // At most INT_MAX bytes per answer; EOF only when the answer reaches the end.
     let big = image(5 << 30, 2 << 20);
     let mut c = Chain::new(&big).unwrap();
-    assert_eq!(c.status(0, 5 << 30).unwrap(), (Flags::ZERO, 0x7fff_ffff));
-    let (f, n) = c.status(4 << 30, 1 << 30).unwrap();
+    assert_eq!(c.status(0, 5 << 30, false).unwrap(), (Flags::ZERO, 0x7fff_ffff));
+    let (f, n) = c.status(4 << 30, 1 << 30, false).unwrap();
     assert_eq!((f, n), (Flags::ZERO.with(Flags::EOF), 1 << 30));
     // Compressed clusters one at a time; contiguous data clusters together.
     let mut q = image(1 << 20, 65536);
@@ -106,11 +177,11 @@ fn qcow2_answers_are_qemus() {
     q.write_at(&[3u8; 3 * 65536], 4 * 65536).unwrap();
     let mut c = Chain::new(&q).unwrap();
     let compressed = Flags::DATA.with(Flags::COMPRESSED).with(Flags::ALLOCATED);
-    assert_eq!(c.status(0, 1 << 20).unwrap(), (compressed, 65536));
-    assert_eq!(c.status(65536, 1 << 20).unwrap(), (compressed, 65536));
+    assert_eq!(c.status(0, 1 << 20, false).unwrap(), (compressed, 65536));
+    assert_eq!(c.status(65536, 1 << 20, false).unwrap(), (compressed, 65536));
     let data = Flags::DATA.with(Flags::OFFSET_VALID).with(Flags::ALLOCATED);
-    assert_eq!(c.status(5 * 65536, 1 << 20).unwrap(), (data, 2 * 65536));
-    assert_eq!(c.status(7 * 65536, 1 << 20).unwrap(), (Flags::ZERO.with(Flags::EOF), (1 << 20) - 7 * 65536));
+    assert_eq!(c.status(5 * 65536, 1 << 20, false).unwrap(), (data, 2 * 65536));
+    assert_eq!(c.status(7 * 65536, 1 << 20, false).unwrap(), (Flags::ZERO.with(Flags::EOF), (1 << 20) - 7 * 65536));
 }
 
 #[test]
