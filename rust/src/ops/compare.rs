@@ -4,7 +4,7 @@
 //! QEMU's loop (`img_compare`, checked against qemu-img 10), reproduced step for step because
 //! its answers depend on it:
 //!
-//! * Both images are asked their block status at the offset ([`status`]: QEMU's exact flags
+//! * Both images are asked their block status at the offset (`status.rs`: QEMU's exact flags
 //!   and lengths over the whole chain); the step is the shorter answer. Where both read as
 //!   zeros nothing is read. Where both are allocated, both are read (at most 2 MiB a step) and
 //!   compared 512 bytes at a time; where only one is, it is read and must be zeros. A
@@ -16,6 +16,13 @@
 //!   sizes, differ in strict mode.
 //! * Otherwise the common part is compared, then the rest of the longer image must read as
 //!   zeros (only what it allocates as data is read).
+//!
+//! Where QEMU's answers are many and say nothing (a stretch of empty L1 entries is answered
+//! one L2 slice, at most `INT_MAX` bytes, at a time: 2^31 answers for an empty 2^61-byte
+//! disk), they are not walked: without `-s` the stretch is answered whole (only what reads as
+//! zeros matters there), with `-s` the one thing that can differ, the EOF flag, is computed
+//! (`first_eof_mismatch`). An L1 table naming one L2 table twice is refused: its few
+//! clusters would describe more guest data than the file holds.
 //!
 //! The steps are produced by one walker (block status is cheap); workers on every core take
 //! them in order, read both images (`&self` reads, in parallel) and compare; the first step
