@@ -27,6 +27,7 @@ from qcowrs._qcowrs import (
     check,
     rebuild_refcounts,
 )
+from qcowrs._resize import resize
 
 __all__ = [
     "CheckReport",
@@ -53,4 +54,5 @@ __all__ = [
     "dd",
     "info",
     "rebuild_refcounts",
+    "resize",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "convert",
     "image_info",
     "rebuild_refcounts",
+    "resize",
 ]
 
 __version__: str
@@ -213,6 +214,14 @@ def convert(
     progress: Callable[[int, int], object] | None = None,
 ) -> None: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
+def resize(
+    path: str,
+    *,
+    size: int | None = None,
+    delta: int | None = None,
+    shrink: bool = False,
+    format: str | None = None,
+) -> int: ...
 def _fail_after_ops(n: int | None) -> None: ...
 def _io_ops() -> int: ...
 def _error_for_test(name: str) -> None: ...

@@ -8,10 +8,22 @@ import sys
 
 from qcowrs._errors import QcowError
 from qcowrs._qcowrs import __version__
-from qcowrs.cli import cmd_check, cmd_convert, cmd_create, cmd_dd, cmd_info, cmd_map, cmd_rebuild
+from qcowrs.cli import (
+    cmd_check,
+    cmd_convert,
+    cmd_create,
+    cmd_dd,
+    cmd_info,
+    cmd_map,
+    cmd_rebuild,
+    cmd_resize,
+)
 from qcowrs.cli._common import CliError, os_message
 
-_COMMANDS = [cmd_info, cmd_check, cmd_map, cmd_create, cmd_convert, cmd_dd, cmd_rebuild]
+_COMMANDS = [cmd_info, cmd_check, cmd_map, cmd_create, cmd_convert, cmd_dd, cmd_resize, cmd_rebuild]
+
+
+_NEGATIVE = {f"-{d}" for d in "0123456789"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit code (qemu-img's)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "resize" and "--" not in argv and argv[-1][:2] in _NEGATIVE:
+        # As qemu-img: the last argument of resize is the size, "-1G" included.
+        argv.insert(len(argv) - 1, "--")
     try:
         args = _parser().parse_args(argv)
         return int(args.func(args))
