@@ -22,11 +22,13 @@ __all__ = [
     "add_progress",
     "add_quiet",
     "bool_option",
+    "check_option_list",
     "number_option",
     "os_message",
     "parse_options",
     "parse_size",
     "size_option",
+    "split_option_list",
 ]
 
 # qemu_strtosz: the largest size qemu-img accepts.
@@ -116,25 +118,38 @@ def bool_option(name: str, value: str) -> bool:
     raise CliError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
+def split_option_list(text: str) -> list[str]:
+    """The items of one ``-o`` list: split at commas, ``,,`` being a literal comma."""
+    items, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == "," and text[i + 1 : i + 2] == ",":
+            cur += ","
+            i += 2
+        elif text[i] == ",":
+            items.append(cur)
+            cur = ""
+            i += 1
+        else:
+            cur += text[i]
+            i += 1
+    items.append(cur)
+    return items
+
+
+def check_option_list(text: str) -> None:
+    """qemu-img's ``is_valid_option_list``: not empty, no leading comma, no trailing comma
+    that is not a literal one."""
+    trailing = len(text) - len(text.rstrip(","))
+    if not text or text.startswith(",") or trailing % 2:
+        raise CliError(f"Invalid option list: {text}")
+
+
 def parse_options(values: list[str] | None) -> list[tuple[str, str]] | None:
     """``-o`` lists (repeatable) as ``[(key, value)]`` in order; ``,,`` is a literal comma;
     a bare key means ``key=on``. Returns None when help was asked for (``help`` or ``?``)."""
     out: list[tuple[str, str]] = []
     for text in values or []:
-        items, cur, i = [], "", 0
-        while i < len(text):
-            if text[i] == "," and text[i + 1 : i + 2] == ",":
-                cur += ","
-                i += 2
-            elif text[i] == ",":
-                items.append(cur)
-                cur = ""
-                i += 1
-            else:
-                cur += text[i]
-                i += 1
-        items.append(cur)
-        for item in items:
+        for item in split_option_list(text):
             if item in ("help", "?"):
                 return None
             if not item:

@@ -8,10 +8,28 @@ import sys
 
 from qcowrs._errors import QcowError
 from qcowrs._qcowrs import __version__
-from qcowrs.cli import cmd_check, cmd_convert, cmd_create, cmd_dd, cmd_info, cmd_map, cmd_rebuild
+from qcowrs.cli import (
+    cmd_check,
+    cmd_convert,
+    cmd_create,
+    cmd_dd,
+    cmd_info,
+    cmd_map,
+    cmd_measure,
+    cmd_rebuild,
+)
 from qcowrs.cli._common import CliError, os_message
 
-_COMMANDS = [cmd_info, cmd_check, cmd_map, cmd_create, cmd_convert, cmd_dd, cmd_rebuild]
+_COMMANDS = [
+    cmd_info,
+    cmd_check,
+    cmd_map,
+    cmd_create,
+    cmd_convert,
+    cmd_dd,
+    cmd_measure,
+    cmd_rebuild,
+]
 
 
 class _Parser(argparse.ArgumentParser):
