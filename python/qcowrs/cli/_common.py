@@ -38,6 +38,7 @@ _UNITS["e"] = 1 << 60
 _SIZE_RE = re.compile(
     r"(?P<num>0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)(?P<unit>[bBkKmMgGtTpPeE]?)", re.ASCII
 )
+_NEGATIVE_RE = re.compile(r"-(?:0[xX][0-9a-fA-F]+|[0-9]+)", re.ASCII)
 _TRUE = {"on", "yes", "true", "y"}
 _FALSE = {"off", "no", "false", "n"}
 
@@ -85,6 +86,9 @@ def parse_size(text: str, what: str = "image size") -> int:
     """A size as qemu-img reads it: ``10G``, ``512M``, ``1.5M``, ``0x100000``, ``1000``
     (bytes); ``k, M, G, T, P, E`` are powers of 1024. Errors read as qemu-img's."""
     value = _strtosz(text)
+    if value is None and _NEGATIVE_RE.fullmatch(text.lstrip()):
+        # qemu_strtosz: a negative number (alone: "-1", "-0") is out of range; "-1G" is no size.
+        raise CliError(f"Invalid {what} specified. Must be between 0 and {MAX_SIZE}.")
     if value is None:
         raise CliError(f"Invalid {what} specified: '{text}'.")
     if value > MAX_SIZE:

@@ -36,7 +36,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse with qemu-img's usage-error convention: one line, exit code 1."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise CliError(f"{self.prog.removeprefix('qcowrs ')}: {message}")
+        # "measure: argument --size: ..." for a subcommand's parser; the top-level parser's
+        # own errors ("unrecognized arguments: ...") need no name before them.
+        command = self.prog.removeprefix("qcowrs").strip()
+        raise CliError(f"{command}: {message}" if command else message)
 
 
 def _parser() -> argparse.ArgumentParser:
