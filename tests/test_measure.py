@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ImageBuilder, held_by_qemu_io, qemu_img, qemu_io, requires_qemu
+from conftest import ImageBuilder, held_by_qemu_io, qemu_img, requires_qemu
 
 pytestmark = requires_qemu
 
@@ -458,7 +458,8 @@ def test_force_share(sources: dict[str, Path], qcowrs_mod: Any, tmp_path: Path) 
     want = json.loads(qemu_measure("-O", "qcow2", "--output=json", img).stdout)
     with held_by_qemu_io(img):
         q = qemu_measure("-O", "qcow2", "--output=json", img)
-        assert q.returncode == 1 and "lock" in q.stderr
+        assert q.returncode == 1
+        assert "lock" in q.stderr
         with pytest.raises(qcowrs_mod.ImageLocked):
             qcowrs_mod.measure(source=img)
         assert json.loads(qemu_measure("-U", "-O", "qcow2", "--output=json", img).stdout) == want
@@ -561,7 +562,7 @@ ERRORS: list[tuple[list[str], str | None]] = [
 ]
 
 
-@pytest.mark.parametrize("argv,ours", ERRORS, ids=[" ".join(a) or "(none)" for a, _ in ERRORS])
+@pytest.mark.parametrize(("argv", "ours"), ERRORS, ids=[" ".join(a) or "(none)" for a, _ in ERRORS])
 def test_errors_equal_qemu(
     sources: dict[str, Path], tmp_path: Path, argv: list[str], ours: str | None
 ) -> None:
@@ -623,7 +624,7 @@ def test_api_arguments(sources: dict[str, Path], qcowrs_mod: Any) -> None:
         m(1 << 20, cluster_size=4096, options={"cluster_size": 512})
     with pytest.raises(qcowrs_mod.InvalidClusterSize, match="power of two between 512 and 2048k"):
         m(1 << 20, cluster_size=1000)
-    with pytest.raises(OSError) as exc:
+    with pytest.raises(OSError, match="No such file or directory") as exc:
         m(source=src.parent / "missing.qcow2")
     assert exc.value.errno == errno.ENOENT
     # The compression of the image to be written changes nothing (a cluster counts whole).

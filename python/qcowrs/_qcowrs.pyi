@@ -22,6 +22,7 @@ __all__ = [
     "check",
     "convert",
     "image_info",
+    "measure",
     "rebuild_refcounts",
 ]
 
