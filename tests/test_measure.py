@@ -46,7 +46,7 @@ def qemu_error(p: subprocess.CompletedProcess[str]) -> list[str]:
     ]
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+def cli(capsys: pytest.CaptureFixture[str], *argv: str | Path | int) -> tuple[int, str, str]:
     from qcowrs.cli._main import main
 
     rc = main(["measure", *(str(a) for a in argv)])
@@ -56,7 +56,8 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str
 
 def options_of(argv: list[str]) -> tuple[str, dict[str, Any]]:
     """`-O FMT -o k=v,...` as the API's output_format and options (typed as qemu-img types them)."""
-    fmt, opts = "raw", {}
+    fmt = "raw"
+    opts: dict[str, Any] = {}
     it = iter(argv)
     for a in it:
         if a == "-O":
@@ -263,6 +264,14 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["zero-clusters"] = b.create("zero.qcow2", "16M")
     b.io("zero.qcow2", "write -P 5 0 4M", "write -z 1M 1M", "write -z -u 3M 512k", "write -z 8M 1M")
 
+    b.create("extbase.qcow2", "16M")
+    b.io("extbase.qcow2", "write -P 6 0 16M")
+    out["extended-l2-overlay"] = b.create(
+        "extover.qcow2", "16M", backing="extbase.qcow2", extended_l2="on", cluster_size="32k"
+    )
+    b.io(
+        "extover.qcow2", "write -P 7 1k 1k", "write -z 64k 2k", "write -z 5M 1M", "write -P 7 9M 3k"
+    )
     out["extended-l2"] = b.create("extl2.qcow2", "16M", extended_l2="on")
     b.io(
         "extl2.qcow2",
@@ -295,6 +304,14 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     qemu_img("bitmap", "--disable", str(out["bitmaps"]), "b1")
     out["bitmap-in-use"] = b.copy(out["bitmaps"], "inuse.qcow2")
     _set_bitmap_in_use(out["bitmap-in-use"])
+    # Bitmaps a program without bitmap support left behind (autoclear bit clear): QEMU warns
+    # and ignores them.
+    out["bitmaps-stale"] = b.copy(out["bitmaps"], "stale.qcow2")
+    with open(out["bitmaps-stale"], "r+b") as fh:
+        fh.seek(88)
+        autoclear = struct.unpack(">Q", fh.read(8))[0]
+        fh.seek(88)
+        fh.write(struct.pack(">Q", autoclear & ~1))
     # A bitmap in the backing file only: not the source's own.
     b.create("bmbase.qcow2", "64M")
     qemu_img("bitmap", "--add", str(b.path("bmbase.qcow2")), "below")
@@ -348,10 +365,12 @@ SOURCES = [
     "compressed-512",
     "zero-clusters",
     "extended-l2",
+    "extended-l2-overlay",
     "chain-2",
     "chain-3",
     "bitmaps",
     "bitmap-in-use",
+    "bitmaps-stale",
     "bitmap-below",
     "snapshots",
     "prealloc-metadata",
@@ -620,6 +639,8 @@ def test_api_arguments(sources: dict[str, Path], qcowrs_mod: Any) -> None:
         m(1 << 20, options={"cluster_size": "64k"})
     with pytest.raises(TypeError, match="expected a bool"):
         m(1 << 20, options={"extended_l2": "on"})
+    with pytest.raises(ValueError, match="raw image has no clusters"):
+        m(1 << 20, output_format="raw", cluster_size=4096)
     with pytest.raises(ValueError, match="given twice"):
         m(1 << 20, cluster_size=4096, options={"cluster_size": 512})
     with pytest.raises(qcowrs_mod.InvalidClusterSize, match="power of two between 512 and 2048k"):

@@ -136,6 +136,8 @@ def measure(
         if name in _NATIVE:
             kwargs[_NATIVE[name]] = value
     if output_format == "raw":
+        if cluster_size != 65536:
+            raise ValueError("cluster_size: a raw image has no clusters")
         kwargs = {k: v for k, v in kwargs.items() if k == "size_option"}
     else:
         if cluster_size != 65536 and kwargs.get("cluster_size", cluster_size) != cluster_size:
