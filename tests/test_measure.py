@@ -65,7 +65,7 @@ def options_of(argv: list[str]) -> tuple[str, dict[str, Any]]:
         elif a == "-o":
             for item in next(it).split(","):
                 k, _, v = item.partition("=")
-                if k in ("cluster_size", "refcount_bits"):
+                if k in ("cluster_size", "refcount_bits", "size"):
                     opts[k] = (
                         int(v[:-1]) * (MiB if v.endswith("M") else KiB)
                         if v[-1:] in "kM"
@@ -350,6 +350,8 @@ TARGETS = [
     ["-O", "qcow2", "-o", "preallocation=full"],
     ["-O", "qcow2", "-o", "preallocation=falloc,cluster_size=16k"],
     ["-O", "qcow2", "-o", "backing_file=anything.qcow2"],
+    # Checked, then the source's size measured; QEMU's 64-bit rounding wraps this one to 0.
+    ["-O", "qcow2", "-o", "size=18446744073709551615,cluster_size=512"],
 ]
 SOURCES = [
     "raw-sparse",

@@ -147,6 +147,12 @@ pub fn measure(input: MeasureInput<'_>, opts: &MeasureOptions) -> Result<Measure
         MeasureInput::Size(_) => None,
     };
     let size = match input {
+        MeasureInput::Size(n) if i64::try_from(n).is_err() => {
+            return Err(Error::InvalidArgument(format!(
+                "Invalid image size specified. Must be between 0 and {}.",
+                i64::MAX
+            )))
+        }
         MeasureInput::Size(n) => Some(n),
         MeasureInput::Source(_) => None,
     };
@@ -233,8 +239,10 @@ fn qcow2_measure(size: Option<u64>, source: Option<&dyn BackingRead>, o: &Measur
     let t = check_qcow2_options(o)?;
     let cs = 1u64 << t.cluster_bits;
     let l2_entry_size: u64 = if t.extended_l2 { 16 } else { 8 };
-    // The size option is checked even with a source (whose size is then measured instead).
-    let mut virtual_size = round_up(size.or(o.size).unwrap_or(0), cs)?;
+    // The size option is checked even with a source (whose size is then measured instead),
+    // rounded up as QEMU rounds it: in 64 bits, so that `-o size=` within a cluster of 2^64
+    // wraps to 0 and passes.
+    let mut virtual_size = size.or(o.size).unwrap_or(0).wrapping_add(cs - 1) & !(cs - 1);
     let l2_tables = (virtual_size / cs).div_ceil(cs / l2_entry_size);
     if l2_tables.saturating_mul(8) > QCOW_MAX_L1_SIZE {
         return Err(Error::InvalidArgument("The image size is too large (try using a larger cluster size)".into()));
@@ -447,6 +455,14 @@ mod tests {
         // A backing file option counts everything; so does full preallocation.
         let b = measure_image(None, Some(&f), &qcow2(&[("backing_file", "x")])).unwrap();
         assert_eq!(b.required, b.fully_allocated);
+        // The size option is checked (rounded up in 64 bits as QEMU does: 2^64 - 1 wraps to
+        // 0 and passes), the source's size measured.
+        let mut o = qcow2(&[]);
+        o.size = Some(u64::MAX);
+        assert_eq!(measure_image(None, Some(&f), &o).unwrap(), got);
+        o.size = Some(1 << 50);
+        o.cluster_size = 512;
+        assert!(measure_image(None, Some(&f), &o).is_err());
         // A v2 target has no bitmaps line.
         let v2 = measure_image(None, Some(&f), &qcow2(&[("compat", "0.10")])).unwrap();
         assert_eq!(v2.bitmaps, None);
