@@ -335,6 +335,10 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     b.io("overraw.qcow2", "write -P 2 0 64k", "write -z 2M 64k")
     out["data-file"] = b.create("df.qcow2", "8M", data_file=str(b.path("df.data")))
     b.io("df.qcow2", "write -P 1 1M 1M")
+    out["data-file-raw"] = b.create(
+        "dfr.qcow2", "8M", data_file=str(b.path("dfr.data")), data_file_raw="on"
+    )
+    b.io("dfr.qcow2", "write -P 1 1M 64k")
     out["empty"] = b.create("empty.qcow2", "0")
     return out
 
@@ -380,6 +384,7 @@ SOURCES = [
     "v2",
     "raw-backing",
     "data-file",
+    "data-file-raw",
     "empty",
 ]
 
