@@ -51,8 +51,9 @@ use crate::qcow_file::QcowFile;
 const SECTOR: u64 = 512;
 /// QEMU's `QCOW_MAX_L1_SIZE` (32 MiB): the size check of `qcow2_measure`.
 const QCOW_MAX_L1_SIZE: u64 = 32 << 20;
-/// QEMU's cluster size bounds (`MIN_CLUSTER_BITS`, `MAX_CLUSTER_BITS`).
+/// QEMU's smallest cluster (`MIN_CLUSTER_BITS`).
 const MIN_CLUSTER_SIZE: u64 = 512;
+/// QEMU's largest cluster (`MAX_CLUSTER_BITS`).
 const MAX_CLUSTER_SIZE: u64 = 2 << 20;
 /// Smallest cluster with extended L2 entries (32 subclusters of 512 bytes).
 const MIN_EXTENDED_L2_CLUSTER_SIZE: u64 = 16384;
