@@ -369,6 +369,10 @@ BAD = [
     ["convert", "-O", "raw", "base.qcow2", "missing-dir/out.raw"],
     ["convert", "-O", "vdi", "base.qcow2", "NEW"],
     ["map", "missing.qcow2"],
+    ["measure"],
+    ["measure", "--size", "1G", "base.qcow2"],
+    ["measure", "-O", "qcow2", "-o", "cluster_size=1000", "base.qcow2"],
+    ["measure", "-O", "qcow2", "-o", "foo=1", "--size", "1G"],
     ["nosuchcommand"],
     ["info"],
 ]
@@ -410,7 +414,7 @@ def _help_entries(text: str) -> dict[str, str]:
 
 
 def test_help_explains_every_option() -> None:
-    for sub in ("info", "check", "map", "create", "convert", "rebuild"):
+    for sub in ("info", "check", "map", "create", "convert", "measure", "rebuild"):
         p = qcowrs(sub, "--help")
         assert p.returncode == 0
         entries = _help_entries(p.stdout)

@@ -17,6 +17,7 @@ from qcowrs._errors import (
 )
 from qcowrs._file import QcowFile
 from qcowrs._info import info
+from qcowrs._measure import measure
 from qcowrs._qcowrs import (
     CheckReport,
     Problem,
@@ -53,6 +54,7 @@ __all__ = [
     "convert",
     "dd",
     "info",
+    "measure",
     "rebuild_refcounts",
     "resize",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "check",
     "convert",
     "image_info",
+    "measure",
     "rebuild_refcounts",
     "resize",
 ]
@@ -213,6 +214,23 @@ def convert(
     window: tuple[int, int] | None = None,
     progress: Callable[[int, int], object] | None = None,
 ) -> None: ...
+def measure(
+    size: int | None,
+    source: str | None,
+    output_format: str,
+    *,
+    size_option: int | None = None,
+    cluster_size: int = 65536,
+    compat: str | None = None,
+    refcount_bits: int = 16,
+    extended_l2: bool = False,
+    preallocation: str | None = None,
+    backing_file: str | None = None,
+    encrypt_format: str | None = None,
+    encrypt_key_secret: str | None = None,
+    source_format: str | None = None,
+    force_share: bool = False,
+) -> tuple[int, int, int | None]: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
 def resize(
     path: str,

@@ -15,12 +15,23 @@ from qcowrs.cli import (
     cmd_dd,
     cmd_info,
     cmd_map,
+    cmd_measure,
     cmd_rebuild,
     cmd_resize,
 )
 from qcowrs.cli._common import CliError, os_message
 
-_COMMANDS = [cmd_info, cmd_check, cmd_map, cmd_create, cmd_convert, cmd_dd, cmd_resize, cmd_rebuild]
+_COMMANDS = [
+    cmd_info,
+    cmd_check,
+    cmd_map,
+    cmd_create,
+    cmd_convert,
+    cmd_dd,
+    cmd_measure,
+    cmd_resize,
+    cmd_rebuild,
+]
 
 
 _NEGATIVE = {f"-{d}" for d in "0123456789"}
@@ -30,7 +41,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse with qemu-img's usage-error convention: one line, exit code 1."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise CliError(f"{self.prog.removeprefix('qcowrs ')}: {message}")
+        # "measure: argument --size: ..." for a subcommand's parser; the top-level parser's
+        # own errors ("unrecognized arguments: ...") need no name before them.
+        command = self.prog.removeprefix("qcowrs").strip()
+        raise CliError(f"{command}: {message}" if command else message)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,4 +4,5 @@
 pub mod convert;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod resize;

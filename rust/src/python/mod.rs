@@ -6,6 +6,7 @@ mod errors;
 mod file;
 mod info;
 mod map;
+mod measure;
 mod report;
 mod resize;
 mod types;
@@ -25,6 +26,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(info::image_info, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
     m.add_function(wrap_pyfunction!(resize::resize, m)?)?;
+    m.add_function(wrap_pyfunction!(measure::measure, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_refcounts, m)?)?;
     m.add_function(wrap_pyfunction!(_fail_after_ops, m)?)?;
