@@ -28,6 +28,7 @@ from qcowrs._qcowrs import (
     check,
     rebuild_refcounts,
 )
+from qcowrs._rebase import rebase
 from qcowrs._resize import resize
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "dd",
     "info",
     "measure",
+    "rebase",
     "rebuild_refcounts",
     "resize",
 ]

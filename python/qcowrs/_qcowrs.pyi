@@ -23,6 +23,7 @@ __all__ = [
     "convert",
     "image_info",
     "measure",
+    "rebase",
     "rebuild_refcounts",
     "resize",
 ]
@@ -232,6 +233,14 @@ def measure(
     force_share: bool = False,
 ) -> tuple[int, int, int | None]: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
+def rebase(
+    path: str,
+    backing_file: str,
+    backing_format: str | None = None,
+    *,
+    unsafe: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+) -> None: ...
 def resize(
     path: str,
     *,

@@ -16,6 +16,7 @@ from qcowrs.cli import (
     cmd_info,
     cmd_map,
     cmd_measure,
+    cmd_rebase,
     cmd_rebuild,
     cmd_resize,
 )
@@ -30,6 +31,7 @@ _COMMANDS = [
     cmd_dd,
     cmd_measure,
     cmd_resize,
+    cmd_rebase,
     cmd_rebuild,
 ]
 

@@ -5,4 +5,5 @@ pub mod convert;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;

@@ -7,6 +7,7 @@ mod file;
 mod info;
 mod map;
 mod measure;
+mod rebase;
 mod report;
 mod resize;
 mod types;
@@ -26,6 +27,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(info::image_info, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
     m.add_function(wrap_pyfunction!(resize::resize, m)?)?;
+    m.add_function(wrap_pyfunction!(rebase::rebase, m)?)?;
     m.add_function(wrap_pyfunction!(measure::measure, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_refcounts, m)?)?;
