@@ -1,5 +1,6 @@
 """qcowrs: qcow2 disk images from Python — read, write, check and repair, with a Rust core."""
 
+from qcowrs._commit import commit
 from qcowrs._convert import convert, dd
 from qcowrs._errors import (
     CorruptImage,
@@ -52,6 +53,7 @@ __all__ = [
     "UnsupportedVersion",
     "__version__",
     "check",
+    "commit",
     "convert",
     "dd",
     "info",

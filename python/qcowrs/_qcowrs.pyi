@@ -20,6 +20,7 @@ __all__ = [
     "_fail_after_ops",
     "_io_ops",
     "check",
+    "commit",
     "convert",
     "image_info",
     "measure",
@@ -233,6 +234,13 @@ def measure(
     force_share: bool = False,
 ) -> tuple[int, int, int | None]: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
+def commit(
+    path: str,
+    *,
+    base: str | None = None,
+    drop: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+) -> None: ...
 def rebase(
     path: str,
     backing_file: str,

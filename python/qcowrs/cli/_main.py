@@ -10,6 +10,7 @@ from qcowrs._errors import QcowError
 from qcowrs._qcowrs import __version__
 from qcowrs.cli import (
     cmd_check,
+    cmd_commit,
     cmd_convert,
     cmd_create,
     cmd_dd,
@@ -32,6 +33,7 @@ _COMMANDS = [
     cmd_measure,
     cmd_resize,
     cmd_rebase,
+    cmd_commit,
     cmd_rebuild,
 ]
 

@@ -179,7 +179,7 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// The identities of every file an image reads (image files, data files), layer by layer
 /// from the top.
-fn layer_ids(image: &dyn BackingRead) -> Vec<Vec<FileId>> {
+pub(crate) fn layer_ids(image: &dyn BackingRead) -> Vec<Vec<FileId>> {
     match image.kind() {
         BackingKind::Qcow2(f) => {
             let mut ids: Vec<FileId> = file_id(&**f.raw_file().storage()).into_iter().collect();

@@ -1,6 +1,7 @@
 //! PyO3 glue: the `qcowrs._qcowrs` extension module. Nothing outside this folder knows Python.
 
 mod buffer;
+mod commit;
 mod convert;
 mod errors;
 mod file;
@@ -28,6 +29,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
     m.add_function(wrap_pyfunction!(resize::resize, m)?)?;
     m.add_function(wrap_pyfunction!(rebase::rebase, m)?)?;
+    m.add_function(wrap_pyfunction!(commit::commit, m)?)?;
     m.add_function(wrap_pyfunction!(measure::measure, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_refcounts, m)?)?;

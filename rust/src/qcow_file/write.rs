@@ -570,9 +570,16 @@ impl QcowFile {
                 }
             }
         }
-        // Tables wholly past the end: unlinked; a private one's clusters freed with it, a
-        // shared one (a snapshot's too) only loses the active tree's reference.
+        self.drop_tables_from(keep)?;
+        self.flush()
+    }
+
+    /// Unlinks the L2 tables of L1 entries `keep..` from the active tree: a private table's
+    /// clusters are freed with it, a shared one (a snapshot's too) only loses the active
+    /// tree's reference. Frees happen on the next flush, after the L1 entries are written.
+    fn drop_tables_from(&mut self, keep: u64) -> Result<()> {
         let cb = self.header.cluster_bits;
+        let ept = self.tables.geometry().entries_per_table();
         for i in usize::try_from(keep).unwrap_or(usize::MAX)..self.tables.l1().len() {
             let l1e = self.tables.l1()[i];
             if l1_entry_l2_offset(l1e) == 0 {
@@ -589,6 +596,20 @@ impl QcowFile {
             let offset = self.tables.drop_l2(i);
             self.writer()?.refcounts.free_later(offset >> cb);
         }
+        Ok(())
+    }
+
+    /// Empties the image (`qemu-img commit`'s last step, QEMU's `bdrv_make_empty`): every
+    /// cluster unallocated again, so the image reads through to its backing file (or as
+    /// zeros); the clusters are freed. The L1 entries are written before any refcount drops.
+    pub fn make_empty(&mut self) -> Result<()> {
+        self.prepare_write()?;
+        self.decompressed.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        let size = self.header.size;
+        if let Some(b) = self.writer()?.bitmaps.as_mut() {
+            b.note(0, size);
+        }
+        self.drop_tables_from(0)?;
         self.flush()
     }
 
