@@ -76,9 +76,28 @@ fn copy_differences(
 ) -> Result<()> {
     let cs = f.cluster_size();
     let map = map_image(f, 0, None)?;
-    // Ranges the overlay leaves to its backing chain (depth > 0), in whole clusters.
-    let ranges: Vec<(u64, u64)> =
-        map.entries.iter().filter(|e| e.depth > 0).map(|e| (e.start, e.start + e.length)).collect();
+    // Ranges the overlay leaves to its backing chain (depth > 0) where the old chain or the
+    // new backing file holds data: elsewhere both read zeros and nothing can differ.
+    let mut data: Vec<(u64, u64)> =
+        map.entries.iter().filter(|e| e.depth > 0 && e.data).map(|e| (e.start, e.start + e.length)).collect();
+    if let Some(b) = new {
+        data.extend(crate::ops::convert::status(b)?.iter().filter(|r| r.data).map(|r| (r.start, r.end)));
+    }
+    let data = merge(data);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for e in map.entries.iter().filter(|e| e.depth > 0) {
+        let (s, t) = (e.start, e.start + e.length);
+        let i = data.partition_point(|&(_, end)| end <= s);
+        for &(a, b) in data[i..].iter().take_while(|&&(a, _)| a < t) {
+            // Whole clusters: the copy writes clusters.
+            let a = ((a.max(s) / cs) * cs).max(s);
+            let b = b.min(t).div_ceil(cs).saturating_mul(cs).min(t);
+            match ranges.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ => ranges.push((a, b)),
+            }
+        }
+    }
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
     let mut done = 0;
     progress(0, total)?;
@@ -112,6 +131,19 @@ fn copy_differences(
         }
     }
     Ok(())
+}
+
+/// Sorted, overlapping and touching ranges merged.
+fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if last.1 >= a => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
 }
 
 impl QcowFile {
