@@ -372,6 +372,10 @@ BAD = [
     ["compare", "missing.qcow2", "base.qcow2"],
     ["compare", "-f", "vmdk", "base.qcow2", "base.qcow2"],
     ["compare", "base.qcow2"],
+    ["measure"],
+    ["measure", "--size", "1G", "base.qcow2"],
+    ["measure", "-O", "qcow2", "-o", "cluster_size=1000", "base.qcow2"],
+    ["measure", "-O", "qcow2", "-o", "foo=1", "--size", "1G"],
     ["nosuchcommand"],
     ["info"],
 ]
@@ -413,7 +417,7 @@ def _help_entries(text: str) -> dict[str, str]:
 
 
 def test_help_explains_every_option() -> None:
-    for sub in ("info", "check", "map", "create", "convert", "compare", "rebuild"):
+    for sub in ("info", "check", "map", "create", "convert", "compare", "measure", "rebuild"):
         p = qcowrs(sub, "--help")
         assert p.returncode == 0
         entries = _help_entries(p.stdout)

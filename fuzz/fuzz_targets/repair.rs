@@ -20,6 +20,12 @@ fuzz_target!(|data: &[u8]| {
     let mem = Arc::new(MemStorage::new(data.to_vec()));
     let Ok(first) = check_mem(&mem, Repair::All) else { return };
     let repaired_clean = first.is_clean();
+    // A cluster two structures of the active tree share (a cross-link, repaired as QEMU does:
+    // refcount 2, so both stay readable) is clean, but once a write copies it for one user the
+    // other keeps an entry without OFLAG_COPIED at refcount 1, which QEMU's check (and ours)
+    // reports; QEMU's own writes do the same. Known limitation (fuzz/RESULTS.md); such images
+    // are only held to the repair invariants.
+    let cross_linked = first.problems.list.iter().any(|p| p.kind == "cross-link");
     if repaired_clean {
         match check_mem(&mem, Repair::None) {
             Ok(r) => assert!(r.is_clean(), "repair reported clean: {first:?}\nbut a check then finds: {r:?}"),
@@ -46,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let closed = f.close().is_ok();
     drop(f);
-    if repaired_clean && wrote && closed {
+    if repaired_clean && !cross_linked && wrote && closed {
         // Leaks are possible (and harmless): like qemu-img check, a check ignores refcounts of
         // clusters past the end of the file, so a nonzero one there is no leak until the file
         // grows over it, and the allocator (like QEMU's) does not reuse such a cluster.

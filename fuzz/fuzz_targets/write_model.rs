@@ -88,7 +88,8 @@ fuzz_target!(|data: &[u8]| {
         Ok(f) => f,
         Err(e) => panic!("create_on({opts:?}) failed: {e}"),
     };
-    let mut model = vec![0u8; opts.virtual_size as usize];
+    // qemu-img create (and qcowrs) round the size up to whole sectors.
+    let mut model = vec![0u8; opts.virtual_size.div_ceil(512) as usize * 512];
     for (i, op) in ops.iter().enumerate() {
         let size = model.len() as u64;
         let off = u64::from(op.off) % size;

@@ -1,5 +1,6 @@
 """qcowrs: qcow2 disk images from Python — read, write, check and repair, with a Rust core."""
 
+from qcowrs._commit import commit
 from qcowrs._compare import compare
 from qcowrs._convert import convert, dd
 from qcowrs._errors import (
@@ -18,6 +19,7 @@ from qcowrs._errors import (
 )
 from qcowrs._file import QcowFile
 from qcowrs._info import info
+from qcowrs._measure import measure
 from qcowrs._qcowrs import (
     CheckReport,
     CompareResult,
@@ -29,6 +31,8 @@ from qcowrs._qcowrs import (
     check,
     rebuild_refcounts,
 )
+from qcowrs._rebase import rebase
+from qcowrs._resize import resize
 
 __all__ = [
     "CheckReport",
@@ -52,9 +56,13 @@ __all__ = [
     "UnsupportedVersion",
     "__version__",
     "check",
+    "commit",
     "compare",
     "convert",
     "dd",
     "info",
+    "measure",
+    "rebase",
     "rebuild_refcounts",
+    "resize",
 ]

@@ -21,10 +21,14 @@ __all__ = [
     "_fail_after_ops",
     "_io_ops",
     "check",
+    "commit",
     "compare",
     "convert",
     "image_info",
+    "measure",
+    "rebase",
     "rebuild_refcounts",
+    "resize",
 ]
 
 __version__: str
@@ -233,7 +237,47 @@ def convert(
     window: tuple[int, int] | None = None,
     progress: Callable[[int, int], object] | None = None,
 ) -> None: ...
+def measure(
+    size: int | None,
+    source: str | None,
+    output_format: str,
+    *,
+    size_option: int | None = None,
+    cluster_size: int = 65536,
+    compat: str | None = None,
+    refcount_bits: int = 16,
+    extended_l2: bool = False,
+    preallocation: str | None = None,
+    backing_file: str | None = None,
+    encrypt_format: str | None = None,
+    encrypt_key_secret: str | None = None,
+    source_format: str | None = None,
+    force_share: bool = False,
+) -> tuple[int, int, int | None]: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
+def commit(
+    path: str,
+    *,
+    base: str | None = None,
+    drop: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+) -> None: ...
+def rebase(
+    path: str,
+    backing_file: str,
+    backing_format: str | None = None,
+    *,
+    unsafe: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+) -> None: ...
+def resize(
+    path: str,
+    *,
+    size: int | None = None,
+    delta: int | None = None,
+    shrink: bool = False,
+    format: str | None = None,
+) -> int: ...
 def _fail_after_ops(n: int | None) -> None: ...
 def _io_ops() -> int: ...
 def _error_for_test(name: str) -> None: ...

@@ -24,6 +24,9 @@ pub struct BitmapEntry {
     pub granularity_bits: u8,
     /// Name.
     pub name: String,
+    /// Bytes of the name as QEMU counts them (`strlen`: up to a NUL byte, whatever the
+    /// encoding).
+    pub name_len: usize,
 }
 
 /// Reads the bitmap directory (bounded by the extension's size, itself checked against the file).
@@ -53,7 +56,9 @@ pub fn read_bitmap_directory(raw: &QcowRawFile, h: &QcowHeader) -> Result<Vec<Bi
                 ext.bitmap_directory_offset + off as u64,
             ));
         }
-        let name = String::from_utf8_lossy(&e[24 + extra..end]).into_owned();
+        let name_bytes = &e[24 + extra..end];
+        let name = String::from_utf8_lossy(name_bytes).into_owned();
+        let name_len = name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len());
         let flags = be_u32_at(e, 12);
         out.push(BitmapEntry {
             entry_offset: ext.bitmap_directory_offset + off as u64,
@@ -62,6 +67,7 @@ pub fn read_bitmap_directory(raw: &QcowRawFile, h: &QcowHeader) -> Result<Vec<Bi
             bitmap_table_size,
             granularity_bits: e[17],
             name,
+            name_len,
         });
         off += end.div_ceil(8) * 8;
     }

@@ -49,6 +49,11 @@ impl<V> TableCache<V> {
         })
     }
 
+    /// Drops a table (dirty or not): the caller freed it.
+    pub fn remove(&mut self, key: u64) {
+        self.remove_slot(key);
+    }
+
     fn remove_slot(&mut self, key: u64) -> Option<Slot<V>> {
         let s = self.map.remove(&key)?;
         self.order.remove(&s.used);

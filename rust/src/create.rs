@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub(crate) use layout::refcount_metadata_clusters;
 pub use layout::Preallocation;
 
 use crate::backing::{check_plain_file_name, resolve_relative, BackingChoice};

@@ -55,6 +55,7 @@ pub use mapping::ReadPlan;
 pub use ops::compare::{compare, CompareError, CompareOptions, Comparison, Outcome, Stage};
 pub use ops::convert::{convert, ConvertOptions, OutputFormat};
 pub use ops::map::{map_image, ImageMap, MapEntry};
+pub use ops::measure::{measure, MeasureInput, MeasureOptions, Measurement};
 pub use qcow_file::{OpenOptions, QcowFile};
 pub use raw_file::{fail_after_ops, io_ops, QcowRawFile};
 pub use rebuild::{rebuild_refcounts, NewStructure};

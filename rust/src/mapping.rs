@@ -383,6 +383,19 @@ impl L2Tables {
         std::mem::take(&mut self.l1_dirty).into_iter().filter_map(|i| self.l1.get(i).map(|&e| (i, e))).collect()
     }
 
+    /// Empties L1 entry `l1_index` (written on the next flush) and forgets its table, which the
+    /// caller frees. Returns the table's offset (0 if there was none).
+    pub(crate) fn drop_l2(&mut self, l1_index: usize) -> u64 {
+        let Some(slot) = self.l1.get_mut(l1_index) else { return 0 };
+        let offset = l1_entry_l2_offset(*slot);
+        if offset != 0 {
+            *slot = 0;
+            self.l1_dirty.insert(l1_index);
+            self.cache.get_mut().unwrap_or_else(PoisonError::into_inner).remove(offset);
+        }
+        offset
+    }
+
     /// Replaces the L1 table (after it moved to a larger place) keeping the cache.
     pub(crate) fn replace_l1(&mut self, offset: u64, l1: Vec<u64>) {
         self.l1_offset = offset;

@@ -250,6 +250,10 @@ impl QcowFile {
             d.set_unsafe_cache();
         }
     }
+    /// The header after a header-only change written by an operation (`rebase`).
+    pub(crate) fn replace_header(&mut self, h: QcowHeader) {
+        self.header = h;
+    }
     /// The open backing file, if any.
     pub(crate) fn backing_file(&self) -> Option<&dyn BackingRead> {
         self.backing.as_deref()

@@ -177,8 +177,12 @@ impl QcowRawFile {
 
     /// Reads as many of the `count` big-endian u64s at `offset` as the file holds (see
     /// [`QcowRawFile::read_available`]), in one read.
+    /// An entry the end of the file cuts through reads with zeros for its missing bytes, as
+    /// QEMU reads it (and as the write path reads the whole table).
     pub fn read_u64s_available(&self, offset: u64, count: u64) -> Result<Vec<u64>> {
-        Ok(self.read_available(offset, count.saturating_mul(8))?.chunks_exact(8).map(be_u64).collect())
+        let mut bytes = self.read_available(offset, count.saturating_mul(8))?;
+        bytes.resize(bytes.len().div_ceil(8) * 8, 0);
+        Ok(bytes.chunks_exact(8).map(be_u64).collect())
     }
 
     /// Reads a table of `count` big-endian u64s at `offset` in one read (see

@@ -293,7 +293,10 @@ impl RefcountManager {
             b += 1;
         }
         if b >= first + e {
-            return Err(Error::InvalidClusterIndex(format!("no room for refcount block {ri}")));
+            // Everything the refblock would describe is being allocated (a large allocation
+            // with small clusters): it goes right after the allocation instead, its own
+            // refcount kept by the refblock of that range.
+            return self.place_refblock_after(raw, h, ri, reserved);
         }
         let idx = usize::try_from(ri).unwrap_or(0);
         self.reftable[idx] = b << self.geo.cluster_bits;
@@ -303,6 +306,25 @@ impl RefcountManager {
         self.insert_block(raw, ri, block, true)?;
         self.end_cluster = self.end_cluster.max(b + 1);
         Ok(())
+    }
+
+    /// The refblock of range `ri` at the first cluster past `reserved` (and past the end of the
+    /// image): an empty block, referenced from the reftable, whose own cluster gets refcount 1.
+    fn place_refblock_after(
+        &mut self,
+        raw: &QcowRawFile,
+        h: &mut QcowHeader,
+        ri: u64,
+        reserved: std::ops::Range<u64>,
+    ) -> Result<()> {
+        let b = reserved.end.max(self.end_cluster);
+        self.end_cluster = b + 1;
+        let idx = usize::try_from(ri).unwrap_or(0);
+        self.reftable[idx] = b << self.geo.cluster_bits;
+        self.reftable_dirty = true;
+        let block = vec![0u8; usize::try_from(raw.cluster_size()).unwrap_or(0)];
+        self.insert_block(raw, ri, block, true)?;
+        self.set(raw, h, b, 1, reserved)
     }
 
     /// Moves the reftable to a larger place at the end of the image and commits it with one

@@ -22,11 +22,13 @@ __all__ = [
     "add_progress",
     "add_quiet",
     "bool_option",
+    "check_option_list",
     "number_option",
     "os_message",
     "parse_options",
     "parse_size",
     "size_option",
+    "split_option_list",
 ]
 
 # qemu_strtosz: the largest size qemu-img accepts.
@@ -36,6 +38,7 @@ _UNITS["e"] = 1 << 60
 _SIZE_RE = re.compile(
     r"(?P<num>0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)(?P<unit>[bBkKmMgGtTpPeE]?)", re.ASCII
 )
+_NEGATIVE_RE = re.compile(r"-(?:0[xX][0-9a-fA-F]+|[0-9]+)", re.ASCII)
 _TRUE = {"on", "yes", "true", "y"}
 _FALSE = {"off", "no", "false", "n"}
 
@@ -83,6 +86,9 @@ def parse_size(text: str, what: str = "image size") -> int:
     """A size as qemu-img reads it: ``10G``, ``512M``, ``1.5M``, ``0x100000``, ``1000``
     (bytes); ``k, M, G, T, P, E`` are powers of 1024. Errors read as qemu-img's."""
     value = _strtosz(text)
+    if value is None and _NEGATIVE_RE.fullmatch(text.lstrip()):
+        # qemu_strtosz: a negative number (alone: "-1", "-0") is out of range; "-1G" is no size.
+        raise CliError(f"Invalid {what} specified. Must be between 0 and {MAX_SIZE}.")
     if value is None:
         raise CliError(f"Invalid {what} specified: '{text}'.")
     if value > MAX_SIZE:
@@ -116,25 +122,38 @@ def bool_option(name: str, value: str) -> bool:
     raise CliError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
+def split_option_list(text: str) -> list[str]:
+    """The items of one ``-o`` list: split at commas, ``,,`` being a literal comma."""
+    items, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == "," and text[i + 1 : i + 2] == ",":
+            cur += ","
+            i += 2
+        elif text[i] == ",":
+            items.append(cur)
+            cur = ""
+            i += 1
+        else:
+            cur += text[i]
+            i += 1
+    items.append(cur)
+    return items
+
+
+def check_option_list(text: str) -> None:
+    """qemu-img's ``is_valid_option_list``: not empty, no leading comma, no trailing comma
+    that is not a literal one."""
+    trailing = len(text) - len(text.rstrip(","))
+    if not text or text.startswith(",") or trailing % 2:
+        raise CliError(f"Invalid option list: {text}")
+
+
 def parse_options(values: list[str] | None) -> list[tuple[str, str]] | None:
     """``-o`` lists (repeatable) as ``[(key, value)]`` in order; ``,,`` is a literal comma;
     a bare key means ``key=on``. Returns None when help was asked for (``help`` or ``?``)."""
     out: list[tuple[str, str]] = []
     for text in values or []:
-        items, cur, i = [], "", 0
-        while i < len(text):
-            if text[i] == "," and text[i + 1 : i + 2] == ",":
-                cur += ","
-                i += 2
-            elif text[i] == ",":
-                items.append(cur)
-                cur = ""
-                i += 1
-            else:
-                cur += text[i]
-                i += 1
-        items.append(cur)
-        for item in items:
+        for item in split_option_list(text):
             if item in ("help", "?"):
                 return None
             if not item:

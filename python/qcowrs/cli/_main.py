@@ -10,13 +10,17 @@ from qcowrs._errors import QcowError
 from qcowrs._qcowrs import __version__
 from qcowrs.cli import (
     cmd_check,
+    cmd_commit,
     cmd_compare,
     cmd_convert,
     cmd_create,
     cmd_dd,
     cmd_info,
     cmd_map,
+    cmd_measure,
+    cmd_rebase,
     cmd_rebuild,
+    cmd_resize,
 )
 from qcowrs.cli._common import CliError, os_message
 
@@ -28,15 +32,25 @@ _COMMANDS = [
     cmd_convert,
     cmd_compare,
     cmd_dd,
+    cmd_measure,
+    cmd_resize,
+    cmd_rebase,
+    cmd_commit,
     cmd_rebuild,
 ]
+
+
+_NEGATIVE = {f"-{d}" for d in "0123456789"}
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with qemu-img's usage-error convention: one line, exit code 1."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise CliError(f"{self.prog.removeprefix('qcowrs ')}: {message}")
+        # "measure: argument --size: ..." for a subcommand's parser; the top-level parser's
+        # own errors ("unrecognized arguments: ...") need no name before them.
+        command = self.prog.removeprefix("qcowrs").strip()
+        raise CliError(f"{command}: {message}" if command else message)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit code (qemu-img's)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "resize" and "--" not in argv and argv[-1][:2] in _NEGATIVE:
+        # As qemu-img: the last argument of resize is the size, "-1G" included.
+        argv.insert(len(argv) - 1, "--")
     try:
         args = _parser().parse_args(argv)
         return int(args.func(args))

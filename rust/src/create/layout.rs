@@ -726,6 +726,17 @@ fn size_to_l1(size: u64, cluster_bits: u32, l2_entries: u64) -> u64 {
 /// `qcow2_refcount_metadata_size`: the refblocks needed to count `clusters` clusters and the
 /// refcount structure itself (with half the table again if `generous`).
 pub(super) fn refcount_metadata_size(clusters: u64, cluster_bits: u32, refcount_order: u32, generous: bool) -> u64 {
+    refcount_metadata_clusters(clusters, cluster_bits, refcount_order, generous).0
+}
+
+/// `qcow2_refcount_metadata_size` in full: `(refblocks, reftable clusters)` that count
+/// `clusters` clusters and themselves (QEMU returns their sum in bytes).
+pub(crate) fn refcount_metadata_clusters(
+    clusters: u64,
+    cluster_bits: u32,
+    refcount_order: u32,
+    generous: bool,
+) -> (u64, u64) {
     let cs = 1u64 << cluster_bits;
     let per_table_cluster = cs / 8;
     let per_block = (cs * 8) >> refcount_order;
@@ -742,7 +753,7 @@ pub(super) fn refcount_metadata_size(clusters: u64, cluster_bits: u32, refcount_
             generous = false;
         }
         if n == last {
-            return blocks;
+            return (blocks, table);
         }
     }
 }

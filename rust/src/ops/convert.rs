@@ -179,7 +179,7 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// The identities of every file an image reads (image files, data files), layer by layer
 /// from the top.
-fn layer_ids(image: &dyn BackingRead) -> Vec<Vec<FileId>> {
+pub(crate) fn layer_ids(image: &dyn BackingRead) -> Vec<Vec<FileId>> {
     match image.kind() {
         BackingKind::Qcow2(f) => {
             let mut ids: Vec<FileId> = file_id(&**f.raw_file().storage()).into_iter().collect();
@@ -204,17 +204,17 @@ fn guest_size(image: &dyn BackingRead) -> u64 {
 
 /// A run of an image's guest content (the whole chain flattened).
 #[derive(Clone, Copy, Debug)]
-struct Run {
-    start: u64,
-    end: u64,
+pub(crate) struct Run {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
     /// Holds data (else reads as zeros).
-    data: bool,
+    pub(crate) data: bool,
     /// The layer that answered (0: the image itself).
     depth: u32,
 }
 
 /// The runs of an image, as `qemu-img map` finds them (`SEEK_DATA`/`SEEK_HOLE` for raw).
-fn status(image: &dyn BackingRead) -> Result<Vec<Run>> {
+pub(crate) fn status(image: &dyn BackingRead) -> Result<Vec<Run>> {
     match image.kind() {
         BackingKind::Qcow2(f) => {
             let map = map_image(f, 0, None)?;

@@ -1,13 +1,17 @@
 //! PyO3 glue: the `qcowrs._qcowrs` extension module. Nothing outside this folder knows Python.
 
 mod buffer;
+mod commit;
 mod compare;
 mod convert;
 mod errors;
 mod file;
 mod info;
 mod map;
+mod measure;
+mod rebase;
 mod report;
+mod resize;
 mod types;
 
 use pyo3::prelude::*;
@@ -25,6 +29,10 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<compare::PyCompareResult>()?;
     m.add_function(wrap_pyfunction!(info::image_info, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
+    m.add_function(wrap_pyfunction!(resize::resize, m)?)?;
+    m.add_function(wrap_pyfunction!(rebase::rebase, m)?)?;
+    m.add_function(wrap_pyfunction!(commit::commit, m)?)?;
+    m.add_function(wrap_pyfunction!(measure::measure, m)?)?;
     m.add_function(wrap_pyfunction!(compare::compare, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(rebuild_refcounts, m)?)?;

@@ -15,7 +15,8 @@ use crate::bitmap::{BitmapStart, BitmapTracker, ClusterAllocator};
 use crate::check::{self, Repair};
 use crate::error::{Error, Result};
 use crate::format::{
-    ClusterType, L2Entry, SubclusterState, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY, MAX_L1_BYTES,
+    l1_entry_is_copied, l1_entry_l2_offset, ClusterType, L2Entry, SubclusterState, AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY, MAX_L1_BYTES,
 };
 use crate::header::QcowHeader;
 use crate::mapping::{L2ForWrite, Target, WritePlan};
@@ -492,23 +493,20 @@ impl QcowFile {
         self.set_entry(ci, L2Entry { entry: e.entry, bitmap: (e.bitmap & !mask) | (mask << 32) })
     }
 
-    /// Grows the virtual size (shrinking is refused). The L1 table is reallocated if it must
-    /// grow; the header switches to it in one write.
+    /// Changes the virtual size. Growing: the L1 table is reallocated if it must grow; the
+    /// header switches to it in one write. Shrinking drops guest data past the new end, so it
+    /// happens only through [`QcowFile::shrink`].
     pub fn truncate(&mut self, new_size: u64) -> Result<()> {
         let old_size = self.virtual_size();
         if new_size < old_size {
             return Err(Error::UnsupportedFeature(format!(
-                "shrinking the virtual size from {old_size} to {new_size} bytes would drop guest data; only growing is supported"
+                "shrinking the virtual size from {old_size} to {new_size} bytes would drop guest data; use shrink() (qemu-img resize --shrink)"
             )));
         }
         if new_size == old_size {
             return Ok(());
         }
-        if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 && self.header.bitmaps().is_some() {
-            return Err(Error::UnsupportedFeature(
-                "the image has persistent bitmaps, which cannot follow a resize (QEMU refuses too)".into(),
-            ));
-        }
+        self.refuse_resize_with_bitmaps()?;
         self.prepare_write()?;
         let mut grown = self.header.clone();
         grown.size = new_size;
@@ -525,6 +523,94 @@ impl QcowFile {
         }
         self.flush()?;
         self.header.commit_size(&self.raw, new_size)
+    }
+
+    fn refuse_resize_with_bitmaps(&self) -> Result<()> {
+        if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 && self.header.bitmaps().is_some() {
+            return Err(Error::UnsupportedFeature(
+                "the image has persistent bitmaps, which cannot follow a resize (QEMU refuses too)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Shrinks the virtual size to `new_size` (`qemu-img resize --shrink`): the guest data past
+    /// the new end is dropped. Crash-safe in this order: the header's size first (synced: from
+    /// then on the guest sees the new size and what lies past it is unreachable), then the
+    /// active tree's references past the end are removed (the partial last L2 table's entries
+    /// cleared, wholly dropped tables unlinked from the L1 table) and written before the
+    /// refcounts of what they pointed at drop (`flush` ordering), so a crash leaves at worst
+    /// leaks. Internal snapshots keep their own size and clusters.
+    pub fn shrink(&mut self, new_size: u64) -> Result<()> {
+        let old_size = self.virtual_size();
+        if new_size >= old_size {
+            return self.truncate(new_size);
+        }
+        self.refuse_resize_with_bitmaps()?;
+        self.prepare_write()?;
+        self.flush()?;
+        self.header.commit_size(&self.raw, new_size)?;
+        self.decompressed.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        let cs = self.cluster_size();
+        let ept = self.tables.geometry().entries_per_table();
+        let first = new_size.div_ceil(cs);
+        let keep = first.div_ceil(ept);
+        // The partial last table: its entries past the end cleared.
+        if first % ept != 0 {
+            if let Some((_, t)) = self.tables.l2_table(&self.raw, keep - 1)? {
+                let geo = self.tables.geometry();
+                let start = usize::try_from(first % ept).unwrap_or(0);
+                let doomed: Vec<(u64, L2Entry)> = (start..usize::try_from(ept).unwrap_or(0))
+                    .map(|i| ((keep - 1) * ept + i as u64, geo.entry_at(&t, i)))
+                    .filter(|(_, e)| !e.is_empty())
+                    .collect();
+                for (ci, e) in doomed {
+                    self.set_entry(ci, L2Entry::default())?;
+                    self.free_entry_clusters(e)?;
+                }
+            }
+        }
+        self.drop_tables_from(keep)?;
+        self.flush()
+    }
+
+    /// Unlinks the L2 tables of L1 entries `keep..` from the active tree: a private table's
+    /// clusters are freed with it, a shared one (a snapshot's too) only loses the active
+    /// tree's reference. Frees happen on the next flush, after the L1 entries are written.
+    fn drop_tables_from(&mut self, keep: u64) -> Result<()> {
+        let cb = self.header.cluster_bits;
+        let ept = self.tables.geometry().entries_per_table();
+        for i in usize::try_from(keep).unwrap_or(usize::MAX)..self.tables.l1().len() {
+            let l1e = self.tables.l1()[i];
+            if l1_entry_l2_offset(l1e) == 0 {
+                continue;
+            }
+            if l1_entry_is_copied(l1e) {
+                if let Some((_, t)) = self.tables.l2_table(&self.raw, i as u64)? {
+                    let geo = self.tables.geometry();
+                    for k in 0..usize::try_from(ept).unwrap_or(0) {
+                        self.free_entry_clusters(geo.entry_at(&t, k))?;
+                    }
+                }
+            }
+            let offset = self.tables.drop_l2(i);
+            self.writer()?.refcounts.free_later(offset >> cb);
+        }
+        Ok(())
+    }
+
+    /// Empties the image (`qemu-img commit`'s last step, QEMU's `bdrv_make_empty`): every
+    /// cluster unallocated again, so the image reads through to its backing file (or as
+    /// zeros); the clusters are freed. The L1 entries are written before any refcount drops.
+    pub fn make_empty(&mut self) -> Result<()> {
+        self.prepare_write()?;
+        self.decompressed.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        let size = self.header.size;
+        if let Some(b) = self.writer()?.bitmaps.as_mut() {
+            b.note(0, size);
+        }
+        self.drop_tables_from(0)?;
+        self.flush()
     }
 
     /// Moves the L1 table to a new place with room for `entries`, switching the header to it
@@ -586,10 +672,19 @@ impl QcowFile {
         if w.refcounts.has_pending_frees() {
             let freed = w.refcounts.apply_frees(&self.raw, &mut self.header)?;
             durable(&self.raw, &mut w.refcounts, self.data.as_ref())?;
-            let cs = self.cluster_size();
             let cb = self.header.cluster_bits;
-            for c in freed {
-                self.raw.punch_hole(c << cb, cs)?;
+            // Contiguous clusters in one punch (clusters smaller than the file system's blocks
+            // are only given back that way).
+            let mut freed = freed;
+            freed.sort_unstable();
+            let mut i = 0;
+            while i < freed.len() {
+                let mut j = i + 1;
+                while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                    j += 1;
+                }
+                self.raw.punch_hole(freed[i] << cb, ((j - i) as u64) << cb)?;
+                i = j;
             }
         }
         Ok(())

@@ -10,9 +10,10 @@
 //!   at most `INT_MAX` bytes per answer; never past the end of the L2 slice (the whole table,
 //!   or 4 KiB of it when QEMU's 32 MiB L2 cache cannot hold the tables of the whole disk); an
 //!   empty L1 entry, or one past the L1 table, answers "unallocated" up to the end of the
-//!   slice; otherwise subclusters of the
-//!   same type (normal, zero with or without a host cluster, unallocated with or without one)
-//!   whose host clusters follow each other; a compressed cluster is always answered alone.
+//!   slice; otherwise subclusters of the same type (normal, zero with or without a host
+//!   cluster, unallocated with or without one) whose host clusters follow each other; a
+//!   compressed cluster is always answered alone. A bad entry is refused where an answer
+//!   starts; after that only unreadable subcluster bitmaps are (a misaligned one ends it).
 //!   Flags: data, zero, offset-valid (a host cluster), compressed. The block layer adds
 //!   allocated (data or zero), and zero where nothing is allocated and there is no backing
 //!   file or the offset is past its end; for an image that looks metadata-preallocated it asks

@@ -1,0 +1,179 @@
+//! `qemu-img commit`: an overlay's data written into its backing file (or a deeper base of
+//! its chain), then the overlay emptied.
+//!
+//! What the overlay (and any image between it and the base) allocates is copied into the base
+//! through the base's own write path (data as data, zero clusters as zeros); the base grows
+//! first if it is smaller. Only then, once the base is flushed, is the overlay emptied (its
+//! clusters unallocated, so it reads through to the base): a crash at any point leaves the
+//! overlay's guest content unchanged (the copied ranges are ones the overlay still shadows,
+//! and an emptied cluster reads the same data from the base). With a deeper base (`-b`) the
+//! overlay is kept as it is (`-b` implies `-d`, as in qemu-img), and the images in between are
+//! left stale, as QEMU leaves them.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::backing::{BackingChoice, BackingKind, BackingRead, FileId};
+use crate::error::{Error, IoContext, Result};
+use crate::ops::convert::layer_ids;
+use crate::ops::map::map_image;
+use crate::qcow_file::{OpenOptions, QcowFile};
+
+/// Bytes copied at a time.
+const CHUNK: u64 = 1 << 20;
+
+/// Options of [`commit`].
+#[derive(Clone, Debug, Default)]
+pub struct CommitOptions {
+    /// `-b`: the image of the chain to commit into (default: the overlay's backing file).
+    pub base: Option<PathBuf>,
+    /// `-d`: keep the overlay as it is (implied by `base`).
+    pub drop: bool,
+}
+
+/// The image the data goes into.
+enum Base {
+    Qcow2(Box<QcowFile>),
+    Raw { file: File, path: PathBuf },
+}
+
+impl Base {
+    fn size(&self) -> Result<u64> {
+        match self {
+            Base::Qcow2(f) => Ok(f.virtual_size()),
+            Base::Raw { file, path } => {
+                Ok(file.metadata().ctx(|| format!("reading the length of '{}'", path.display()))?.len())
+            }
+        }
+    }
+    fn grow(&mut self, size: u64) -> Result<()> {
+        match self {
+            Base::Qcow2(f) => f.truncate(size),
+            Base::Raw { file, path } => file.set_len(size).ctx(|| format!("resizing '{}'", path.display())),
+        }
+    }
+    fn write(&mut self, data: &[u8], off: u64) -> Result<()> {
+        match self {
+            Base::Qcow2(f) => f.write_at(data, off),
+            Base::Raw { file, path } => {
+                file.write_all_at(data, off).ctx(|| format!("writing '{}' at 0x{off:x}", path.display()))
+            }
+        }
+    }
+    fn zero(&mut self, off: u64, len: u64) -> Result<()> {
+        match self {
+            Base::Qcow2(f) => f.write_zeroes(off, len),
+            Base::Raw { .. } => {
+                let zeros = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
+                let mut o = off;
+                while o < off + len {
+                    let n = (off + len - o).min(CHUNK);
+                    self.write(&zeros[..usize::try_from(n).unwrap_or(0)], o)?;
+                    o += n;
+                }
+                Ok(())
+            }
+        }
+    }
+    fn finish(self) -> Result<()> {
+        match self {
+            Base::Qcow2(mut f) => f.close(),
+            Base::Raw { file, path } => file.sync_all().ctx(|| format!("syncing '{}'", path.display())),
+        }
+    }
+}
+
+/// The path and format of layer `depth` of the chain below `top` (1: its backing file).
+fn layer(top: &QcowFile, depth: usize) -> Option<(PathBuf, bool)> {
+    let mut cur: &dyn BackingRead = top.backing_file()?;
+    for _ in 1..depth {
+        match cur.kind() {
+            BackingKind::Qcow2(f) => cur = f.backing_file()?,
+            BackingKind::Raw { .. } => return None,
+        }
+    }
+    match cur.kind() {
+        BackingKind::Qcow2(f) => Some((f.path().to_path_buf(), true)),
+        BackingKind::Raw { path, .. } => Some((path.to_path_buf(), false)),
+    }
+}
+
+fn base_depth(path: &Path, top: &QcowFile, base: Option<&Path>) -> Result<usize> {
+    let Some(b) = base else { return Ok(1) };
+    use std::os::unix::fs::MetadataExt;
+    let id: Option<FileId> = std::fs::metadata(b).ok().map(|m| (m.dev(), m.ino()));
+    let layers = layer_ids(top);
+    match layers.iter().position(|ids| id.is_some() && ids.first() == id.as_ref()) {
+        Some(d) if d > 0 => Ok(d),
+        _ => Err(Error::InvalidArgument(format!(
+            "Did not find '{}' in the backing chain of '{}'",
+            b.display(),
+            path.display()
+        ))),
+    }
+}
+
+/// Commits the overlay at `path` (see the module documentation); `progress(done, total)`.
+pub fn commit(path: &Path, opts: &CommitOptions, progress: &dyn Fn(u64, u64) -> Result<()>) -> Result<()> {
+    // The chain is read without locks: this process takes the write locks itself below (the
+    // base through its writable open, the overlay through a second, writable handle).
+    let view = QcowFile::open(path, OpenOptions { force_share: true, ..OpenOptions::default() })?;
+    if view.backing_file().is_none() {
+        return Err(Error::InvalidArgument("Image does not have a backing file".into()));
+    }
+    let depth = base_depth(path, &view, opts.base.as_deref())?;
+    let keep_top = opts.drop || opts.base.is_some();
+    let mut top = if keep_top {
+        None
+    } else {
+        let o = OpenOptions { writable: true, backing: BackingChoice::Disabled, ..OpenOptions::default() };
+        Some(QcowFile::open(path, o)?)
+    };
+    let (base_path, qcow2) = layer(&view, depth).ok_or_else(|| Error::InvalidArgument("backing chain ended".into()))?;
+    let mut base = if qcow2 {
+        Base::Qcow2(Box::new(QcowFile::open(&base_path, OpenOptions { writable: true, ..OpenOptions::default() })?))
+    } else {
+        let file = crate::backing::open_image_file(&base_path, true, "base image")?;
+        crate::lock::lock_image(&file, true, &format!("'{}'", base_path.display()))?;
+        Base::Raw { file, path: base_path }
+    };
+    if base.size()? < view.virtual_size() {
+        base.grow(view.virtual_size())?;
+    }
+    copy_above(&view, depth, &mut base, progress)?;
+    base.finish()?;
+    if let Some(t) = top.as_mut() {
+        t.make_empty()?;
+        t.close()?;
+    }
+    Ok(())
+}
+
+/// Copies into `base` everything the layers above it allocate.
+fn copy_above(view: &QcowFile, depth: usize, base: &mut Base, progress: &dyn Fn(u64, u64) -> Result<()>) -> Result<()> {
+    let map = map_image(view, 0, None)?;
+    let above: Vec<_> = map.entries.iter().filter(|e| (e.depth as usize) < depth && e.length > 0).collect();
+    let total: u64 = above.iter().map(|e| e.length).sum();
+    let mut done = 0;
+    progress(0, total)?;
+    let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap_or(0)];
+    for e in above {
+        if !e.data {
+            base.zero(e.start, e.length)?;
+        } else {
+            let mut off = e.start;
+            while off < e.start + e.length {
+                let n = (e.start + e.length - off).min(CHUNK);
+                let len = usize::try_from(n).unwrap_or(0);
+                let got = view.read_at(&mut buf[..len], off)?;
+                buf[got..len].fill(0);
+                base.write(&buf[..len], off)?;
+                off += n;
+            }
+        }
+        done += e.length;
+        progress(done, total)?;
+    }
+    Ok(())
+}
