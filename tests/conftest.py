@@ -419,6 +419,18 @@ def held_by_qemu_io(path: str | os.PathLike[str]) -> Iterator[subprocess.Popen[b
         holder.communicate()
 
 
+@pytest.fixture
+def fault_hook(qcowrs_mod: Any) -> Iterator[Any]:
+    """The native module with its fault-injection hook (`_fail_after_ops`, `_io_ops`), the
+    hook off before and after the test."""
+    native = qcowrs_mod._qcowrs
+    native._fail_after_ops(None)
+    try:
+        yield native
+    finally:
+        native._fail_after_ops(None)
+
+
 @pytest.fixture(scope="session")
 def qcowrs_mod() -> Any:
     """The qcowrs package (imported lazily so that collection works before it is built)."""

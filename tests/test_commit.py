@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,38 +155,28 @@ def test_refusals(
     assert message in q.stderr
 
 
-@pytest.fixture
-def hook(qcowrs_mod: Any) -> Iterator[Any]:
-    native = qcowrs_mod._qcowrs
-    native._fail_after_ops(None)
-    try:
-        yield native
-    finally:
-        native._fail_after_ops(None)
-
-
 def test_interrupted_commit(
-    chains: dict[str, Path], tmp_path: Path, qcowrs_mod: Any, hook: Any
+    chains: dict[str, Path], tmp_path: Path, qcowrs_mod: Any, fault_hook: Any
 ) -> None:
     src = chains["c512"]
     top_before = raw_sha256(src / "t.qcow2")
     ref = shutil.copytree(src, tmp_path / "ref")
-    n0 = hook._io_ops()
+    n0 = fault_hook._io_ops()
     qcowrs_mod.commit(ref / "t.qcow2")
-    total = hook._io_ops() - n0
+    total = fault_hook._io_ops() - n0
     assert 0 < total < 50000
     ks = sorted({round(i * (total - 1) / 49) for i in range(50)} | set(range(min(total, 8))))
     failures = []
     for k in ks:
         d = shutil.copytree(src, tmp_path / f"k{k}")
-        hook._fail_after_ops(k)
+        fault_hook._fail_after_ops(k)
         try:
             qcowrs_mod.commit(d / "t.qcow2")
             failures.append(f"k={k}: no error")
         except qcowrs_mod.QcowError:
             pass
         finally:
-            hook._fail_after_ops(None)
+            fault_hook._fail_after_ops(None)
         for name in ("b.img", "m.qcow2", "t.qcow2"):
             with qcowrs_mod.QcowFile.open(d / name, rebuild=True, backing=False):
                 pass

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,25 +167,15 @@ def test_api_and_progress(chains: dict[str, Path], tmp_path: Path, qcowrs_mod: A
     assert calls[-1][0] == calls[-1][1] > 0
 
 
-@pytest.fixture
-def hook(qcowrs_mod: Any) -> Iterator[Any]:
-    native = qcowrs_mod._qcowrs
-    native._fail_after_ops(None)
-    try:
-        yield native
-    finally:
-        native._fail_after_ops(None)
-
-
 def test_interrupted_rebase(
-    chains: dict[str, Path], tmp_path: Path, qcowrs_mod: Any, hook: Any
+    chains: dict[str, Path], tmp_path: Path, qcowrs_mod: Any, fault_hook: Any
 ) -> None:
     src = chains["c512"]
     before = raw_sha256(src / "top.qcow2")
     ref = copy_dir(src, tmp_path / "ref")
-    n0 = hook._io_ops()
+    n0 = fault_hook._io_ops()
     qcowrs_mod.rebase(ref / "top.qcow2", "b2.qcow2", "qcow2")
-    total = hook._io_ops() - n0
+    total = fault_hook._io_ops() - n0
     assert 0 < total < 20000
     failures = []
     ks = sorted(
@@ -194,14 +183,14 @@ def test_interrupted_rebase(
     )
     for k in ks:
         d = copy_dir(src, tmp_path / f"k{k}")
-        hook._fail_after_ops(k)
+        fault_hook._fail_after_ops(k)
         try:
             qcowrs_mod.rebase(d / "top.qcow2", "b2.qcow2", "qcow2")
             failures.append(f"k={k}: no error")
         except qcowrs_mod.QcowError:
             pass
         finally:
-            hook._fail_after_ops(None)
+            fault_hook._fail_after_ops(None)
         with qcowrs_mod.QcowFile.open(d / "top.qcow2", rebuild=True):
             pass
         r = qemu_img("check", "--output=json", d / "top.qcow2", check=False)

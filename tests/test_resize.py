@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,39 +163,29 @@ def test_api(images: dict[str, Path], tmp_path: Path, qcowrs_mod: Any) -> None:
 # A shrink interrupted at every write and sync
 
 
-@pytest.fixture
-def hook(qcowrs_mod: Any) -> Iterator[Any]:
-    native = qcowrs_mod._qcowrs
-    native._fail_after_ops(None)
-    try:
-        yield native
-    finally:
-        native._fail_after_ops(None)
-
-
 @pytest.mark.parametrize("kind", ["plain", "snapshots", "c512"])
 def test_interrupted_shrink(
-    images: dict[str, Path], tmp_path: Path, qcowrs_mod: Any, hook: Any, kind: str
+    images: dict[str, Path], tmp_path: Path, qcowrs_mod: Any, fault_hook: Any, kind: str
 ) -> None:
     src = images[kind]
     old = raw_sha256(src)
     ref = twin(src, tmp_path, "ref")
-    before = hook._io_ops()
+    before = fault_hook._io_ops()
     qcowrs_mod.resize(ref, "-9M", shrink=True)
-    total = hook._io_ops() - before
+    total = fault_hook._io_ops() - before
     new = raw_sha256(ref)
     assert 0 < total < 5000
     failures = []
     for k in range(total):
         img = twin(src, tmp_path, f"k{k}")
-        hook._fail_after_ops(k)
+        fault_hook._fail_after_ops(k)
         try:
             qcowrs_mod.resize(img, "-9M", shrink=True)
             failures.append(f"k={k}: no error although operation {k + 1} failed")
         except qcowrs_mod.QcowError:
             pass
         finally:
-            hook._fail_after_ops(None)
+            fault_hook._fail_after_ops(None)
         with qcowrs_mod.QcowFile.open(img, rebuild=True):
             pass
         r = qemu_img("check", "--output=json", img, check=False)

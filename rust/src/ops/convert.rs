@@ -841,7 +841,9 @@ fn convert_to_stream(
     };
     let mut rec = Target::Record { rec: stream::Record::default(), cluster_bits: bits, v2 };
     run(&shared, &items, &mut rec, opts.threads, &|d, t| progress(d, 2 * t))?;
-    let Target::Record { rec, .. } = rec else { unreachable!("the first pass records") };
+    let Target::Record { rec, .. } = rec else {
+        return Err(Error::InvalidArgument("the stream's first pass recorded nothing".into()));
+    };
     let layout = stream::layout(h, &rec)?;
     let mut s = stream::Stream { out, data: rec.data, next: 0, cluster_bits: bits, raw_size: None, pos: 0 };
     s.data_meta(&layout.meta)?;

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 
-use crate::error::Error;
 use crate::ops::compare::{CompareOptions, Outcome, Stage};
 
 /// The result of a comparison (`qemu-img compare`).
@@ -64,25 +63,8 @@ pub fn compare(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<PyCompareResult> {
     let opts = CompareOptions { strict, format_a, format_b, force_share, threads };
-    // A Python exception from the callback (or Ctrl-C) stops the comparison; it is kept here
-    // and raised once the workers are done.
-    let raised: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
-    let report = |done: u64, total: u64| -> crate::error::Result<()> {
-        Python::attach(|py| {
-            let r = py.check_signals().and_then(|()| match &progress {
-                Some(cb) => cb.call1(py, (done, total)).map(|_| ()),
-                None => Ok(()),
-            });
-            r.map_err(|e| {
-                *raised.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                Error::InvalidArgument("compare stopped".into())
-            })
-        })
-    };
-    let result = py.detach(|| crate::ops::compare::compare(&a, &b, &opts, &report));
-    if let Some(e) = raised.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
-        return Err(e);
-    }
+    let run = |report: super::progress::Report<'_>| crate::ops::compare::compare(&a, &b, &opts, report);
+    let result = super::progress::detach_with_progress(py, progress.as_ref(), "compare", run)?;
     let c = match result {
         Ok(c) => c,
         Err(e) => {

@@ -86,24 +86,6 @@ pub fn convert(
         unsafe_cache,
         window,
     };
-    // A Python exception from the callback (or Ctrl-C) stops the engine; it is kept here and
-    // raised once the target is closed.
-    let raised: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
-    let report = |done: u64, total: u64| -> crate::error::Result<()> {
-        Python::attach(|py| {
-            let r = py.check_signals().and_then(|()| match &progress {
-                Some(cb) => cb.call1(py, (done, total)).map(|_| ()),
-                None => Ok(()),
-            });
-            r.map_err(|e| {
-                *raised.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                Error::InvalidArgument("convert stopped".into())
-            })
-        })
-    };
-    let result = py.detach(|| crate::ops::convert::convert(&sources, &target, &opts, &report));
-    if let Some(e) = raised.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
-        return Err(e);
-    }
-    result.map_err(PyErr::from)
+    let run = |report: super::progress::Report<'_>| crate::ops::convert::convert(&sources, &target, &opts, report);
+    Ok(super::progress::detach_with_progress(py, progress.as_ref(), "convert", run)??)
 }

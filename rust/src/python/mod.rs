@@ -9,6 +9,7 @@ mod file;
 mod info;
 mod map;
 mod measure;
+mod progress;
 mod rebase;
 mod report;
 mod resize;

@@ -117,25 +117,31 @@ fn write_l2_entries(
 ) -> Result<()> {
     let cs = h.cluster_size();
     let l2e = h.l2_entries();
-    let width = if h.extended_l2() { 16 } else { 8 };
-    let put = |c: u64, entry: u64, bitmap: u64| -> Result<()> {
-        let table = table_of[&(c / l2e)];
-        let at = table + (c % l2e) * width;
-        if width == 16 {
-            raw.write_u64_table(at, &[entry, bitmap], "L2 entry")
-        } else {
-            raw.write_u64_table(at, &[entry], "L2 entry")
+    let words = if h.extended_l2() { 2 } else { 1 };
+    // Each table built whole in memory, then written once.
+    let mut tables: std::collections::BTreeMap<u64, (u64, Vec<u64>)> =
+        table_of.iter().map(|(&t, &offset)| (t, (offset, vec![0u64; usize::try_from(cs / 8).unwrap_or(0)]))).collect();
+    let mut put = |c: u64, entry: u64, bitmap: u64| {
+        if let Some((_, t)) = tables.get_mut(&(c / l2e)) {
+            let at = usize::try_from((c % l2e) * words).unwrap_or(0);
+            t[at] = entry;
+            if words == 2 {
+                t[at + 1] = bitmap;
+            }
         }
     };
     for (k, &c) in rec.data.iter().enumerate() {
-        put(c, (data_off + k as u64 * cs) | OFLAG_COPIED, 0x0000_0000_ffff_ffff)?;
+        put(c, (data_off + k as u64 * cs) | OFLAG_COPIED, 0x0000_0000_ffff_ffff);
     }
     for &c in &rec.zero {
         if h.extended_l2() {
-            put(c, 0, 0xffff_ffff_0000_0000)?;
+            put(c, 0, 0xffff_ffff_0000_0000);
         } else {
-            put(c, OFLAG_ZERO, 0)?;
+            put(c, OFLAG_ZERO, 0);
         }
+    }
+    for (offset, words) in tables.values() {
+        raw.write_u64_table(*offset, words, "L2 table")?;
     }
     Ok(())
 }
