@@ -1,5 +1,6 @@
 """qcowrs: qcow2 disk images from Python — read, write, check and repair, with a Rust core."""
 
+from qcowrs._amend import amend
 from qcowrs._commit import commit
 from qcowrs._compare import compare
 from qcowrs._convert import convert, dd
@@ -55,6 +56,7 @@ __all__ = [
     "UnsupportedFeature",
     "UnsupportedVersion",
     "__version__",
+    "amend",
     "check",
     "commit",
     "compare",

@@ -20,6 +20,7 @@ __all__ = [
     "_error_for_test",
     "_fail_after_ops",
     "_io_ops",
+    "amend",
     "check",
     "commit",
     "compare",
@@ -255,6 +256,19 @@ def measure(
     force_share: bool = False,
 ) -> tuple[int, int, int | None]: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
+def amend(
+    path: str,
+    *,
+    compat: str | None = None,
+    refcount_bits: int | None = None,
+    lazy_refcounts: bool | None = None,
+    data_file: str | None = None,
+    data_file_raw: bool | None = None,
+    size: int | None = None,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    progress: Callable[[int, int], object] | None = None,
+) -> None: ...
 def commit(
     path: str,
     *,

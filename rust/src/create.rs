@@ -159,7 +159,7 @@ impl Default for CreateOptions {
 }
 
 /// The feature name table QEMU writes into new v3 images with clusters above 4 KiB.
-fn feature_table() -> Vec<u8> {
+pub(crate) fn feature_table() -> Vec<u8> {
     let names: [(u8, u8, &str); 8] = [
         (0, 0, "dirty bit"),
         (0, 1, "corrupt bit"),

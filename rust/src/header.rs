@@ -732,6 +732,41 @@ impl QcowHeader {
         Ok(())
     }
 
+    /// Switches the image to another refcount structure of another width: the header from
+    /// `refcount_table_offset` to `refcount_order` (bytes 48..100, one write inside the first
+    /// sector, so it lands whole or not at all), then a sync. The new table and its refblocks
+    /// (encoded with `order`) must already be durable.
+    pub fn commit_refcount_structure(
+        &mut self,
+        raw: &QcowRawFile,
+        offset: u64,
+        clusters: u32,
+        order: u32,
+    ) -> Result<()> {
+        let mut next = self.clone();
+        next.refcount_table_offset = offset;
+        next.refcount_table_clusters = clusters;
+        next.refcount_order = order;
+        let bytes = next.to_bytes()?;
+        let (from, to) = (fo::REFCOUNT_TABLE_OFFSET as usize, fo::HEADER_LENGTH as usize);
+        let what = "header (refcount_table_offset .. refcount_order)";
+        raw.write_at(&bytes[from..to], fo::REFCOUNT_TABLE_OFFSET, what)?;
+        raw.sync()?;
+        *self = next;
+        Ok(())
+    }
+
+    /// Writes `compatible_features` (v3 only), then a sync.
+    pub fn commit_compatible_features(&mut self, raw: &QcowRawFile, value: u64) -> Result<()> {
+        if self.version < 3 || self.compatible_features == value {
+            return Ok(());
+        }
+        raw.write_at(&value.to_be_bytes(), fo::COMPATIBLE_FEATURES, "header (compatible_features)")?;
+        raw.sync()?;
+        self.compatible_features = value;
+        Ok(())
+    }
+
     /// Writes the virtual `size`, then a sync.
     pub fn commit_size(&mut self, raw: &QcowRawFile, size: u64) -> Result<()> {
         raw.write_at(&size.to_be_bytes(), fo::SIZE, "header (size)")?;

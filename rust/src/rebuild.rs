@@ -343,6 +343,17 @@ fn alloc_clusters(imrt: &mut Imrt, n: u64, hint: &mut u64, avoid: &BTreeSet<u64>
     Ok(run_start)
 }
 
+/// A new refcount structure placed in `imrt` (its clusters marked used) but not yet written.
+#[derive(Clone, Debug)]
+pub struct Placed {
+    /// The new reftable's entries (refblock offsets), one cluster's worth per table cluster.
+    reftable: Vec<u64>,
+    /// First cluster of the new reftable.
+    first: u64,
+    /// Its length in clusters.
+    clusters: u32,
+}
+
 /// Allocates, writes and commits a new refcount structure describing `imrt` (which must count
 /// every live cluster, the old structure included). `append_only` places it past the end of the
 /// file (used when the walk was incomplete, so that no uncounted cluster is overwritten).
@@ -353,15 +364,25 @@ pub fn write_refcount_structure(
     append_only: bool,
     avoid: &BTreeSet<u64>,
 ) -> Result<NewStructure> {
-    let geo = raw.refcount_geometry();
-    let cb = geo.cluster_bits;
-    let cs = 1u64 << cb;
-    let ptrs_per_cluster = cs / 8;
-    let file_clusters = raw.file_clusters();
-    let start = if append_only { file_clusters.max(imrt.len()) } else { 0 };
-    let mut hint = start;
+    let placed = place_refcount_structure(raw, imrt, append_only, avoid)?;
+    let new = write_placed(raw, imrt, &placed)?;
+    // The commit point. One write switches offset and size together.
+    h.commit_refcount_table(raw, new.reftable_offset, new.reftable_clusters)?;
+    Ok(new)
+}
 
-    // Phase 1: allocate until stable. Nothing is written yet, so an allocation can be undone.
+/// Phase 1: allocates refblocks and a reftable for `imrt` in clusters it marks free (and that
+/// are not in `avoid`), until stable. Nothing is written, so an allocation can be undone.
+pub fn place_refcount_structure(
+    raw: &QcowRawFile,
+    imrt: &mut Imrt,
+    append_only: bool,
+    avoid: &BTreeSet<u64>,
+) -> Result<Placed> {
+    let cb = imrt.geometry().cluster_bits;
+    let ptrs_per_cluster = (1u64 << cb) / 8;
+    let start = if append_only { raw.file_clusters().max(imrt.len()) } else { 0 };
+    let mut hint = start;
     let mut reftable: Vec<u64> = Vec::new();
     let mut reftable_at: Option<(u64, u64)> = None; // (first cluster, clusters)
     loop {
@@ -398,27 +419,28 @@ pub fn write_refcount_structure(
             break;
         }
     }
-    let (rt_first, rt_clusters) =
+    let (first, rt_clusters) =
         reftable_at.ok_or_else(|| Error::InvalidRefcountTableSize("no reftable allocated".into()))?;
-    let reftable_clusters = u32::try_from(rt_clusters)
+    let clusters = u32::try_from(rt_clusters)
         .map_err(|_| Error::InvalidRefcountTableSize(format!("a reftable of {rt_clusters} clusters is too large")))?;
     reftable.resize(usize::try_from(rt_clusters * ptrs_per_cluster).unwrap_or(0), 0);
+    Ok(Placed { reftable, first, clusters })
+}
 
-    // Phase 2: write refblocks and the reftable into free clusters, make them durable.
+/// Phase 2: writes the placed refblocks (encoded from `imrt`) and reftable into their free
+/// clusters and makes them durable. The header still names the old structure.
+pub fn write_placed(raw: &QcowRawFile, imrt: &Imrt, placed: &Placed) -> Result<NewStructure> {
     let mut refblocks = 0;
-    for (ri, &off) in reftable.iter().enumerate() {
+    for (ri, &off) in placed.reftable.iter().enumerate() {
         if off != 0 {
             raw.write_at(&imrt.refblock_bytes(ri as u64), off, "new refcount block")?;
             refblocks += 1;
         }
     }
-    let rt_offset = rt_first << cb;
-    raw.write_u64_table(rt_offset, &reftable, "new refcount table")?;
+    let rt_offset = placed.first << imrt.geometry().cluster_bits;
+    raw.write_u64_table(rt_offset, &placed.reftable, "new refcount table")?;
     raw.sync()?;
-
-    // Phase 3: the commit point. One write switches offset and size together.
-    h.commit_refcount_table(raw, rt_offset, reftable_clusters)?;
-    Ok(NewStructure { reftable_offset: rt_offset, reftable_clusters, refblocks })
+    Ok(NewStructure { reftable_offset: rt_offset, reftable_clusters: placed.clusters, refblocks })
 }
 
 /// The seed's entry point: recounts every reference of the image and writes a fresh refcount
@@ -427,6 +449,63 @@ pub fn write_refcount_structure(
 pub fn rebuild_refcounts(raw: &QcowRawFile, h: &mut QcowHeader) -> Result<NewStructure> {
     let mut c = crate::count::count_references(raw, h, false)?;
     write_refcount_structure(raw, h, &mut c.imrt, c.incomplete, &c.beyond_eof)
+}
+
+/// Rewrites the refcount structure with `2^order`-bit refcounts (`qemu-img amend -o
+/// refcount_bits=N`), by the rebuild's machinery: every reference is counted, the counts are
+/// re-encoded into a new structure placed in free clusters and made durable, and one write of
+/// the header's first sector switches table, size and width together. Until that write the old
+/// structure is intact; after it the old one's clusters are free in the new counts (they are
+/// released before the new refblocks are encoded), so a crash at any point leaves a valid
+/// image without even a leak. A count that does not fit the new width is refused as QEMU
+/// refuses it. `raw` is the image opened with the old width.
+pub fn change_refcount_order(raw: &QcowRawFile, h: &mut QcowHeader, order: u32) -> Result<NewStructure> {
+    let mut c = crate::count::count_references(raw, h, false)?;
+    if c.incomplete || !c.beyond_eof.is_empty() {
+        return Err(Error::corrupt(
+            "the image's metadata cannot all be walked; repair it (check -r all) before changing refcount_bits",
+            h.l1_table_offset,
+        ));
+    }
+    let cb = raw.cluster_bits();
+    let geo = RefcountGeometry { cluster_bits: cb, refcount_order: order };
+    let mut imrt = Imrt::new(geo, c.imrt.len())?;
+    for i in 0..c.imrt.len() {
+        let v = c.imrt.get(i);
+        if v > geo.refcount_max() {
+            return Err(Error::InvalidArgument(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {v}",
+                geo.refcount_bits(),
+                i << cb
+            )));
+        }
+        if v != 0 {
+            imrt.set(i, v)?;
+        }
+    }
+    let old = old_structure(raw, h)?;
+    let placed = place_refcount_structure(raw, &mut imrt, false, &BTreeSet::new())?;
+    for k in old {
+        let v = imrt.get(k);
+        if v > 0 {
+            imrt.set(k, v - 1)?;
+        }
+    }
+    c.imrt = imrt;
+    let new = write_placed(raw, &c.imrt, &placed)?;
+    h.commit_refcount_structure(raw, new.reftable_offset, new.reftable_clusters, order)?;
+    Ok(new)
+}
+
+/// The clusters of the current refcount structure: its reftable and every refblock it names.
+fn old_structure(raw: &QcowRawFile, h: &QcowHeader) -> Result<Vec<u64>> {
+    let cb = raw.cluster_bits();
+    let first = h.refcount_table_offset >> cb;
+    let clusters = u64::from(h.refcount_table_clusters);
+    let table = raw.read_u64_table(h.refcount_table_offset, (clusters << cb) / 8, "refcount_table_offset")?;
+    let mut out: Vec<u64> = (first..first + clusters).collect();
+    out.extend(table.iter().map(|e| e & crate::format::REFT_OFFSET_MASK).filter(|&o| o != 0).map(|o| o >> cb));
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -472,6 +472,12 @@ impl RefcountManager {
         self.set(raw, h, c, r + 1, c..c)
     }
 
+    /// Adds `n` references to cluster `c` (an allocation shared by `n + 1` tables).
+    pub fn add_references(&mut self, raw: &QcowRawFile, h: &mut QcowHeader, c: u64, n: u64) -> Result<()> {
+        let r = self.get(raw, c)?;
+        self.set(raw, h, c, r.saturating_add(n), c..c)
+    }
+
     /// Defers dropping one reference to cluster `c` until `apply_frees`.
     pub fn free_later(&mut self, c: u64) {
         self.pending_frees.push(c);

@@ -9,6 +9,7 @@ import sys
 from qcowrs._errors import QcowError
 from qcowrs._qcowrs import __version__
 from qcowrs.cli import (
+    cmd_amend,
     cmd_check,
     cmd_commit,
     cmd_compare,
@@ -36,6 +37,7 @@ _COMMANDS = [
     cmd_resize,
     cmd_rebase,
     cmd_commit,
+    cmd_amend,
     cmd_rebuild,
 ]
 

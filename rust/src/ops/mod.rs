@@ -1,6 +1,7 @@
 //! Image-level operations, one module per `qemu-img` command, built on the open image
 //! (`QcowFile`), its mapping and its backing chain.
 
+pub mod amend;
 pub mod commit;
 pub mod compare;
 pub mod convert;

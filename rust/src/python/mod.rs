@@ -1,5 +1,6 @@
 //! PyO3 glue: the `qcowrs._qcowrs` extension module. Nothing outside this folder knows Python.
 
+mod amend;
 mod buffer;
 mod commit;
 mod compare;
@@ -33,6 +34,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resize::resize, m)?)?;
     m.add_function(wrap_pyfunction!(rebase::rebase, m)?)?;
     m.add_function(wrap_pyfunction!(commit::commit, m)?)?;
+    m.add_function(wrap_pyfunction!(amend::amend, m)?)?;
     m.add_function(wrap_pyfunction!(measure::measure, m)?)?;
     m.add_function(wrap_pyfunction!(compare::compare, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
