@@ -38,7 +38,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use qcowrs::{
-    check_raw, MemStorage, OpenOptions, QcowFile, QcowHeader, QcowRawFile, RecordingStorage, Repair, Storage, StorageOp,
+    check_raw, BackingImage, MemStorage, OpenOptions, QcowFile, QcowHeader, QcowRawFile, RecordingStorage, Repair,
+    Storage, StorageOp,
 };
 
 const SECTOR: u64 = 512;
@@ -211,12 +212,19 @@ impl Model {
 
 /// The guest content of an image: every non-zero sector.
 fn guest_disk(bytes: &[u8]) -> (Disk, u64) {
-    let f = open_mem(bytes.to_vec(), OpenOptions::default()).unwrap();
+    guest_disk_of(&open_mem(bytes.to_vec(), OpenOptions::default()).unwrap(), &[])
+}
+
+/// The guest content of an open image (through its backing chain): every non-zero sector of
+/// what it allocates itself and of the `watch` ranges (where its backing files hold data).
+fn guest_disk_of(f: &QcowFile, watch: &[(u64, u64)]) -> (Disk, u64) {
     let mut d = Disk::default();
-    for (start, len, kind) in f.allocated_ranges().unwrap() {
-        if kind == "zero" {
-            continue;
-        }
+    let mut ranges: Vec<(u64, u64)> =
+        f.allocated_ranges().unwrap().into_iter().filter(|r| r.2 != "zero").map(|r| (r.0, r.1)).collect();
+    ranges.extend(
+        watch.iter().map(|&(s, n)| (s.min(f.virtual_size()), n.min(f.virtual_size() - s.min(f.virtual_size())))),
+    );
+    for (start, len) in ranges {
         let mut buf = vec![0u8; len as usize];
         f.read_at(&mut buf, start).unwrap();
         for (i, s) in buf.chunks(SECTOR as usize).enumerate() {
@@ -226,6 +234,17 @@ fn guest_disk(bytes: &[u8]) -> (Disk, u64) {
         }
     }
     (d, f.virtual_size())
+}
+
+/// Every range an image allocates itself (a backing file's data, to be watched in overlays).
+fn allocated(bytes: &[u8]) -> Vec<(u64, u64)> {
+    let f = open_mem(bytes.to_vec(), OpenOptions::default()).unwrap();
+    f.allocated_ranges().unwrap().into_iter().map(|r| (r.0, r.1)).collect()
+}
+
+/// A qcow2 image held in memory as the backing file of another.
+fn mem_backing(bytes: &[u8]) -> qcowrs::Result<BackingImage> {
+    Ok(BackingImage::qcow2(open_mem(bytes.to_vec(), OpenOptions::default())?))
 }
 
 fn open_mem(bytes: Vec<u8>, opts: OpenOptions) -> qcowrs::Result<QcowFile> {
@@ -314,6 +333,18 @@ struct Recorded {
     layout: Layout,
     /// The completed operation may leave leaks (by its contract).
     may_leak: bool,
+    /// A qcow2 image attached as the backing file of every state (whatever the state's header
+    /// names): the final base under the overlay a commit empties. `None`: the header's.
+    below: Option<Vec<u8>>,
+    /// Guest ranges read in every check besides what the state allocates itself: where its
+    /// backing files hold data.
+    watch: Vec<(u64, u64)>,
+    /// An overlay whose guest content over every state (as it is, unrepaired: an overlay opens
+    /// its backing file read-only) must read exactly this: the base a commit writes into.
+    above: Option<(Vec<u8>, Disk)>,
+    /// A shrink from this size: a state left smaller must read zeros past its last cluster
+    /// once grown back to it (no reference past the end survives to reappear).
+    regrow: Option<u64>,
 }
 
 fn record(name: &str, base: &[u8], op: impl FnOnce(&mut Ctx)) -> Recorded {
@@ -330,7 +361,27 @@ fn record_with_disk(name: &str, base: &[u8], (disk, size): (Disk, u64), op: impl
     let mut layout = Layout::default();
     layout.add(base);
     layout.add(&mem.to_vec());
-    Recorded { name: name.to_string(), base: base.to_vec(), log: ctx.log, model: ctx.model, layout, may_leak: false }
+    Recorded {
+        name: name.to_string(),
+        base: base.to_vec(),
+        log: ctx.log,
+        model: ctx.model,
+        layout,
+        may_leak: false,
+        below: None,
+        watch: Vec::new(),
+        above: None,
+        regrow: None,
+    }
+}
+
+/// Opens a state (or the base) as the harness does: over `rec.below` if set.
+fn open_state(rec: &Recorded, storage: Arc<dyn Storage>, opts: OpenOptions) -> qcowrs::Result<QcowFile> {
+    let path = Path::new("<crash state>");
+    match &rec.below {
+        Some(b) => QcowFile::open_storage_with_backing(storage, path, opts, Some(mem_backing(b)?)),
+        None => QcowFile::open_storage(storage, path, opts),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -647,10 +698,12 @@ fn summary(b: &[u8]) -> String {
 /// Opens the state as a user would after the power cut (read-write, rebuild on open), checks
 /// it, and compares the guest content with the promises in force at crash point `e`.
 fn check_state(rec: &Recorded, e: usize, bytes: Vec<u8>, tolerated: &HashSet<ProblemKey>) -> Result<Passed, String> {
+    if let Some((overlay, want)) = &rec.above {
+        check_above(overlay, want, bytes.clone(), &rec.watch)?;
+    }
     let mem = Arc::new(MemStorage::new(bytes));
     let opts = OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() };
-    let f = QcowFile::open_storage(mem.clone(), Path::new("<crash state>"), opts)
-        .map_err(|e| format!("open(writable, rebuild) failed: {e}"))?;
+    let f = open_state(rec, mem.clone(), opts).map_err(|e| format!("open(writable, rebuild) failed: {e}"))?;
     let mut h = QcowHeader::read_from(&*mem).map_err(|e| format!("header after open: {e}"))?;
     let raw = QcowRawFile::new(mem.clone(), h.cluster_size(), h.refcount_order, false).map_err(|e| e.to_string())?;
     let r = check_raw(&raw, &mut h, Repair::None, false).map_err(|e| format!("check failed: {e}"))?;
@@ -672,7 +725,40 @@ fn check_state(rec: &Recorded, e: usize, bytes: Vec<u8>, tolerated: &HashSet<Pro
     }
     check_guest(rec, e, &f)?;
     drop(f);
-    Ok(Passed { leaks: r.counts.leaks, repaired: mem.to_vec() })
+    let repaired = mem.to_vec();
+    if let Some(size) = rec.regrow {
+        check_regrow(&repaired, size)?;
+    }
+    Ok(Passed { leaks: r.counts.leaks, repaired })
+}
+
+/// A state smaller than `size` grown back to it (`truncate`) reads zeros past its last
+/// cluster: a reference past the end that survived a crash would show the dropped data again.
+fn check_regrow(repaired: &[u8], size: u64) -> Result<(), String> {
+    let mut f = open_mem(repaired.to_vec(), OpenOptions { writable: true, ..OpenOptions::default() })
+        .map_err(|e| format!("regrow: open: {e}"))?;
+    let cs = f.cluster_size();
+    let end = f.virtual_size().div_ceil(cs) * cs;
+    if end >= size {
+        return Ok(());
+    }
+    f.truncate(size).map_err(|e| format!("regrow to {size}: {e}"))?;
+    for (start, len, kind) in f.allocated_ranges().map_err(|e| format!("regrow: allocated_ranges: {e}"))? {
+        let (a, b) = (start.max(end), (start + len).min(size));
+        if kind == "zero" || a >= b {
+            continue;
+        }
+        let mut buf = vec![0u8; (b - a) as usize];
+        f.read_at(&mut buf, a).map_err(|e| format!("regrow: read: {e}"))?;
+        if let Some(i) = buf.iter().position(|&x| x != 0) {
+            return Err(format!(
+                "grown back to {size} bytes, guest 0x{:x} (past the end 0x{end:x}) reads {:02x}, not zero: a reference past the end survived",
+                a + i as u64,
+                buf[i]
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Guest bytes: flushed writes read back exactly; sectors written since the last completed
@@ -690,14 +776,46 @@ fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
         extra.entry(w.sector).or_default().push(&w.data);
     }
     let mut sectors: BTreeSet<u64> = p.disk.0.keys().chain(extra.keys()).copied().collect();
+    add_ranges(&mut sectors, f, &rec.watch)?;
+    let mut bad = Vec::new();
+    read_sectors(f, sectors, |s, got| {
+        let want = p.disk.get(s);
+        if got != want && !extra.get(&s).is_some_and(|l| l.contains(&got)) {
+            let alt: Vec<String> = extra.get(&s).map_or(Vec::new(), |l| l.iter().map(|x| summary(x)).collect());
+            bad.push(format!(
+                "guest 0x{:x} reads {} (promised {}{})",
+                s * SECTOR,
+                summary(got),
+                summary(want),
+                if alt.is_empty() { String::new() } else { format!(" or in flight {}", alt.join("/")) }
+            ));
+        }
+    })?;
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let n = bad.len();
+    bad.truncate(6);
+    Err(format!("{n} guest sector(s) differ: {}", bad.join("; ")))
+}
+
+/// The sectors of what `f` allocates itself and of the `watch` ranges.
+fn add_ranges(sectors: &mut BTreeSet<u64>, f: &QcowFile, watch: &[(u64, u64)]) -> Result<(), String> {
     for (start, len, kind) in f.allocated_ranges().map_err(|e| format!("allocated_ranges: {e}"))? {
         if kind != "zero" {
             sectors.extend(start / SECTOR..(start + len).div_ceil(SECTOR));
         }
     }
+    for &(start, len) in watch {
+        sectors.extend(start / SECTOR..(start + len).div_ceil(SECTOR));
+    }
+    Ok(())
+}
+
+/// Reads the guest sectors (those inside the disk), in runs, and hands each to `each`.
+fn read_sectors(f: &QcowFile, sectors: BTreeSet<u64>, mut each: impl FnMut(u64, &[u8])) -> Result<(), String> {
     let end = f.virtual_size() / SECTOR;
     let v: Vec<u64> = sectors.into_iter().filter(|&s| s < end).collect();
-    let mut bad = Vec::new();
     let mut i = 0;
     while i < v.len() {
         let mut j = i + 1;
@@ -707,27 +825,40 @@ fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
         let mut buf = vec![0u8; (j - i) * SECTOR as usize];
         f.read_at(&mut buf, v[i] * SECTOR).map_err(|e| format!("guest read at 0x{:x}: {e}", v[i] * SECTOR))?;
         for (n, got) in buf.chunks(SECTOR as usize).enumerate() {
-            let s = v[i] + n as u64;
-            let want = p.disk.get(s);
-            if got != want && !extra.get(&s).is_some_and(|l| l.contains(&got)) {
-                let alt: Vec<String> = extra.get(&s).map_or(Vec::new(), |l| l.iter().map(|x| summary(x)).collect());
-                bad.push(format!(
-                    "guest 0x{:x} reads {} (promised {}{})",
-                    s * SECTOR,
-                    summary(got),
-                    summary(want),
-                    if alt.is_empty() { String::new() } else { format!(" or in flight {}", alt.join("/")) }
-                ));
-            }
+            each(v[i] + n as u64, got);
         }
         i = j;
     }
+    Ok(())
+}
+
+/// The overlay over the state `below` (unrepaired, read-only as an overlay opens its backing
+/// file) must read exactly `want`.
+fn check_above(overlay: &[u8], want: &Disk, below: Vec<u8>, watch: &[(u64, u64)]) -> Result<(), String> {
+    let b = open_mem(below, OpenOptions::default()).map_err(|e| format!("read-only open as a backing file: {e}"))?;
+    let mut sectors: BTreeSet<u64> = want.0.keys().copied().collect();
+    add_ranges(&mut sectors, &b, watch)?;
+    let mem = Arc::new(MemStorage::new(overlay.to_vec()));
+    let f = QcowFile::open_storage_with_backing(
+        mem,
+        Path::new("<overlay>"),
+        OpenOptions::default(),
+        Some(BackingImage::qcow2(b)),
+    )
+    .map_err(|e| format!("the overlay does not open over this state: {e}"))?;
+    add_ranges(&mut sectors, &f, &[])?;
+    let mut bad = Vec::new();
+    read_sectors(&f, sectors, |s, got| {
+        if got != want.get(s) {
+            bad.push(format!("0x{:x} reads {} (was {})", s * SECTOR, summary(got), summary(want.get(s))));
+        }
+    })?;
     if bad.is_empty() {
         return Ok(());
     }
     let n = bad.len();
     bad.truncate(6);
-    Err(format!("{n} guest sector(s) differ: {}", bad.join("; ")))
+    Err(format!("the overlay over this state: {n} guest sector(s) differ: {}", bad.join("; ")))
 }
 
 /// Problems (not leaks) the base image itself has after its repair-on-open: a crash before the
@@ -736,7 +867,7 @@ fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
 fn base_problems(rec: &Recorded) -> HashSet<ProblemKey> {
     let mem = Arc::new(MemStorage::new(rec.base.clone()));
     let opts = OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() };
-    drop(QcowFile::open_storage(mem.clone(), Path::new("<base>"), opts).unwrap());
+    drop(open_state(rec, mem.clone(), opts).unwrap());
     let mut h = QcowHeader::read_from(&*mem).unwrap();
     let raw = QcowRawFile::new(mem.clone(), h.cluster_size(), h.refcount_order, false).unwrap();
     let r = check_raw(&raw, &mut h, Repair::None, false).unwrap();
@@ -770,7 +901,7 @@ impl Qemu {
         q.base_pre = (c, corr);
         let mem = Arc::new(MemStorage::new(rec.base.clone()));
         let opts = OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() };
-        drop(QcowFile::open_storage(mem.clone(), Path::new("<base>"), opts).unwrap());
+        drop(open_state(rec, mem.clone(), opts).unwrap());
         let st = q.write("base-post.qcow2", &mem.to_vec());
         let (c, corr, _, _) = qemu_check(Path::new(&st));
         q.base_post = (c, corr);
@@ -1616,4 +1747,86 @@ fn repair_recreates_an_l1_table_past_eof() {
         structural_repair(ctx);
     });
     assert_safe(&crash_states(&rec, false), "repair-l1-past-eof");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Image operations: resize --shrink, rebase, commit.
+
+impl Ctx {
+    /// `qemu-img resize --shrink` on the open image: the virtual size drops to `size`; the
+    /// first `size` bytes keep their content (every state reads the old content at the old
+    /// size or its truncated view at the new one: `check_guest` reads only below the size).
+    fn shrink(&mut self, f: &mut QcowFile, size: u64) {
+        let p = self.pos();
+        let new = qcowrs::ops::resize::resize_image(f, qcowrs::ops::resize::NewSize::Absolute(size), true).unwrap();
+        assert_eq!((new, f.virtual_size()), (size, size));
+        self.model.size = size;
+        self.model.sizes.push((p, size));
+        let p = self.pos();
+        self.model.promise(p);
+    }
+}
+
+/// `resize --shrink` with 64 KiB clusters, data before and past the new end, the new end
+/// inside an L2 table (its entries past the end cleared) and a whole table past it (unlinked,
+/// freed), then close.
+#[test]
+fn shrink_64k_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "shrink64k.qcow2",
+        "cluster_size=65536",
+        "1536M",
+        &["write -P 0x11 0 256k", "write -P 0x12 512m 192k", "write -P 0x13 600m 128k", "write -P 0x14 1100m 64k"],
+        None,
+    );
+    let rec = record("shrink-64k", &base, |ctx| {
+        let mut f = ctx.open();
+        ctx.shrink(&mut f, 512 * M + 100 * K); // inside the cluster at 512m+64k
+        ctx.close(f);
+    });
+    let mut rec = rec;
+    rec.regrow = Some(rec.model.promises[0].size);
+    assert_safe(&crash_states(&rec, false), "shrink-64k");
+}
+
+/// `resize --shrink` with 512 B clusters (an L2 table maps 32 KiB): many tables past the end.
+#[test]
+fn shrink_512b_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "shrink512.qcow2",
+        "cluster_size=512",
+        "4M",
+        &["write -P 0x11 0 20k", "write -P 0x12 1m 40k", "write -P 0x13 2m 16k", "write -P 0x14 3146240 1k"],
+        None,
+    );
+    let rec = record("shrink-512", &base, |ctx| {
+        let mut f = ctx.open();
+        ctx.shrink(&mut f, M + 7 * K + 512); // inside an L2 table, data past it
+        ctx.close(f);
+    });
+    let mut rec = rec;
+    rec.regrow = Some(rec.model.promises[0].size);
+    assert_safe(&crash_states(&rec, false), "shrink-512");
+}
+
+/// `resize --shrink` of an image with an internal snapshot: tables and clusters it shares lose
+/// only the active tree's reference; the snapshot keeps its size and content.
+#[test]
+fn shrink_with_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_64k(dir.path());
+    let rec = record("shrink-snapshot", &base, |ctx| {
+        let mut f = ctx.open();
+        ctx.write(&mut f, 1200 * M, &pattern(1, 1200 * M, 64 * K)); // a private table past the end
+        ctx.flush(&mut f);
+        ctx.shrink(&mut f, 520 * M);
+        ctx.close(f);
+    });
+    let mut rec = rec;
+    rec.regrow = Some(rec.model.promises[0].size);
+    assert_safe(&crash_states(&rec, true), "shrink-snapshot");
 }

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use crate::backing::{open_image_any, resolve_relative, BackingChoice, BackingRead};
+use crate::backing::{open_image_any, resolve_relative, BackingChoice, BackingImage, BackingRead};
 use crate::error::{Error, Result};
 use crate::format::EXT_BACKING_FORMAT;
 use crate::header::HeaderExtension;
@@ -35,6 +35,48 @@ pub struct RebaseOptions {
 /// Rebases the overlay at `path` (see the module documentation). `progress(done, total)` is
 /// called as the comparison goes.
 pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &dyn Fn(u64, u64) -> Result<()>) -> Result<()> {
+    check_options(opts)?;
+    let name = opts.backing_file.as_str();
+    let choice = if opts.unsafe_mode { BackingChoice::Disabled } else { BackingChoice::FromHeader };
+    let mut f = QcowFile::open(path, OpenOptions { writable: true, backing: choice, ..OpenOptions::default() })?;
+    let new = if opts.unsafe_mode || name.is_empty() {
+        None
+    } else {
+        let p = resolve_relative(path, name);
+        Some(BackingImage(
+            open_image_any(&p, opts.backing_format.as_deref(), false)
+                .map_err(|e| Error::InvalidArgument(format!("Could not open new backing file '{name}': {e}")))?,
+        ))
+    };
+    rebase_image(&mut f, new.as_ref(), opts, progress)?;
+    f.close()
+}
+
+/// Rebases an open overlay (on any storage; [`rebase`] without the opening and closing): `f`
+/// is opened writable over its old chain (safe mode) or without it (unsafe mode), `new` is the
+/// new backing file already open (`None` with an empty `opts.backing_file`; not used in unsafe
+/// mode). When it returns, the copies and the new header are durable.
+pub fn rebase_image(
+    f: &mut QcowFile,
+    new: Option<&BackingImage>,
+    opts: &RebaseOptions,
+    progress: &dyn Fn(u64, u64) -> Result<()>,
+) -> Result<()> {
+    check_options(opts)?;
+    let name = opts.backing_file.as_str();
+    if !opts.unsafe_mode {
+        if !name.is_empty() && new.is_none() {
+            return Err(Error::InvalidArgument(format!("a safe rebase onto '{name}' needs it open")));
+        }
+        let new = if name.is_empty() { None } else { new.map(|b| &*b.0) };
+        copy_differences(f, new, progress)?;
+        f.flush()?;
+    }
+    f.set_backing(if name.is_empty() { None } else { Some(name) }, opts.backing_format.as_deref())
+}
+
+/// qemu-img's checks of the options, before anything is opened.
+fn check_options(opts: &RebaseOptions) -> Result<()> {
     let name = opts.backing_file.as_str();
     if !name.is_empty() && opts.backing_format.is_none() {
         return Err(Error::InvalidArgument(format!(
@@ -48,23 +90,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &dyn Fn(u64, u64) -> 
             )));
         }
     }
-    let choice = if opts.unsafe_mode { BackingChoice::Disabled } else { BackingChoice::FromHeader };
-    let mut f = QcowFile::open(path, OpenOptions { writable: true, backing: choice, ..OpenOptions::default() })?;
-    if !opts.unsafe_mode {
-        let new: Option<Box<dyn BackingRead>> = if name.is_empty() {
-            None
-        } else {
-            let p = resolve_relative(path, name);
-            Some(
-                open_image_any(&p, opts.backing_format.as_deref(), false)
-                    .map_err(|e| Error::InvalidArgument(format!("Could not open new backing file '{name}': {e}")))?,
-            )
-        };
-        copy_differences(&mut f, new.as_deref(), progress)?;
-        f.flush()?;
-    }
-    f.set_backing(if name.is_empty() { None } else { Some(name) }, opts.backing_format.as_deref())?;
-    f.close()
+    Ok(())
 }
 
 /// Copies into the overlay every cluster it does not allocate whose content (through the old
