@@ -237,7 +237,7 @@ fn guest_disk_of(f: &QcowFile, watch: &[(u64, u64)]) -> (Disk, u64) {
 }
 
 /// Every range an image allocates itself (a backing file's data, to be watched in overlays).
-fn allocated(bytes: &[u8]) -> Vec<(u64, u64)> {
+fn allocated_ranges(bytes: &[u8]) -> Vec<(u64, u64)> {
     let f = open_mem(bytes.to_vec(), OpenOptions::default()).unwrap();
     f.allocated_ranges().unwrap().into_iter().map(|r| (r.0, r.1)).collect()
 }
@@ -1829,4 +1829,119 @@ fn shrink_with_a_snapshot() {
     let mut rec = rec;
     rec.regrow = Some(rec.model.promises[0].size);
     assert_safe(&crash_states(&rec, true), "shrink-snapshot");
+}
+
+/// Safe rebase (`qemu-img rebase -b NEW -F qcow2`, or `-b ""`) of the overlay `overlay` (its
+/// header names `old` by absolute path, so every state finds the backing file it names):
+/// recorded on the overlay; the backing files are read-only inputs on disk. Every state must
+/// open with the backing file its header names (old or new) and read the guest content the
+/// overlay had before: the copies are durable before the header changes.
+fn record_rebase(name: &str, dir: &Path, overlay: &[u8], new: Option<&Path>, files: &[&Path]) -> Recorded {
+    let mut watch = Vec::new();
+    for f in files {
+        watch.extend(allocated_ranges(&std::fs::read(f).unwrap()));
+    }
+    let chain = guest_disk_of(&open_mem(overlay.to_vec(), OpenOptions::default()).unwrap(), &watch);
+    let path = dir.join("overlay.qcow2");
+    let mut rec = record_with_disk(name, overlay, chain, |ctx| {
+        let opts = OpenOptions { writable: true, ..OpenOptions::default() };
+        let mut f = QcowFile::open_storage(ctx.storage(), &path, opts).unwrap();
+        let image = new.map(|p| BackingImage::qcow2(QcowFile::open_read_only(p).unwrap()));
+        let opts = qcowrs::ops::rebase::RebaseOptions {
+            backing_file: new.map_or(String::new(), |p| p.to_str().unwrap().to_string()),
+            backing_format: new.map(|_| "qcow2".to_string()),
+            unsafe_mode: false,
+        };
+        qcowrs::ops::rebase::rebase_image(&mut f, image.as_ref(), &opts, &|_, _| Ok(())).unwrap();
+        assert_eq!(f.header().backing_file.as_deref(), new.map(|p| p.to_str().unwrap()));
+        ctx.close(f);
+    });
+    rec.watch = watch;
+    rec
+}
+
+/// Two backing files that agree in places and differ in others (data only in one, data in
+/// both that differs, data equal in both), and an overlay over the first that shadows some
+/// of it (whole clusters and part of one).
+fn rebase_files(dir: &Path, cluster: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+    let old = dir.join("old.qcow2");
+    let new = dir.join("new-base.qcow2");
+    let opts = format!("cluster_size={cluster}");
+    qemu_base(
+        dir,
+        "old.qcow2",
+        &opts,
+        "16M",
+        &["write -P 0x11 0 256k", "write -P 0x12 1m 128k", "write -P 0x13 4m 64k", "write -P 0x14 6m 8k"],
+        None,
+    );
+    qemu_base(
+        dir,
+        "new-base.qcow2",
+        &opts,
+        "16M",
+        &[
+            "write -P 0x11 0 128k",
+            "write -P 0x55 128k 64k",
+            "write -P 0x12 1m 64k",
+            "write -P 0x66 8m 64k",
+            "write -P 0x14 6m 4k",
+        ],
+        None,
+    );
+    let ov_opts = format!("{opts},backing_file={},backing_fmt=qcow2", old.display());
+    let overlay = qemu_base(
+        dir,
+        "overlay.qcow2",
+        &ov_opts,
+        "16M",
+        &["write -P 0x77 4m 64k", "write -P 0x78 132k 4k", "write -P 0x79 10m 4k"],
+        None,
+    );
+    (old, new, overlay)
+}
+
+#[test]
+fn rebase_onto_another_backing_file_64k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new, overlay) = rebase_files(dir.path(), "65536");
+    let rec = record_rebase("rebase-64k", dir.path(), &overlay, Some(&new), &[&old, &new]);
+    assert_safe(&crash_states(&rec, false), "rebase-64k");
+}
+
+#[test]
+fn rebase_onto_none_4k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, _, overlay) = rebase_files(dir.path(), "4096");
+    let rec = record_rebase("rebase-none-4k", dir.path(), &overlay, None, &[&old]);
+    assert_safe(&crash_states(&rec, false), "rebase-none-4k");
+}
+
+/// The header area of this overlay (QEMU wrote a feature name table) spans two sectors and
+/// shrinks by the backing format extension: the extensions after it move across sectors.
+#[test]
+fn rebase_onto_none_64k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, _, overlay) = rebase_files(dir.path(), "65536");
+    let rec = record_rebase("rebase-none-64k", dir.path(), &overlay, None, &[&old]);
+    assert_safe(&crash_states(&rec, false), "rebase-none-64k");
+}
+
+/// A standalone image (64 KiB clusters, QEMU's feature name table) put onto a backing file:
+/// where the new backing file has data and the image none, zeros are copied in; the header
+/// area grows past its first sector (the backing name lands in the second).
+#[test]
+fn rebase_standalone_onto_a_backing_file_64k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, new, _) = rebase_files(dir.path(), "65536");
+    let image = qemu_base(
+        dir.path(),
+        "alone.qcow2",
+        "cluster_size=65536",
+        "16M",
+        &["write -P 0x31 64k 128k", "write -P 0x32 8m 4k"],
+        None,
+    );
+    let rec = record_rebase("rebase-standalone-64k", dir.path(), &image, Some(&new), &[&new]);
+    assert_safe(&crash_states(&rec, false), "rebase-standalone-64k");
 }

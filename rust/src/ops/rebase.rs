@@ -102,16 +102,19 @@ fn copy_differences(
 ) -> Result<()> {
     let cs = f.cluster_size();
     let map = map_image(f, 0, None)?;
-    // Ranges the overlay leaves to its backing chain (depth > 0) where the old chain or the
-    // new backing file holds data: elsewhere both read zeros and nothing can differ.
+    // What the overlay leaves to its backing chain: answered below it (depth > 0), or not
+    // allocated by it at all (an image without a backing file answers zeros itself there).
+    let below = |e: &&crate::ops::map::MapEntry| e.depth > 0 || !e.present;
+    // Ranges left to the chain where the old chain or the new backing file holds data:
+    // elsewhere both read zeros and nothing can differ.
     let mut data: Vec<(u64, u64)> =
-        map.entries.iter().filter(|e| e.depth > 0 && e.data).map(|e| (e.start, e.start + e.length)).collect();
+        map.entries.iter().filter(|e| below(e) && e.data).map(|e| (e.start, e.start + e.length)).collect();
     if let Some(b) = new {
         data.extend(crate::ops::convert::status(b)?.iter().filter(|r| r.data).map(|r| (r.start, r.end)));
     }
     let data = merge(data);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for e in map.entries.iter().filter(|e| e.depth > 0) {
+    for e in map.entries.iter().filter(below) {
         let (s, t) = (e.start, e.start + e.length);
         let i = data.partition_point(|&(_, end)| end <= s);
         for &(a, b) in data[i..].iter().take_while(|&&(a, _)| a < t) {
@@ -173,9 +176,10 @@ fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 impl QcowFile {
-    /// Names `backing` (with `format`) as the backing file in the header, or none. The header
-    /// cluster is rewritten in one write (as QEMU's `qcow2_update_header`) after everything
-    /// else is durable.
+    /// Names `backing` (with `format`) as the backing file in the header, or none, after
+    /// everything else is durable. The header area is rewritten so that a crash (torn sectors
+    /// included) leaves the old or the new header
+    /// ([`QcowHeader::commit_header_area`](crate::header::QcowHeader::commit_header_area)).
     pub(crate) fn set_backing(&mut self, backing: Option<&str>, format: Option<&str>) -> Result<()> {
         if let Some(name) = backing {
             crate::backing::check_plain_file_name(name, "backing file")?;
@@ -188,11 +192,9 @@ impl QcowFile {
             // QEMU keeps the backing format first among the extensions it writes.
             h.extensions.insert(0, HeaderExtension { kind: EXT_BACKING_FORMAT, data: fmt.as_bytes().to_vec() });
         }
-        let bytes = h.to_bytes()?;
-        self.raw_file().write_at(&bytes, 0, "header (backing file)")?;
-        self.raw_file().sync()?;
-        let h = crate::header::QcowHeader::read_from(&**self.raw_file().storage())?;
-        self.replace_header(h);
+        let mut on_disk = self.header().clone();
+        on_disk.commit_header_area(self.raw_file(), &h)?;
+        self.replace_header(on_disk);
         Ok(())
     }
 }
