@@ -1945,3 +1945,229 @@ fn rebase_standalone_onto_a_backing_file_64k() {
     let rec = record_rebase("rebase-standalone-64k", dir.path(), &image, Some(&new), &[&new]);
     assert_safe(&crash_states(&rec, false), "rebase-standalone-64k");
 }
+
+/// A file of an operation that writes several: its writes, syncs, resizes and punches go to
+/// a log shared with the other files, tagged with the file, so the order between files shows.
+#[derive(Debug)]
+struct SharedLog {
+    rec: RecordingStorage,
+    tag: usize,
+    log: Arc<std::sync::Mutex<Vec<(usize, StorageOp)>>>,
+}
+
+impl SharedLog {
+    fn note(&self) {
+        let mut log = self.log.lock().unwrap();
+        log.extend(self.rec.take_log().into_iter().map(|op| (self.tag, op)));
+    }
+}
+
+impl Storage for SharedLog {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.rec.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.rec.write_at(buf, offset)?;
+        self.note();
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.rec.sync()?;
+        self.note();
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.rec.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.rec.set_len(len)?;
+        self.note();
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.rec.punch_hole(offset, len)?;
+        self.note();
+        Ok(())
+    }
+}
+
+/// The recorded phase of one file of a multi-file operation: its own log, its guest model.
+fn phase(name: &str, base: &[u8], log: Vec<StorageOp>, model: Model) -> Recorded {
+    let mut layout = Layout::default();
+    layout.add(base);
+    layout.add(&qcowrs::replay(base, &log).unwrap());
+    Recorded {
+        name: name.to_string(),
+        base: base.to_vec(),
+        log,
+        model,
+        layout,
+        may_leak: false,
+        below: None,
+        watch: Vec::new(),
+        above: None,
+        regrow: None,
+    }
+}
+
+/// The model of a file whose guest content goes from `old` to `new` with no promise between:
+/// every sector reads its old or its new content, the size is the old or the new one.
+fn old_or_new(old: (Disk, u64), new: &(Disk, u64), end: usize) -> Model {
+    let mut m = Model::new(old.0, old.1);
+    let sectors: BTreeSet<u64> = m.cur.0.keys().chain(new.0 .0.keys()).copied().collect();
+    for s in sectors {
+        if m.cur.get(s) != new.0.get(s) {
+            let data: Arc<[u8]> = new.0.get(s).into();
+            m.writes.push(SectorWrite { issue: 0, sector: s, data });
+        }
+    }
+    if new.1 != m.size {
+        m.sizes.push((0, new.1));
+    }
+    m.cur = new.0.clone();
+    m.size = new.1;
+    m.promise(end);
+    m
+}
+
+/// `qemu-img commit` of `overlay` (its header names `base` by absolute path) into `base`
+/// (qcow2), both on storages that log into one shared log; returns the two phases.
+///
+/// What a commit promises, and so what every crash state must keep:
+///
+/// * The guest content of the chain (the overlay over the base) never changes: the commit
+///   copies into the base only ranges the overlay allocates (so the overlay still shadows
+///   them), and empties the overlay only once the base holds them durably.
+/// * The base's own content changes (as with qemu-img, whose commit rewrites the base): after
+///   a crash each of its sectors reads its old or its new content (and the size, if it grew,
+///   is the old or the new one): there is no flush promise in between. Other overlays of the
+///   base see that mix; qemu-img's commit invalidates them as well.
+/// * Internal snapshots of the base keep their content (checked with qemu-img on a sample).
+///
+/// The two files are written one after the other: `commit_images` closes and syncs the base
+/// before its first write to the overlay, and this is checked on the shared log (every base
+/// op before every overlay op, the last base op a sync). A sync of one file makes only that
+/// file's writes durable; with that order, at any crash point at most one file has writes in
+/// flight: while the base is written the overlay is as it was, and once the overlay is touched
+/// the base is durable in its final state. So the states of the pair are exactly the base's
+/// crash states under the original overlay, then the overlay's crash states over the final
+/// base: each phase is replayed as a file of its own (`above`: the overlay read over every
+/// base state; `below`: the final base under every overlay state).
+fn record_commit(name: &str, base: &[u8], overlay: &[u8]) -> (Recorded, Recorded) {
+    let mut watch = allocated_ranges(base);
+    watch.extend(allocated_ranges(overlay));
+    let over = |b: &[u8]| {
+        let mem = Arc::new(MemStorage::new(overlay.to_vec()));
+        QcowFile::open_storage_with_backing(
+            mem,
+            Path::new("<overlay>"),
+            OpenOptions::default(),
+            Some(mem_backing(b).unwrap()),
+        )
+        .unwrap()
+    };
+    let chain = guest_disk_of(&over(base), &watch);
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let file = |bytes: &[u8], tag: usize| -> Arc<dyn Storage> {
+        let rec = RecordingStorage::new(Arc::new(MemStorage::new(bytes.to_vec())));
+        Arc::new(SharedLog { rec, tag, log: log.clone() })
+    };
+    let (base_st, top_st) = (file(base, 0), file(overlay, 1));
+    let opts = OpenOptions { writable: true, backing: qcowrs::BackingChoice::Disabled, ..OpenOptions::default() };
+    let mut top = QcowFile::open_storage(top_st, Path::new("<overlay>"), opts.clone()).unwrap();
+    let base_f = QcowFile::open_storage(base_st, Path::new("<base>"), opts).unwrap();
+    let target = qcowrs::ops::commit::CommitBase::Qcow2(Box::new(base_f));
+    qcowrs::ops::commit::commit_images(&over(base), 1, target, Some(&mut top), &|_, _| Ok(())).unwrap();
+    top.close().unwrap();
+    drop(top);
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let first_top = log.iter().position(|(t, _)| *t == 1).unwrap_or(log.len());
+    assert!(log[first_top..].iter().all(|(t, _)| *t == 1), "{name}: the base is written after the overlay is touched");
+    assert_eq!(
+        log[..first_top].last().map(|(_, op)| op),
+        Some(&StorageOp::Sync),
+        "{name}: the base is not synced last"
+    );
+    let (base_log, top_log): (Vec<StorageOp>, Vec<StorageOp>) = (
+        log[..first_top].iter().map(|(_, op)| op.clone()).collect(),
+        log[first_top..].iter().map(|(_, op)| op.clone()).collect(),
+    );
+    let final_base = qcowrs::replay(base, &base_log).unwrap();
+    let final_top = qcowrs::replay(overlay, &top_log).unwrap();
+    assert!(allocated_ranges(&final_top).is_empty(), "{name}: the overlay is not empty");
+    let new = guest_disk_of(&open_mem(final_base.clone(), OpenOptions::default()).unwrap(), &watch);
+    let old = guest_disk_of(&open_mem(base.to_vec(), OpenOptions::default()).unwrap(), &watch);
+    let n = base_log.len();
+    let mut b = phase(&format!("{name}-base"), base, base_log, old_or_new(old, &new, n));
+    b.above = Some((overlay.to_vec(), chain.0.clone()));
+    b.watch = watch.clone();
+    let size = chain.1;
+    let mut m = Model::new(chain.0, size);
+    m.promise(top_log.len());
+    let mut t = phase(&format!("{name}-overlay"), overlay, top_log, m);
+    t.below = Some(final_base);
+    t.watch = watch;
+    (b, t)
+}
+
+/// Commit with 64 KiB clusters: the overlay (larger than the base, so the base grows first)
+/// holds data over the base's data and past its end, zeros over its data, and a partly
+/// written cluster; the base has an internal snapshot sharing its clusters (the commit's
+/// writes into the base copy them).
+#[test]
+fn commit_into_a_qcow2_base_64k() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "base.qcow2",
+        "cluster_size=65536",
+        "8M",
+        &["write -P 0x11 0 256k", "write -P 0x12 1m 128k"],
+        Some(&["write -P 0x13 3m 64k"]),
+    );
+    let opts = format!("cluster_size=65536,backing_file={},backing_fmt=qcow2", dir.path().join("base.qcow2").display());
+    let overlay = qemu_base(
+        dir.path(),
+        "overlay.qcow2",
+        &opts,
+        "12M",
+        &[
+            "write -P 0x21 64k 64k",
+            "write -z 1m 64k",
+            "write -P 0x22 3m 8k",
+            "write -P 0x23 10m 128k",
+            "write -P 0x24 5m 4k",
+        ],
+        None,
+    );
+    let (b, t) = record_commit("commit-64k", &base, &overlay);
+    assert_safe(&crash_states(&b, true), "commit-64k-base");
+    assert_safe(&crash_states(&t, false), "commit-64k-overlay");
+}
+
+/// Commit with 512 B clusters (many L2 tables in both files, the base's refcount structure
+/// grows).
+#[test]
+fn commit_into_a_qcow2_base_512b() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "base.qcow2",
+        "cluster_size=512",
+        "2M",
+        &["write -P 0x11 0 20k", "write -P 0x12 1m 8k"],
+        None,
+    );
+    let opts = format!("cluster_size=512,backing_file={},backing_fmt=qcow2", dir.path().join("base.qcow2").display());
+    let overlay = qemu_base(
+        dir.path(),
+        "overlay.qcow2",
+        &opts,
+        "2M",
+        &["write -P 0x21 4k 6k", "write -z 1m 2k", "write -P 0x22 1536k 40k", "write -P 0x23 100k 1000"],
+        None,
+    );
+    let (b, t) = record_commit("commit-512", &base, &overlay);
+    assert_safe(&crash_states(&b, false), "commit-512-base");
+    assert_safe(&crash_states(&t, false), "commit-512-overlay");
+}
