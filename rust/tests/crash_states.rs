@@ -26,6 +26,15 @@
 //! `qemu-img convert -l snapshot.name=snap1` + `qemu-img compare` against the base's snapshot,
 //! and through qcowrs `repair=all` followed by `qemu-img check` (exit 0). A failing state is
 //! printed with the ops applied (torn, reordered) and saved under `target/tmp/crash-states/`.
+//!
+//! The image operations (`resize --shrink`, `rebase`, `commit`) run through their
+//! storage-level entry points (`ops::resize::resize_image`, `ops::rebase::rebase_image`,
+//! `ops::commit::commit_images`). Backing files are read-only inputs: on disk, named by
+//! absolute path, so each state opens the one its header names (rebase), or attached in memory
+//! to every state (`Recorded::below`: the final base under a commit's overlay). Guest content
+//! then includes what the backing files show (`Recorded::watch`: their data ranges are read in
+//! every check). A commit writes two files: see [`record_commit`] for why its two phases,
+//! replayed one file at a time, are all the states of the pair.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test crate: a failed unwrap is a failed test
 #![allow(clippy::print_stderr)] // the per-operation counts are the point of `--nocapture`
