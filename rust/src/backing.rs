@@ -134,6 +134,31 @@ impl BackingRead for RawBacking {
     }
 }
 
+/// An image opened to serve as a backing file (a qcow2 image with its own chain, or a raw
+/// file), for the entry points that take open images instead of paths
+/// ([`QcowFile::open_storage_with_backing`], `ops::rebase::rebase_image`,
+/// `ops::commit::commit_images`).
+#[derive(Debug)]
+pub struct BackingImage(pub(crate) Box<dyn BackingRead>);
+
+impl BackingImage {
+    /// A qcow2 image (read through its own chain).
+    pub fn qcow2(image: QcowFile) -> Self {
+        BackingImage(Box::new(image))
+    }
+
+    /// A raw file on `storage` (its length read now); `name` names it in messages.
+    pub fn raw(storage: Arc<dyn Storage>, name: &Path) -> Result<Self> {
+        let len = storage.len().ctx(|| format!("reading the length of backing file '{}'", name.display()))?;
+        Ok(BackingImage(Box::new(RawBacking { storage, len, name: name.to_path_buf() })))
+    }
+
+    /// Guest-visible size.
+    pub fn size(&self) -> u64 {
+        self.0.size()
+    }
+}
+
 /// `name` resolved against the folder of `image` (as QEMU resolves relative backing names).
 pub(crate) fn resolve_relative(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);

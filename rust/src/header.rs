@@ -775,6 +775,68 @@ impl QcowHeader {
         Ok(())
     }
 
+    /// Rewrites the header area of cluster 0 (`self` is what is on disk) as `new` describes
+    /// it, so that a crash or a power cut, even one that tears a write into its 512-byte
+    /// sectors, leaves one of the two headers (or, between them, the old one without its
+    /// feature name table). When only the first sector changes, one write (a sector is
+    /// written whole). Otherwise in steps, each synced, each either a one-sector write or a
+    /// write to bytes the header on disk does not read: the old backing name copied to the end
+    /// of cluster 0; the first sector rewritten to name it there, with the extensions that fit
+    /// (the feature name table, names for tools, dropped); the rest of the new area; the new
+    /// first sector; the bytes after the new area zeroed. When even that does not fit (clusters
+    /// of 1 or 2 KiB with long names or many extensions), one write, as QEMU's
+    /// `qcow2_update_header` does.
+    pub(crate) fn commit_header_area(&mut self, raw: &QcowRawFile, new: &QcowHeader) -> Result<()> {
+        const SECTOR: usize = 512;
+        let what = "header (rewritten)";
+        let bytes = new.to_bytes()?;
+        let cs = usize::try_from(self.cluster_size()).unwrap_or(usize::MAX);
+        let old_name = self.backing_file.clone().unwrap_or_default();
+        let old_end = self
+            .to_bytes()?
+            .len()
+            .max(usize::try_from(self.backing_file_offset + u64::from(self.backing_file_size)).unwrap_or(usize::MAX));
+        let disk = raw.read_available(0, old_end.max(bytes.len()).min(cs) as u64)?;
+        let tail_same = bytes.len() <= SECTOR || disk.get(SECTOR..bytes.len()) == Some(&bytes[SECTOR..]);
+        // The old name's new place: the end of cluster 0, past both areas, sector aligned.
+        let at = cs.saturating_sub(old_name.len()) / SECTOR * SECTOR;
+        let mut mid = self.clone();
+        mid.backing_file = None;
+        mid.extensions.retain(|e| e.kind != EXT_FEATURE_TABLE);
+        let mut first = mid.to_bytes()?;
+        let fits = first.len() <= SECTOR && at >= old_end.max(bytes.len()).div_ceil(SECTOR) * SECTOR;
+        if tail_same || !fits {
+            raw.write_at(&bytes, 0, what)?;
+            raw.sync()?;
+        } else {
+            if !old_name.is_empty() {
+                raw.write_at(old_name.as_bytes(), at as u64, "header (backing name, moved)")?;
+                raw.sync()?;
+                first[fo::BACKING_FILE_OFFSET as usize..][..8].copy_from_slice(&(at as u64).to_be_bytes());
+                first[fo::BACKING_FILE_SIZE as usize..][..4]
+                    .copy_from_slice(&u32::try_from(old_name.len()).unwrap_or(u32::MAX).to_be_bytes());
+            }
+            // The whole sector: past the area, zeros end the extensions of a v2 header.
+            first.resize(SECTOR.min(cs), 0);
+            raw.write_at(&first, 0, "header (first sector, old backing name moved)")?;
+            raw.sync()?;
+            raw.write_at(&bytes[SECTOR..], SECTOR as u64, what)?;
+            raw.sync()?;
+            let mut head = bytes[..SECTOR].to_vec();
+            head.resize(SECTOR.min(cs), 0);
+            raw.write_at(&head, 0, "header (first sector)")?;
+            raw.sync()?;
+            let end = at + old_name.len();
+            if end > bytes.len().max(SECTOR) {
+                let from = bytes.len().max(SECTOR);
+                raw.write_at(&vec![0u8; end - from], from as u64, "header (after the area)")?;
+                raw.sync()?;
+            }
+        }
+        *self = QcowHeader::read_from(&**raw.storage())?;
+        Ok(())
+    }
+
     /// Serializes the header, its extensions and the backing file name: the bytes of cluster 0
     /// up to the end of the backing name. `backing_file_offset`/`backing_file_size` are
     /// recomputed. Fails if the result does not fit in one cluster.

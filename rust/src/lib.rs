@@ -45,7 +45,7 @@ mod walk;
 #[cfg(feature = "python")]
 mod python;
 
-pub use backing::BackingChoice;
+pub use backing::{BackingChoice, BackingImage};
 pub use bitmap::BitmapEntry;
 pub use check::{check_path, check_path_shared, check_raw, Repair};
 pub use create::{create_on, CreateOptions};

@@ -98,6 +98,20 @@ impl QcowFile {
         Self::open_in_chain(storage, path, opts, &[])
     }
 
+    /// Opens the image held by `storage` over `backing` (already open), whatever its header
+    /// names (`opts.backing` is not used): chains whose files are not where their headers say,
+    /// such as images in memory.
+    pub fn open_storage_with_backing(
+        storage: Arc<dyn Storage>,
+        path: &Path,
+        opts: OpenOptions,
+        backing: Option<crate::backing::BackingImage>,
+    ) -> Result<Self> {
+        let mut f = Self::open_in_chain(storage, path, OpenOptions { backing: BackingChoice::Disabled, ..opts }, &[])?;
+        f.backing = backing.map(|b| b.0);
+        Ok(f)
+    }
+
     /// Opens an image whose overlays (by file identity) are `chain`.
     pub(crate) fn open_in_chain(
         storage: Arc<dyn Storage>,

@@ -26,6 +26,15 @@
 //! `qemu-img convert -l snapshot.name=snap1` + `qemu-img compare` against the base's snapshot,
 //! and through qcowrs `repair=all` followed by `qemu-img check` (exit 0). A failing state is
 //! printed with the ops applied (torn, reordered) and saved under `target/tmp/crash-states/`.
+//!
+//! The image operations (`resize --shrink`, `rebase`, `commit`) run through their
+//! storage-level entry points (`ops::resize::resize_image`, `ops::rebase::rebase_image`,
+//! `ops::commit::commit_images`). Backing files are read-only inputs: on disk, named by
+//! absolute path, so each state opens the one its header names (rebase), or attached in memory
+//! to every state (`Recorded::below`: the final base under a commit's overlay). Guest content
+//! then includes what the backing files show (`Recorded::watch`: their data ranges are read in
+//! every check). A commit writes two files: see [`record_commit`] for why its two phases,
+//! replayed one file at a time, are all the states of the pair.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test crate: a failed unwrap is a failed test
 #![allow(clippy::print_stderr)] // the per-operation counts are the point of `--nocapture`
@@ -38,7 +47,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use qcowrs::{
-    check_raw, MemStorage, OpenOptions, QcowFile, QcowHeader, QcowRawFile, RecordingStorage, Repair, Storage, StorageOp,
+    check_raw, BackingImage, MemStorage, OpenOptions, QcowFile, QcowHeader, QcowRawFile, RecordingStorage, Repair,
+    Storage, StorageOp,
 };
 
 const SECTOR: u64 = 512;
@@ -211,12 +221,19 @@ impl Model {
 
 /// The guest content of an image: every non-zero sector.
 fn guest_disk(bytes: &[u8]) -> (Disk, u64) {
-    let f = open_mem(bytes.to_vec(), OpenOptions::default()).unwrap();
+    guest_disk_of(&open_mem(bytes.to_vec(), OpenOptions::default()).unwrap(), &[])
+}
+
+/// The guest content of an open image (through its backing chain): every non-zero sector of
+/// what it allocates itself and of the `watch` ranges (where its backing files hold data).
+fn guest_disk_of(f: &QcowFile, watch: &[(u64, u64)]) -> (Disk, u64) {
     let mut d = Disk::default();
-    for (start, len, kind) in f.allocated_ranges().unwrap() {
-        if kind == "zero" {
-            continue;
-        }
+    let mut ranges: Vec<(u64, u64)> =
+        f.allocated_ranges().unwrap().into_iter().filter(|r| r.2 != "zero").map(|r| (r.0, r.1)).collect();
+    ranges.extend(
+        watch.iter().map(|&(s, n)| (s.min(f.virtual_size()), n.min(f.virtual_size() - s.min(f.virtual_size())))),
+    );
+    for (start, len) in ranges {
         let mut buf = vec![0u8; len as usize];
         f.read_at(&mut buf, start).unwrap();
         for (i, s) in buf.chunks(SECTOR as usize).enumerate() {
@@ -226,6 +243,17 @@ fn guest_disk(bytes: &[u8]) -> (Disk, u64) {
         }
     }
     (d, f.virtual_size())
+}
+
+/// Every range an image allocates itself (a backing file's data, to be watched in overlays).
+fn allocated_ranges(bytes: &[u8]) -> Vec<(u64, u64)> {
+    let f = open_mem(bytes.to_vec(), OpenOptions::default()).unwrap();
+    f.allocated_ranges().unwrap().into_iter().map(|r| (r.0, r.1)).collect()
+}
+
+/// A qcow2 image held in memory as the backing file of another.
+fn mem_backing(bytes: &[u8]) -> qcowrs::Result<BackingImage> {
+    Ok(BackingImage::qcow2(open_mem(bytes.to_vec(), OpenOptions::default())?))
 }
 
 fn open_mem(bytes: Vec<u8>, opts: OpenOptions) -> qcowrs::Result<QcowFile> {
@@ -314,6 +342,18 @@ struct Recorded {
     layout: Layout,
     /// The completed operation may leave leaks (by its contract).
     may_leak: bool,
+    /// A qcow2 image attached as the backing file of every state (whatever the state's header
+    /// names): the final base under the overlay a commit empties. `None`: the header's.
+    below: Option<Vec<u8>>,
+    /// Guest ranges read in every check besides what the state allocates itself: where its
+    /// backing files hold data.
+    watch: Vec<(u64, u64)>,
+    /// An overlay whose guest content over every state (as it is, unrepaired: an overlay opens
+    /// its backing file read-only) must read exactly this: the base a commit writes into.
+    above: Option<(Vec<u8>, Disk)>,
+    /// A shrink from this size: a state left smaller must read zeros past its last cluster
+    /// once grown back to it (no reference past the end survives to reappear).
+    regrow: Option<u64>,
 }
 
 fn record(name: &str, base: &[u8], op: impl FnOnce(&mut Ctx)) -> Recorded {
@@ -330,7 +370,27 @@ fn record_with_disk(name: &str, base: &[u8], (disk, size): (Disk, u64), op: impl
     let mut layout = Layout::default();
     layout.add(base);
     layout.add(&mem.to_vec());
-    Recorded { name: name.to_string(), base: base.to_vec(), log: ctx.log, model: ctx.model, layout, may_leak: false }
+    Recorded {
+        name: name.to_string(),
+        base: base.to_vec(),
+        log: ctx.log,
+        model: ctx.model,
+        layout,
+        may_leak: false,
+        below: None,
+        watch: Vec::new(),
+        above: None,
+        regrow: None,
+    }
+}
+
+/// Opens a state (or the base) as the harness does: over `rec.below` if set.
+fn open_state(rec: &Recorded, storage: Arc<dyn Storage>, opts: OpenOptions) -> qcowrs::Result<QcowFile> {
+    let path = Path::new("<crash state>");
+    match &rec.below {
+        Some(b) => QcowFile::open_storage_with_backing(storage, path, opts, Some(mem_backing(b)?)),
+        None => QcowFile::open_storage(storage, path, opts),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -647,10 +707,12 @@ fn summary(b: &[u8]) -> String {
 /// Opens the state as a user would after the power cut (read-write, rebuild on open), checks
 /// it, and compares the guest content with the promises in force at crash point `e`.
 fn check_state(rec: &Recorded, e: usize, bytes: Vec<u8>, tolerated: &HashSet<ProblemKey>) -> Result<Passed, String> {
+    if let Some((overlay, want)) = &rec.above {
+        check_above(overlay, want, bytes.clone(), &rec.watch)?;
+    }
     let mem = Arc::new(MemStorage::new(bytes));
     let opts = OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() };
-    let f = QcowFile::open_storage(mem.clone(), Path::new("<crash state>"), opts)
-        .map_err(|e| format!("open(writable, rebuild) failed: {e}"))?;
+    let f = open_state(rec, mem.clone(), opts).map_err(|e| format!("open(writable, rebuild) failed: {e}"))?;
     let mut h = QcowHeader::read_from(&*mem).map_err(|e| format!("header after open: {e}"))?;
     let raw = QcowRawFile::new(mem.clone(), h.cluster_size(), h.refcount_order, false).map_err(|e| e.to_string())?;
     let r = check_raw(&raw, &mut h, Repair::None, false).map_err(|e| format!("check failed: {e}"))?;
@@ -672,7 +734,40 @@ fn check_state(rec: &Recorded, e: usize, bytes: Vec<u8>, tolerated: &HashSet<Pro
     }
     check_guest(rec, e, &f)?;
     drop(f);
-    Ok(Passed { leaks: r.counts.leaks, repaired: mem.to_vec() })
+    let repaired = mem.to_vec();
+    if let Some(size) = rec.regrow {
+        check_regrow(&repaired, size)?;
+    }
+    Ok(Passed { leaks: r.counts.leaks, repaired })
+}
+
+/// A state smaller than `size` grown back to it (`truncate`) reads zeros past its last
+/// cluster: a reference past the end that survived a crash would show the dropped data again.
+fn check_regrow(repaired: &[u8], size: u64) -> Result<(), String> {
+    let mut f = open_mem(repaired.to_vec(), OpenOptions { writable: true, ..OpenOptions::default() })
+        .map_err(|e| format!("regrow: open: {e}"))?;
+    let cs = f.cluster_size();
+    let end = f.virtual_size().div_ceil(cs) * cs;
+    if end >= size {
+        return Ok(());
+    }
+    f.truncate(size).map_err(|e| format!("regrow to {size}: {e}"))?;
+    for (start, len, kind) in f.allocated_ranges().map_err(|e| format!("regrow: allocated_ranges: {e}"))? {
+        let (a, b) = (start.max(end), (start + len).min(size));
+        if kind == "zero" || a >= b {
+            continue;
+        }
+        let mut buf = vec![0u8; (b - a) as usize];
+        f.read_at(&mut buf, a).map_err(|e| format!("regrow: read: {e}"))?;
+        if let Some(i) = buf.iter().position(|&x| x != 0) {
+            return Err(format!(
+                "grown back to {size} bytes, guest 0x{:x} (past the end 0x{end:x}) reads {:02x}, not zero: a reference past the end survived",
+                a + i as u64,
+                buf[i]
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Guest bytes: flushed writes read back exactly; sectors written since the last completed
@@ -690,14 +785,46 @@ fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
         extra.entry(w.sector).or_default().push(&w.data);
     }
     let mut sectors: BTreeSet<u64> = p.disk.0.keys().chain(extra.keys()).copied().collect();
+    add_ranges(&mut sectors, f, &rec.watch)?;
+    let mut bad = Vec::new();
+    read_sectors(f, sectors, |s, got| {
+        let want = p.disk.get(s);
+        if got != want && !extra.get(&s).is_some_and(|l| l.contains(&got)) {
+            let alt: Vec<String> = extra.get(&s).map_or(Vec::new(), |l| l.iter().map(|x| summary(x)).collect());
+            bad.push(format!(
+                "guest 0x{:x} reads {} (promised {}{})",
+                s * SECTOR,
+                summary(got),
+                summary(want),
+                if alt.is_empty() { String::new() } else { format!(" or in flight {}", alt.join("/")) }
+            ));
+        }
+    })?;
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let n = bad.len();
+    bad.truncate(6);
+    Err(format!("{n} guest sector(s) differ: {}", bad.join("; ")))
+}
+
+/// The sectors of what `f` allocates itself and of the `watch` ranges.
+fn add_ranges(sectors: &mut BTreeSet<u64>, f: &QcowFile, watch: &[(u64, u64)]) -> Result<(), String> {
     for (start, len, kind) in f.allocated_ranges().map_err(|e| format!("allocated_ranges: {e}"))? {
         if kind != "zero" {
             sectors.extend(start / SECTOR..(start + len).div_ceil(SECTOR));
         }
     }
+    for &(start, len) in watch {
+        sectors.extend(start / SECTOR..(start + len).div_ceil(SECTOR));
+    }
+    Ok(())
+}
+
+/// Reads the guest sectors (those inside the disk), in runs, and hands each to `each`.
+fn read_sectors(f: &QcowFile, sectors: BTreeSet<u64>, mut each: impl FnMut(u64, &[u8])) -> Result<(), String> {
     let end = f.virtual_size() / SECTOR;
     let v: Vec<u64> = sectors.into_iter().filter(|&s| s < end).collect();
-    let mut bad = Vec::new();
     let mut i = 0;
     while i < v.len() {
         let mut j = i + 1;
@@ -707,27 +834,40 @@ fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
         let mut buf = vec![0u8; (j - i) * SECTOR as usize];
         f.read_at(&mut buf, v[i] * SECTOR).map_err(|e| format!("guest read at 0x{:x}: {e}", v[i] * SECTOR))?;
         for (n, got) in buf.chunks(SECTOR as usize).enumerate() {
-            let s = v[i] + n as u64;
-            let want = p.disk.get(s);
-            if got != want && !extra.get(&s).is_some_and(|l| l.contains(&got)) {
-                let alt: Vec<String> = extra.get(&s).map_or(Vec::new(), |l| l.iter().map(|x| summary(x)).collect());
-                bad.push(format!(
-                    "guest 0x{:x} reads {} (promised {}{})",
-                    s * SECTOR,
-                    summary(got),
-                    summary(want),
-                    if alt.is_empty() { String::new() } else { format!(" or in flight {}", alt.join("/")) }
-                ));
-            }
+            each(v[i] + n as u64, got);
         }
         i = j;
     }
+    Ok(())
+}
+
+/// The overlay over the state `below` (unrepaired, read-only as an overlay opens its backing
+/// file) must read exactly `want`.
+fn check_above(overlay: &[u8], want: &Disk, below: Vec<u8>, watch: &[(u64, u64)]) -> Result<(), String> {
+    let b = open_mem(below, OpenOptions::default()).map_err(|e| format!("read-only open as a backing file: {e}"))?;
+    let mut sectors: BTreeSet<u64> = want.0.keys().copied().collect();
+    add_ranges(&mut sectors, &b, watch)?;
+    let mem = Arc::new(MemStorage::new(overlay.to_vec()));
+    let f = QcowFile::open_storage_with_backing(
+        mem,
+        Path::new("<overlay>"),
+        OpenOptions::default(),
+        Some(BackingImage::qcow2(b)),
+    )
+    .map_err(|e| format!("the overlay does not open over this state: {e}"))?;
+    add_ranges(&mut sectors, &f, &[])?;
+    let mut bad = Vec::new();
+    read_sectors(&f, sectors, |s, got| {
+        if got != want.get(s) {
+            bad.push(format!("0x{:x} reads {} (was {})", s * SECTOR, summary(got), summary(want.get(s))));
+        }
+    })?;
     if bad.is_empty() {
         return Ok(());
     }
     let n = bad.len();
     bad.truncate(6);
-    Err(format!("{n} guest sector(s) differ: {}", bad.join("; ")))
+    Err(format!("the overlay over this state: {n} guest sector(s) differ: {}", bad.join("; ")))
 }
 
 /// Problems (not leaks) the base image itself has after its repair-on-open: a crash before the
@@ -736,7 +876,7 @@ fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
 fn base_problems(rec: &Recorded) -> HashSet<ProblemKey> {
     let mem = Arc::new(MemStorage::new(rec.base.clone()));
     let opts = OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() };
-    drop(QcowFile::open_storage(mem.clone(), Path::new("<base>"), opts).unwrap());
+    drop(open_state(rec, mem.clone(), opts).unwrap());
     let mut h = QcowHeader::read_from(&*mem).unwrap();
     let raw = QcowRawFile::new(mem.clone(), h.cluster_size(), h.refcount_order, false).unwrap();
     let r = check_raw(&raw, &mut h, Repair::None, false).unwrap();
@@ -770,7 +910,7 @@ impl Qemu {
         q.base_pre = (c, corr);
         let mem = Arc::new(MemStorage::new(rec.base.clone()));
         let opts = OpenOptions { writable: true, rebuild: true, ..OpenOptions::default() };
-        drop(QcowFile::open_storage(mem.clone(), Path::new("<base>"), opts).unwrap());
+        drop(open_state(rec, mem.clone(), opts).unwrap());
         let st = q.write("base-post.qcow2", &mem.to_vec());
         let (c, corr, _, _) = qemu_check(Path::new(&st));
         q.base_post = (c, corr);
@@ -1616,4 +1756,427 @@ fn repair_recreates_an_l1_table_past_eof() {
         structural_repair(ctx);
     });
     assert_safe(&crash_states(&rec, false), "repair-l1-past-eof");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Image operations: resize --shrink, rebase, commit.
+
+impl Ctx {
+    /// `qemu-img resize --shrink` on the open image: the virtual size drops to `size`; the
+    /// first `size` bytes keep their content (every state reads the old content at the old
+    /// size or its truncated view at the new one: `check_guest` reads only below the size).
+    fn shrink(&mut self, f: &mut QcowFile, size: u64) {
+        let p = self.pos();
+        let new = qcowrs::ops::resize::resize_image(f, qcowrs::ops::resize::NewSize::Absolute(size), true).unwrap();
+        assert_eq!((new, f.virtual_size()), (size, size));
+        self.model.size = size;
+        self.model.sizes.push((p, size));
+        let p = self.pos();
+        self.model.promise(p);
+    }
+}
+
+/// `resize --shrink` with 64 KiB clusters, data before and past the new end, the new end
+/// inside an L2 table (its entries past the end cleared) and a whole table past it (unlinked,
+/// freed), then close.
+#[test]
+fn shrink_64k_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "shrink64k.qcow2",
+        "cluster_size=65536",
+        "1536M",
+        &["write -P 0x11 0 256k", "write -P 0x12 512m 192k", "write -P 0x13 600m 128k", "write -P 0x14 1100m 64k"],
+        None,
+    );
+    let rec = record("shrink-64k", &base, |ctx| {
+        let mut f = ctx.open();
+        ctx.shrink(&mut f, 512 * M + 100 * K); // inside the cluster at 512m+64k
+        ctx.close(f);
+    });
+    let mut rec = rec;
+    rec.regrow = Some(rec.model.promises[0].size);
+    assert_safe(&crash_states(&rec, false), "shrink-64k");
+}
+
+/// `resize --shrink` with 512 B clusters (an L2 table maps 32 KiB): many tables past the end.
+#[test]
+fn shrink_512b_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "shrink512.qcow2",
+        "cluster_size=512",
+        "4M",
+        &["write -P 0x11 0 20k", "write -P 0x12 1m 40k", "write -P 0x13 2m 16k", "write -P 0x14 3146240 1k"],
+        None,
+    );
+    let rec = record("shrink-512", &base, |ctx| {
+        let mut f = ctx.open();
+        ctx.shrink(&mut f, M + 7 * K + 512); // inside an L2 table, data past it
+        ctx.close(f);
+    });
+    let mut rec = rec;
+    rec.regrow = Some(rec.model.promises[0].size);
+    assert_safe(&crash_states(&rec, false), "shrink-512");
+}
+
+/// `resize --shrink` of an image with an internal snapshot: tables and clusters it shares lose
+/// only the active tree's reference; the snapshot keeps its size and content.
+#[test]
+fn shrink_with_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_64k(dir.path());
+    let rec = record("shrink-snapshot", &base, |ctx| {
+        let mut f = ctx.open();
+        ctx.write(&mut f, 1200 * M, &pattern(1, 1200 * M, 64 * K)); // a private table past the end
+        ctx.flush(&mut f);
+        ctx.shrink(&mut f, 520 * M);
+        ctx.close(f);
+    });
+    let mut rec = rec;
+    rec.regrow = Some(rec.model.promises[0].size);
+    assert_safe(&crash_states(&rec, true), "shrink-snapshot");
+}
+
+/// Safe rebase (`qemu-img rebase -b NEW -F qcow2`, or `-b ""`) of the overlay `overlay` (its
+/// header names `old` by absolute path, so every state finds the backing file it names):
+/// recorded on the overlay; the backing files are read-only inputs on disk. Every state must
+/// open with the backing file its header names (old or new) and read the guest content the
+/// overlay had before: the copies are durable before the header changes.
+fn record_rebase(name: &str, dir: &Path, overlay: &[u8], new: Option<&Path>, files: &[&Path]) -> Recorded {
+    let mut watch = Vec::new();
+    for f in files {
+        watch.extend(allocated_ranges(&std::fs::read(f).unwrap()));
+    }
+    let chain = guest_disk_of(&open_mem(overlay.to_vec(), OpenOptions::default()).unwrap(), &watch);
+    let path = dir.join("overlay.qcow2");
+    let mut rec = record_with_disk(name, overlay, chain, |ctx| {
+        let opts = OpenOptions { writable: true, ..OpenOptions::default() };
+        let mut f = QcowFile::open_storage(ctx.storage(), &path, opts).unwrap();
+        let image = new.map(|p| BackingImage::qcow2(QcowFile::open_read_only(p).unwrap()));
+        let opts = qcowrs::ops::rebase::RebaseOptions {
+            backing_file: new.map_or(String::new(), |p| p.to_str().unwrap().to_string()),
+            backing_format: new.map(|_| "qcow2".to_string()),
+            unsafe_mode: false,
+        };
+        qcowrs::ops::rebase::rebase_image(&mut f, image.as_ref(), &opts, &|_, _| Ok(())).unwrap();
+        assert_eq!(f.header().backing_file.as_deref(), new.map(|p| p.to_str().unwrap()));
+        ctx.close(f);
+    });
+    rec.watch = watch;
+    rec
+}
+
+/// Two backing files that agree in places and differ in others (data only in one, data in
+/// both that differs, data equal in both), and an overlay over the first that shadows some
+/// of it (whole clusters and part of one).
+fn rebase_files(dir: &Path, cluster: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+    let old = dir.join("old.qcow2");
+    let new = dir.join("new-base.qcow2");
+    let opts = format!("cluster_size={cluster}");
+    qemu_base(
+        dir,
+        "old.qcow2",
+        &opts,
+        "16M",
+        &["write -P 0x11 0 256k", "write -P 0x12 1m 128k", "write -P 0x13 4m 64k", "write -P 0x14 6m 8k"],
+        None,
+    );
+    qemu_base(
+        dir,
+        "new-base.qcow2",
+        &opts,
+        "16M",
+        &[
+            "write -P 0x11 0 128k",
+            "write -P 0x55 128k 64k",
+            "write -P 0x12 1m 64k",
+            "write -P 0x66 8m 64k",
+            "write -P 0x14 6m 4k",
+        ],
+        None,
+    );
+    let ov_opts = format!("{opts},backing_file={},backing_fmt=qcow2", old.display());
+    let overlay = qemu_base(
+        dir,
+        "overlay.qcow2",
+        &ov_opts,
+        "16M",
+        &["write -P 0x77 4m 64k", "write -P 0x78 132k 4k", "write -P 0x79 10m 4k"],
+        None,
+    );
+    (old, new, overlay)
+}
+
+#[test]
+fn rebase_onto_another_backing_file_64k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new, overlay) = rebase_files(dir.path(), "65536");
+    let rec = record_rebase("rebase-64k", dir.path(), &overlay, Some(&new), &[&old, &new]);
+    assert_safe(&crash_states(&rec, false), "rebase-64k");
+}
+
+#[test]
+fn rebase_onto_none_4k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, _, overlay) = rebase_files(dir.path(), "4096");
+    let rec = record_rebase("rebase-none-4k", dir.path(), &overlay, None, &[&old]);
+    assert_safe(&crash_states(&rec, false), "rebase-none-4k");
+}
+
+/// The header area of this overlay (QEMU wrote a feature name table) spans two sectors and
+/// shrinks by the backing format extension: the extensions after it move across sectors.
+#[test]
+fn rebase_onto_none_64k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, _, overlay) = rebase_files(dir.path(), "65536");
+    let rec = record_rebase("rebase-none-64k", dir.path(), &overlay, None, &[&old]);
+    assert_safe(&crash_states(&rec, false), "rebase-none-64k");
+}
+
+/// A standalone image (64 KiB clusters, QEMU's feature name table) put onto a backing file:
+/// where the new backing file has data and the image none, zeros are copied in; the header
+/// area grows past its first sector (the backing name lands in the second).
+#[test]
+fn rebase_standalone_onto_a_backing_file_64k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, new, _) = rebase_files(dir.path(), "65536");
+    let image = qemu_base(
+        dir.path(),
+        "alone.qcow2",
+        "cluster_size=65536",
+        "16M",
+        &["write -P 0x31 64k 128k", "write -P 0x32 8m 4k"],
+        None,
+    );
+    let rec = record_rebase("rebase-standalone-64k", dir.path(), &image, Some(&new), &[&new]);
+    assert_safe(&crash_states(&rec, false), "rebase-standalone-64k");
+}
+
+/// A file of an operation that writes several: its writes, syncs, resizes and punches go to
+/// a log shared with the other files, tagged with the file, so the order between files shows.
+#[derive(Debug)]
+struct SharedLog {
+    rec: RecordingStorage,
+    tag: usize,
+    log: Arc<std::sync::Mutex<Vec<(usize, StorageOp)>>>,
+}
+
+impl SharedLog {
+    fn note(&self) {
+        let mut log = self.log.lock().unwrap();
+        log.extend(self.rec.take_log().into_iter().map(|op| (self.tag, op)));
+    }
+}
+
+impl Storage for SharedLog {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.rec.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.rec.write_at(buf, offset)?;
+        self.note();
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.rec.sync()?;
+        self.note();
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.rec.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.rec.set_len(len)?;
+        self.note();
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.rec.punch_hole(offset, len)?;
+        self.note();
+        Ok(())
+    }
+}
+
+/// The recorded phase of one file of a multi-file operation: its own log, its guest model.
+fn phase(name: &str, base: &[u8], log: Vec<StorageOp>, model: Model) -> Recorded {
+    let mut layout = Layout::default();
+    layout.add(base);
+    layout.add(&qcowrs::replay(base, &log).unwrap());
+    Recorded {
+        name: name.to_string(),
+        base: base.to_vec(),
+        log,
+        model,
+        layout,
+        may_leak: false,
+        below: None,
+        watch: Vec::new(),
+        above: None,
+        regrow: None,
+    }
+}
+
+/// The model of a file whose guest content goes from `old` to `new` with no promise between:
+/// every sector reads its old or its new content, the size is the old or the new one.
+fn old_or_new(old: (Disk, u64), new: &(Disk, u64), end: usize) -> Model {
+    let mut m = Model::new(old.0, old.1);
+    let sectors: BTreeSet<u64> = m.cur.0.keys().chain(new.0 .0.keys()).copied().collect();
+    for s in sectors {
+        if m.cur.get(s) != new.0.get(s) {
+            let data: Arc<[u8]> = new.0.get(s).into();
+            m.writes.push(SectorWrite { issue: 0, sector: s, data });
+        }
+    }
+    if new.1 != m.size {
+        m.sizes.push((0, new.1));
+    }
+    m.cur = new.0.clone();
+    m.size = new.1;
+    m.promise(end);
+    m
+}
+
+/// `qemu-img commit` of `overlay` (its header names `base` by absolute path) into `base`
+/// (qcow2), both on storages that log into one shared log; returns the two phases.
+///
+/// What a commit promises, and so what every crash state must keep:
+///
+/// * The guest content of the chain (the overlay over the base) never changes: the commit
+///   copies into the base only ranges the overlay allocates (so the overlay still shadows
+///   them), and empties the overlay only once the base holds them durably.
+/// * The base's own content changes (as with qemu-img, whose commit rewrites the base): after
+///   a crash each of its sectors reads its old or its new content (and the size, if it grew,
+///   is the old or the new one): there is no flush promise in between. Other overlays of the
+///   base see that mix; qemu-img's commit invalidates them as well.
+/// * Internal snapshots of the base keep their content (checked with qemu-img on a sample).
+///
+/// The two files are written one after the other: `commit_images` closes and syncs the base
+/// before its first write to the overlay, and this is checked on the shared log (every base
+/// op before every overlay op, the last base op a sync). A sync of one file makes only that
+/// file's writes durable; with that order, at any crash point at most one file has writes in
+/// flight: while the base is written the overlay is as it was, and once the overlay is touched
+/// the base is durable in its final state. So the states of the pair are exactly the base's
+/// crash states under the original overlay, then the overlay's crash states over the final
+/// base: each phase is replayed as a file of its own (`above`: the overlay read over every
+/// base state; `below`: the final base under every overlay state).
+fn record_commit(name: &str, base: &[u8], overlay: &[u8]) -> (Recorded, Recorded) {
+    let mut watch = allocated_ranges(base);
+    watch.extend(allocated_ranges(overlay));
+    let over = |b: &[u8]| {
+        let mem = Arc::new(MemStorage::new(overlay.to_vec()));
+        QcowFile::open_storage_with_backing(
+            mem,
+            Path::new("<overlay>"),
+            OpenOptions::default(),
+            Some(mem_backing(b).unwrap()),
+        )
+        .unwrap()
+    };
+    let chain = guest_disk_of(&over(base), &watch);
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let file = |bytes: &[u8], tag: usize| -> Arc<dyn Storage> {
+        let rec = RecordingStorage::new(Arc::new(MemStorage::new(bytes.to_vec())));
+        Arc::new(SharedLog { rec, tag, log: log.clone() })
+    };
+    let (base_st, top_st) = (file(base, 0), file(overlay, 1));
+    let opts = OpenOptions { writable: true, backing: qcowrs::BackingChoice::Disabled, ..OpenOptions::default() };
+    let mut top = QcowFile::open_storage(top_st, Path::new("<overlay>"), opts.clone()).unwrap();
+    let base_f = QcowFile::open_storage(base_st, Path::new("<base>"), opts).unwrap();
+    let target = qcowrs::ops::commit::CommitBase::Qcow2(Box::new(base_f));
+    qcowrs::ops::commit::commit_images(&over(base), 1, target, Some(&mut top), &|_, _| Ok(())).unwrap();
+    top.close().unwrap();
+    drop(top);
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let first_top = log.iter().position(|(t, _)| *t == 1).unwrap_or(log.len());
+    assert!(log[first_top..].iter().all(|(t, _)| *t == 1), "{name}: the base is written after the overlay is touched");
+    assert_eq!(
+        log[..first_top].last().map(|(_, op)| op),
+        Some(&StorageOp::Sync),
+        "{name}: the base is not synced last"
+    );
+    let (base_log, top_log): (Vec<StorageOp>, Vec<StorageOp>) = (
+        log[..first_top].iter().map(|(_, op)| op.clone()).collect(),
+        log[first_top..].iter().map(|(_, op)| op.clone()).collect(),
+    );
+    let final_base = qcowrs::replay(base, &base_log).unwrap();
+    let final_top = qcowrs::replay(overlay, &top_log).unwrap();
+    assert!(allocated_ranges(&final_top).is_empty(), "{name}: the overlay is not empty");
+    let new = guest_disk_of(&open_mem(final_base.clone(), OpenOptions::default()).unwrap(), &watch);
+    let old = guest_disk_of(&open_mem(base.to_vec(), OpenOptions::default()).unwrap(), &watch);
+    let n = base_log.len();
+    let mut b = phase(&format!("{name}-base"), base, base_log, old_or_new(old, &new, n));
+    b.above = Some((overlay.to_vec(), chain.0.clone()));
+    b.watch = watch.clone();
+    let size = chain.1;
+    let mut m = Model::new(chain.0, size);
+    m.promise(top_log.len());
+    let mut t = phase(&format!("{name}-overlay"), overlay, top_log, m);
+    t.below = Some(final_base);
+    t.watch = watch;
+    (b, t)
+}
+
+/// Commit with 64 KiB clusters: the overlay (larger than the base, so the base grows first)
+/// holds data over the base's data and past its end, zeros over its data, and a partly
+/// written cluster; the base has an internal snapshot sharing its clusters (the commit's
+/// writes into the base copy them).
+#[test]
+fn commit_into_a_qcow2_base_64k() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "base.qcow2",
+        "cluster_size=65536",
+        "8M",
+        &["write -P 0x11 0 256k", "write -P 0x12 1m 128k"],
+        Some(&["write -P 0x13 3m 64k"]),
+    );
+    let opts = format!("cluster_size=65536,backing_file={},backing_fmt=qcow2", dir.path().join("base.qcow2").display());
+    let overlay = qemu_base(
+        dir.path(),
+        "overlay.qcow2",
+        &opts,
+        "12M",
+        &[
+            "write -P 0x21 64k 64k",
+            "write -z 1m 64k",
+            "write -P 0x22 3m 8k",
+            "write -P 0x23 10m 128k",
+            "write -P 0x24 5m 4k",
+        ],
+        None,
+    );
+    let (b, t) = record_commit("commit-64k", &base, &overlay);
+    assert_safe(&crash_states(&b, true), "commit-64k-base");
+    assert_safe(&crash_states(&t, false), "commit-64k-overlay");
+}
+
+/// Commit with 512 B clusters (many L2 tables in both files, the base's refcount structure
+/// grows).
+#[test]
+fn commit_into_a_qcow2_base_512b() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "base.qcow2",
+        "cluster_size=512",
+        "2M",
+        &["write -P 0x11 0 20k", "write -P 0x12 1m 8k"],
+        None,
+    );
+    let opts = format!("cluster_size=512,backing_file={},backing_fmt=qcow2", dir.path().join("base.qcow2").display());
+    let overlay = qemu_base(
+        dir.path(),
+        "overlay.qcow2",
+        &opts,
+        "2M",
+        &["write -P 0x21 4k 6k", "write -z 1m 2k", "write -P 0x22 1536k 40k", "write -P 0x23 100k 1000"],
+        None,
+    );
+    let (b, t) = record_commit("commit-512", &base, &overlay);
+    assert_safe(&crash_states(&b, false), "commit-512-base");
+    assert_safe(&crash_states(&t, false), "commit-512-overlay");
 }

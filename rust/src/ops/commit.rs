@@ -10,15 +10,15 @@
 //! overlay is kept as it is (`-b` implies `-d`, as in qemu-img), and the images in between are
 //! left stale, as QEMU leaves them.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::backing::{BackingChoice, BackingKind, BackingRead, FileId};
 use crate::error::{Error, IoContext, Result};
 use crate::ops::convert::layer_ids;
 use crate::ops::map::map_image;
 use crate::qcow_file::{OpenOptions, QcowFile};
+use crate::storage::{FileStorage, Storage};
 
 /// Bytes copied at a time.
 const CHUNK: u64 = 1 << 20;
@@ -32,39 +32,47 @@ pub struct CommitOptions {
     pub drop: bool,
 }
 
-/// The image the data goes into.
-enum Base {
+/// The image a commit writes into, already open for writing.
+#[derive(Debug)]
+pub enum CommitBase {
+    /// A qcow2 image, opened writable.
     Qcow2(Box<QcowFile>),
-    Raw { file: File, path: PathBuf },
+    /// A raw file (locked by the caller if it is a file); `name` names it in messages.
+    Raw {
+        /// The file.
+        storage: Arc<dyn Storage>,
+        /// Its name, for messages.
+        name: PathBuf,
+    },
 }
 
-impl Base {
+impl CommitBase {
     fn size(&self) -> Result<u64> {
         match self {
-            Base::Qcow2(f) => Ok(f.virtual_size()),
-            Base::Raw { file, path } => {
-                Ok(file.metadata().ctx(|| format!("reading the length of '{}'", path.display()))?.len())
+            CommitBase::Qcow2(f) => Ok(f.virtual_size()),
+            CommitBase::Raw { storage, name } => {
+                storage.len().ctx(|| format!("reading the length of '{}'", name.display()))
             }
         }
     }
     fn grow(&mut self, size: u64) -> Result<()> {
         match self {
-            Base::Qcow2(f) => f.truncate(size),
-            Base::Raw { file, path } => file.set_len(size).ctx(|| format!("resizing '{}'", path.display())),
+            CommitBase::Qcow2(f) => f.truncate(size),
+            CommitBase::Raw { storage, name } => storage.set_len(size).ctx(|| format!("resizing '{}'", name.display())),
         }
     }
     fn write(&mut self, data: &[u8], off: u64) -> Result<()> {
         match self {
-            Base::Qcow2(f) => f.write_at(data, off),
-            Base::Raw { file, path } => {
-                file.write_all_at(data, off).ctx(|| format!("writing '{}' at 0x{off:x}", path.display()))
+            CommitBase::Qcow2(f) => f.write_at(data, off),
+            CommitBase::Raw { storage, name } => {
+                storage.write_at(data, off).ctx(|| format!("writing '{}' at 0x{off:x}", name.display()))
             }
         }
     }
     fn zero(&mut self, off: u64, len: u64) -> Result<()> {
         match self {
-            Base::Qcow2(f) => f.write_zeroes(off, len),
-            Base::Raw { .. } => {
+            CommitBase::Qcow2(f) => f.write_zeroes(off, len),
+            CommitBase::Raw { .. } => {
                 let zeros = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
                 let mut o = off;
                 while o < off + len {
@@ -76,10 +84,16 @@ impl Base {
             }
         }
     }
+    /// Everything written durable, the last op a sync: nothing of the base is in flight once
+    /// the overlay changes (a qcow2 close ends with holes punched in freed clusters, synced
+    /// here too).
     fn finish(self) -> Result<()> {
         match self {
-            Base::Qcow2(mut f) => f.close(),
-            Base::Raw { file, path } => file.sync_all().ctx(|| format!("syncing '{}'", path.display())),
+            CommitBase::Qcow2(mut f) => {
+                f.close()?;
+                f.raw_file().sync()
+            }
+            CommitBase::Raw { storage, name } => storage.sync().ctx(|| format!("syncing '{}'", name.display())),
         }
     }
 }
@@ -131,27 +145,51 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: &dyn Fn(u64, u64) -> 
         Some(QcowFile::open(path, o)?)
     };
     let (base_path, qcow2) = layer(&view, depth).ok_or_else(|| Error::InvalidArgument("backing chain ended".into()))?;
-    let mut base = if qcow2 {
-        Base::Qcow2(Box::new(QcowFile::open(&base_path, OpenOptions { writable: true, ..OpenOptions::default() })?))
+    let base = if qcow2 {
+        let o = OpenOptions { writable: true, ..OpenOptions::default() };
+        CommitBase::Qcow2(Box::new(QcowFile::open(&base_path, o)?))
     } else {
         let file = crate::backing::open_image_file(&base_path, true, "base image")?;
         crate::lock::lock_image(&file, true, &format!("'{}'", base_path.display()))?;
-        Base::Raw { file, path: base_path }
+        CommitBase::Raw { storage: Arc::new(FileStorage::new(file)), name: base_path }
     };
-    if base.size()? < view.virtual_size() {
-        base.grow(view.virtual_size())?;
-    }
-    copy_above(&view, depth, &mut base, progress)?;
-    base.finish()?;
+    commit_images(&view, depth, base, top.as_mut(), progress)?;
     if let Some(t) = top.as_mut() {
-        t.make_empty()?;
         t.close()?;
     }
     Ok(())
 }
 
+/// Commits open images (on any storage; [`commit`] without the opening): `view` is the top of
+/// the chain opened with its backing chain, `base` layer `depth` of that chain (1: its backing
+/// file) opened for writing, `top` the top image opened writable if it is to be emptied.
+/// Everything the layers above the base allocate is copied into the base (grown first if
+/// smaller), the base is closed and synced, and only then is `top` emptied (and flushed).
+pub fn commit_images(
+    view: &QcowFile,
+    depth: usize,
+    mut base: CommitBase,
+    top: Option<&mut QcowFile>,
+    progress: &dyn Fn(u64, u64) -> Result<()>,
+) -> Result<()> {
+    if base.size()? < view.virtual_size() {
+        base.grow(view.virtual_size())?;
+    }
+    copy_above(view, depth, &mut base, progress)?;
+    base.finish()?;
+    if let Some(t) = top {
+        t.make_empty()?;
+    }
+    Ok(())
+}
+
 /// Copies into `base` everything the layers above it allocate.
-fn copy_above(view: &QcowFile, depth: usize, base: &mut Base, progress: &dyn Fn(u64, u64) -> Result<()>) -> Result<()> {
+fn copy_above(
+    view: &QcowFile,
+    depth: usize,
+    base: &mut CommitBase,
+    progress: &dyn Fn(u64, u64) -> Result<()>,
+) -> Result<()> {
     let map = map_image(view, 0, None)?;
     let above: Vec<_> = map.entries.iter().filter(|e| (e.depth as usize) < depth && e.length > 0).collect();
     let total: u64 = above.iter().map(|e| e.length).sum();

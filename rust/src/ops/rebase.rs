@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use crate::backing::{open_image_any, resolve_relative, BackingChoice, BackingRead};
+use crate::backing::{open_image_any, resolve_relative, BackingChoice, BackingImage, BackingRead};
 use crate::error::{Error, Result};
 use crate::format::EXT_BACKING_FORMAT;
 use crate::header::HeaderExtension;
@@ -35,6 +35,48 @@ pub struct RebaseOptions {
 /// Rebases the overlay at `path` (see the module documentation). `progress(done, total)` is
 /// called as the comparison goes.
 pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &dyn Fn(u64, u64) -> Result<()>) -> Result<()> {
+    check_options(opts)?;
+    let name = opts.backing_file.as_str();
+    let choice = if opts.unsafe_mode { BackingChoice::Disabled } else { BackingChoice::FromHeader };
+    let mut f = QcowFile::open(path, OpenOptions { writable: true, backing: choice, ..OpenOptions::default() })?;
+    let new = if opts.unsafe_mode || name.is_empty() {
+        None
+    } else {
+        let p = resolve_relative(path, name);
+        Some(BackingImage(
+            open_image_any(&p, opts.backing_format.as_deref(), false)
+                .map_err(|e| Error::InvalidArgument(format!("Could not open new backing file '{name}': {e}")))?,
+        ))
+    };
+    rebase_image(&mut f, new.as_ref(), opts, progress)?;
+    f.close()
+}
+
+/// Rebases an open overlay (on any storage; [`rebase`] without the opening and closing): `f`
+/// is opened writable over its old chain (safe mode) or without it (unsafe mode), `new` is the
+/// new backing file already open (`None` with an empty `opts.backing_file`; not used in unsafe
+/// mode). When it returns, the copies and the new header are durable.
+pub fn rebase_image(
+    f: &mut QcowFile,
+    new: Option<&BackingImage>,
+    opts: &RebaseOptions,
+    progress: &dyn Fn(u64, u64) -> Result<()>,
+) -> Result<()> {
+    check_options(opts)?;
+    let name = opts.backing_file.as_str();
+    if !opts.unsafe_mode {
+        if !name.is_empty() && new.is_none() {
+            return Err(Error::InvalidArgument(format!("a safe rebase onto '{name}' needs it open")));
+        }
+        let new = if name.is_empty() { None } else { new.map(|b| &*b.0) };
+        copy_differences(f, new, progress)?;
+        f.flush()?;
+    }
+    f.set_backing(if name.is_empty() { None } else { Some(name) }, opts.backing_format.as_deref())
+}
+
+/// qemu-img's checks of the options, before anything is opened.
+fn check_options(opts: &RebaseOptions) -> Result<()> {
     let name = opts.backing_file.as_str();
     if !name.is_empty() && opts.backing_format.is_none() {
         return Err(Error::InvalidArgument(format!(
@@ -48,23 +90,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &dyn Fn(u64, u64) -> 
             )));
         }
     }
-    let choice = if opts.unsafe_mode { BackingChoice::Disabled } else { BackingChoice::FromHeader };
-    let mut f = QcowFile::open(path, OpenOptions { writable: true, backing: choice, ..OpenOptions::default() })?;
-    if !opts.unsafe_mode {
-        let new: Option<Box<dyn BackingRead>> = if name.is_empty() {
-            None
-        } else {
-            let p = resolve_relative(path, name);
-            Some(
-                open_image_any(&p, opts.backing_format.as_deref(), false)
-                    .map_err(|e| Error::InvalidArgument(format!("Could not open new backing file '{name}': {e}")))?,
-            )
-        };
-        copy_differences(&mut f, new.as_deref(), progress)?;
-        f.flush()?;
-    }
-    f.set_backing(if name.is_empty() { None } else { Some(name) }, opts.backing_format.as_deref())?;
-    f.close()
+    Ok(())
 }
 
 /// Copies into the overlay every cluster it does not allocate whose content (through the old
@@ -76,16 +102,19 @@ fn copy_differences(
 ) -> Result<()> {
     let cs = f.cluster_size();
     let map = map_image(f, 0, None)?;
-    // Ranges the overlay leaves to its backing chain (depth > 0) where the old chain or the
-    // new backing file holds data: elsewhere both read zeros and nothing can differ.
+    // What the overlay leaves to its backing chain: answered below it (depth > 0), or not
+    // allocated by it at all (an image without a backing file answers zeros itself there).
+    let below = |e: &&crate::ops::map::MapEntry| e.depth > 0 || !e.present;
+    // Ranges left to the chain where the old chain or the new backing file holds data:
+    // elsewhere both read zeros and nothing can differ.
     let mut data: Vec<(u64, u64)> =
-        map.entries.iter().filter(|e| e.depth > 0 && e.data).map(|e| (e.start, e.start + e.length)).collect();
+        map.entries.iter().filter(|e| below(e) && e.data).map(|e| (e.start, e.start + e.length)).collect();
     if let Some(b) = new {
         data.extend(crate::ops::convert::status(b)?.iter().filter(|r| r.data).map(|r| (r.start, r.end)));
     }
     let data = merge(data);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for e in map.entries.iter().filter(|e| e.depth > 0) {
+    for e in map.entries.iter().filter(below) {
         let (s, t) = (e.start, e.start + e.length);
         let i = data.partition_point(|&(_, end)| end <= s);
         for &(a, b) in data[i..].iter().take_while(|&&(a, _)| a < t) {
@@ -147,9 +176,10 @@ fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 impl QcowFile {
-    /// Names `backing` (with `format`) as the backing file in the header, or none. The header
-    /// cluster is rewritten in one write (as QEMU's `qcow2_update_header`) after everything
-    /// else is durable.
+    /// Names `backing` (with `format`) as the backing file in the header, or none, after
+    /// everything else is durable. The header area is rewritten so that a crash (torn sectors
+    /// included) leaves the old or the new header
+    /// ([`QcowHeader::commit_header_area`](crate::header::QcowHeader::commit_header_area)).
     pub(crate) fn set_backing(&mut self, backing: Option<&str>, format: Option<&str>) -> Result<()> {
         if let Some(name) = backing {
             crate::backing::check_plain_file_name(name, "backing file")?;
@@ -162,11 +192,9 @@ impl QcowFile {
             // QEMU keeps the backing format first among the extensions it writes.
             h.extensions.insert(0, HeaderExtension { kind: EXT_BACKING_FORMAT, data: fmt.as_bytes().to_vec() });
         }
-        let bytes = h.to_bytes()?;
-        self.raw_file().write_at(&bytes, 0, "header (backing file)")?;
-        self.raw_file().sync()?;
-        let h = crate::header::QcowHeader::read_from(&**self.raw_file().storage())?;
-        self.replace_header(h);
+        let mut on_disk = self.header().clone();
+        on_disk.commit_header_area(self.raw_file(), &h)?;
+        self.replace_header(on_disk);
         Ok(())
     }
 }

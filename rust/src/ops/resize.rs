@@ -38,12 +38,7 @@ pub fn resize(path: &Path, format: Option<&str>, size: NewSize, shrink: bool) ->
     if is_qcow2 {
         drop(file);
         let mut f = QcowFile::open(path, OpenOptions { writable: true, ..OpenOptions::default() })?;
-        let new = target(f.virtual_size(), size, shrink)?;
-        if new < f.virtual_size() {
-            f.shrink(new)?;
-        } else {
-            f.truncate(new)?;
-        }
+        let new = resize_image(&mut f, size, shrink)?;
         f.close()?;
         Ok(new)
     } else {
@@ -54,6 +49,19 @@ pub fn resize(path: &Path, format: Option<&str>, size: NewSize, shrink: bool) ->
         file.sync_all().ctx(|| format!("syncing '{}'", path.display()))?;
         Ok(new)
     }
+}
+
+/// Resizes an open qcow2 image (on any storage; [`resize`] without the opening and closing)
+/// and returns the new size: grown with [`QcowFile::truncate`], shrunk (with `shrink`) with
+/// [`QcowFile::shrink`]. The size change is durable when it returns.
+pub fn resize_image(f: &mut QcowFile, size: NewSize, shrink: bool) -> Result<u64> {
+    let new = target(f.virtual_size(), size, shrink)?;
+    if new < f.virtual_size() {
+        f.shrink(new)?;
+    } else {
+        f.truncate(new)?;
+    }
+    Ok(new)
 }
 
 /// The new size from the current one, with qemu-img's checks in its order.

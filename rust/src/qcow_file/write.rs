@@ -508,6 +508,10 @@ impl QcowFile {
         }
         self.refuse_resize_with_bitmaps()?;
         self.prepare_write()?;
+        // References past the old end (a shrink cut short by a crash leaves them: its header
+        // goes first) would show dropped data again: removed before the area is exposed.
+        self.decompressed.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        self.drop_references_past(old_size)?;
         let mut grown = self.header.clone();
         grown.size = new_size;
         let needed = grown.l1_entries_needed();
@@ -551,9 +555,17 @@ impl QcowFile {
         self.flush()?;
         self.header.commit_size(&self.raw, new_size)?;
         self.decompressed.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        self.drop_references_past(new_size)?;
+        self.flush()
+    }
+
+    /// Removes the active tree's references to the clusters wholly past `size`: the partial
+    /// last table's entries past it cleared, the tables after it unlinked. The frees follow on
+    /// the next flush, after the tables are written.
+    fn drop_references_past(&mut self, size: u64) -> Result<()> {
         let cs = self.cluster_size();
         let ept = self.tables.geometry().entries_per_table();
-        let first = new_size.div_ceil(cs);
+        let first = size.div_ceil(cs);
         let keep = first.div_ceil(ept);
         // The partial last table: its entries past the end cleared.
         if first % ept != 0 {
@@ -570,8 +582,7 @@ impl QcowFile {
                 }
             }
         }
-        self.drop_tables_from(keep)?;
-        self.flush()
+        self.drop_tables_from(keep)
     }
 
     /// Unlinks the L2 tables of L1 entries `keep..` from the active tree: a private table's
