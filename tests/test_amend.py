@@ -39,6 +39,7 @@ KINDS = [
     "zeros",
     "overlay",
     "v2snap",
+    "v2bare",
     "snapzero",
     "compressed",
     "c512",
@@ -63,6 +64,7 @@ def build(b: ImageBuilder, kind: str) -> Path:
         "datafile": {"data_file": str(b.path("img.data"))},
         "lazy": {"lazy_refcounts": "on"},
         "v2snap": {"compat": "0.10"},
+        "v2bare": {"compat": "0.10"},
     }.get(kind, {})
     if kind == "overlay":
         b.create("base.qcow2", size)
@@ -72,14 +74,16 @@ def build(b: ImageBuilder, kind: str) -> Path:
         p = b.create("img.qcow2", size, **opts)
     c = "-c " if kind in ("compressed", "zstd") else ""
     b.io("img.qcow2", f"write {c}-P 0x11 0 2M", f"write {c}-P 0x12 9M 3M")
-    if kind != "v2snap":
+    if kind not in ("v2snap", "v2bare"):
         # Preallocated zero clusters (over data) and plain ones (over nothing / the base).
         b.io("img.qcow2", "write -z 1M 256k", "write -z 13M 512k")
-    if kind in ("v2snap", "snapzero"):
+    if kind in ("v2snap", "v2bare", "snapzero"):
         subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(p)], check=True)
         b.io("img.qcow2", "write -P 0x13 4M 1M", "write -P 0x14 1M 64k")
         subprocess.run(["qemu-img", "snapshot", "-c", "s2", str(p)], check=True)
         b.io("img.qcow2", "write -P 0x15 6M 64k")
+    if kind == "v2bare":
+        strip_snapshot_extra_data(p)
     if kind == "lazy":
         # Killed with unflushed refcounts: the dirty bit stays set.
         argv = ["qemu-io", "-f", "qcow2", "-c", "write -P 0x16 5M 1M", "-c", "sigraise 9", str(p)]
@@ -89,6 +93,28 @@ def build(b: ImageBuilder, kind: str) -> Path:
         qemu_img("bitmap", "--add", p, "bm0")
         b.io("img.qcow2", "write -P 0x17 7M 64k")
     return p
+
+
+def strip_snapshot_extra_data(p: Path) -> None:
+    """Rewrites the snapshot table in place without extra data (old QEMU's v2 entries: no
+    64-bit VM state size, no disk size), which v3 requires."""
+    b = bytearray(p.read_bytes())
+    nb = int.from_bytes(b[60:64], "big")
+    off = int.from_bytes(b[64:72], "big")
+    pos, out = off, bytearray()
+    for _ in range(nb):
+        id_len = int.from_bytes(b[pos + 12 : pos + 14], "big")
+        name_len = int.from_bytes(b[pos + 14 : pos + 16], "big")
+        extra = int.from_bytes(b[pos + 36 : pos + 40], "big")
+        fixed = bytearray(b[pos : pos + 40])
+        fixed[36:40] = (0).to_bytes(4, "big")
+        names = b[pos + 40 + extra : pos + 40 + extra + id_len + name_len]
+        entry = fixed + names
+        entry += bytes(-len(entry) % 8)
+        out += entry
+        pos += (40 + extra + id_len + name_len + 7) // 8 * 8
+    b[off : off + (pos - off)] = out + bytes(pos - off - len(out))
+    p.write_bytes(bytes(b))
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +180,7 @@ CASES: list[tuple[str, str]] = [
     ("v2snap", "compat=1.1,refcount_bits=4"),
     ("v2snap", "compat=1.1,lazy_refcounts=on"),
     ("v2snap", "refcount_bits=16"),
+    ("v2bare", "compat=1.1"),
     ("snapzero", "compat=0.10"),
     ("snapzero", "refcount_bits=2"),
     ("compressed", "compat=0.10"),
@@ -348,6 +375,7 @@ INTERRUPTED = [
     ("snapzero", {"compat": "0.10"}),
     ("overlay", {"compat": "0.10"}),
     ("v2snap", {"compat": "1.1"}),
+    ("v2bare", {"compat": "1.1"}),
     ("zeros", {"refcount_bits": 8}),
     ("bitmap", {"compat": "0.10"}),
 ]

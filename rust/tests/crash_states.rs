@@ -2180,3 +2180,76 @@ fn commit_into_a_qcow2_base_512b() {
     assert_safe(&crash_states(&b, false), "commit-512-base");
     assert_safe(&crash_states(&t, false), "commit-512-overlay");
 }
+
+// ---------------------------------------------------------------------------------------------
+// amend: compat, refcount_bits (the guest content never changes).
+
+impl Ctx {
+    /// `qemu-img amend` on the recorded image.
+    fn amend(&mut self, opts: &qcowrs::ops::amend::AmendOptions) {
+        let _ = self.pos();
+        let storage = self.storage();
+        qcowrs::ops::amend::amend_storage(&storage, Path::new("<recorded>"), opts, &|_, _| Ok(())).unwrap();
+        let p = self.pos();
+        self.model.promise(p);
+    }
+}
+
+fn amend_opts(compat: Option<&str>, refcount_bits: Option<u64>) -> qcowrs::ops::amend::AmendOptions {
+    qcowrs::ops::amend::AmendOptions {
+        compat: compat.map(str::to_string),
+        refcount_bits,
+        ..qcowrs::ops::amend::AmendOptions::default()
+    }
+}
+
+/// `compat=0.10`: preallocated and plain zero clusters in the active tables and in a
+/// snapshot's expanded table by table, then the header rewritten as v2.
+#[test]
+fn amend_downgrade_with_zero_clusters_and_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "amend-down.qcow2",
+        "cluster_size=65536",
+        "64M",
+        &["write -P 0x11 0 512k", "write -z 64k 128k", "write -z 8M 256k"],
+        Some(&["write -P 0x12 256k 64k", "write -z 320k 64k", "write -z 9M 64k"]),
+    );
+    let rec = record("amend-downgrade", &base, |ctx| ctx.amend(&amend_opts(Some("0.10"), None)));
+    assert_safe(&crash_states(&rec, true), "amend-downgrade");
+}
+
+/// `compat=1.1` on a v2 image with a snapshot (its entry gets v3's extra data: a new
+/// snapshot table, then the header rewritten as v3).
+#[test]
+fn amend_upgrade_with_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "amend-up.qcow2",
+        "compat=0.10",
+        "64M",
+        &["write -P 0x21 0 192k"],
+        Some(&["write -P 0x22 64k 64k"]),
+    );
+    let rec = record("amend-upgrade", &base, |ctx| ctx.amend(&amend_opts(Some("1.1"), None)));
+    assert_safe(&crash_states(&rec, true), "amend-upgrade");
+}
+
+/// `refcount_bits=4` with 512 B clusters (many refblocks): the new structure is written
+/// beside the old one and one header write switches to it.
+#[test]
+fn amend_refcount_width_512b_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "amend-rc.qcow2",
+        "cluster_size=512",
+        "8M",
+        &["write -P 0x31 0 300k", "write -P 0x32 4M 200k"],
+        None,
+    );
+    let rec = record("amend-refcount-bits", &base, |ctx| ctx.amend(&amend_opts(None, Some(4))));
+    assert_safe(&crash_states(&rec, false), "amend-refcount-bits");
+}

@@ -12,9 +12,9 @@
 //!   write of the header's first sector switches to it);
 //! * downgrade: zero clusters are expanded table by table ([`downgrade`]) with the usual
 //!   order (refcounts, data, sync, L2 table, sync, frees), then the header is rewritten as v2;
-//! * header rewrites keep header, extensions and backing name within the first 512-byte
-//!   sector where they fit (QEMU's feature name table, which is optional, is left out of an
-//!   upgraded header that would not fit), so the one write that changes them lands whole.
+//! * header rewrites go through `QcowHeader::commit_header_area` (a crash, even one that tears
+//!   a write into sectors, leaves the old or the new header); an upgraded header leaves out
+//!   QEMU's optional feature name table when it would not fit in the first sector.
 
 mod downgrade;
 
@@ -333,12 +333,10 @@ fn set_data_file(raw: &QcowRawFile, h: &mut QcowHeader, plan: &Plan) -> Result<(
     Ok(())
 }
 
-/// Writes `next` over the header (header, extensions, backing name: one write), syncs, and
-/// makes it the current header.
+/// Writes `next` over the header area (torn-write safe: `QcowHeader::commit_header_area`)
+/// and makes it the current header.
 fn rewrite_header(raw: &QcowRawFile, h: &mut QcowHeader, next: QcowHeader) -> Result<()> {
-    let bytes = next.to_bytes()?;
-    raw.write_at(&bytes, 0, "header")?;
-    raw.sync()?;
+    h.commit_header_area(raw, &next)?;
     *h = QcowHeader::read_from(&**raw.storage())?;
     Ok(())
 }
