@@ -39,6 +39,7 @@ class QcowFile(io.RawIOBase):
         rebuild: bool = False,
         backing: bool | str | os.PathLike[str] = True,
         force_share: bool = False,
+        snapshot: str | None = None,
     ) -> QcowFile:
         """Opens the qcow2 image at ``path``.
 
@@ -53,6 +54,8 @@ class QcowFile(io.RawIOBase):
         the backing file would supply reads as zeros); a path uses that file instead.
         ``force_share`` (``"rb"`` only): take no lock, so an image a running VM holds can be
         inspected (``qemu-img -U``); reads may then see a moving target.
+        ``snapshot`` (``"rb"`` only): the id or name of an internal snapshot: a read-only view
+        of the disk as it was then (its size, its content over the backing chain).
         """
         if mode is None:
             mode = "r+b" if rebuild else "rb"
@@ -61,6 +64,8 @@ class QcowFile(io.RawIOBase):
         mode = _MODES[mode]
         if rebuild and mode != "r+b":
             raise ValueError("rebuild=True needs mode='r+b' (a rebuild writes the image)")
+        if snapshot is not None and mode != "rb":
+            raise ValueError("snapshot= needs mode='rb' (a snapshot view is read-only)")
         if force_share and mode != "rb":
             raise ValueError("force_share=True needs mode='rb' (a shared open never writes)")
         if backing is True:
@@ -76,6 +81,7 @@ class QcowFile(io.RawIOBase):
             backing=other,
             no_backing=alone,
             force_share=force_share,
+            snapshot=snapshot,
         )
         return cls(native, os.fspath(path), mode)
 
@@ -323,6 +329,24 @@ class QcowFile(io.RawIOBase):
         """The internal snapshots, in table order (``qemu-img snapshot -l``)."""
         self._checkClosed()
         return list(self._native.snapshots())
+
+    def create_snapshot(self, name: str) -> _qcowrs.Snapshot:
+        """Records the disk as it is now as internal snapshot ``name`` (``qemu-img snapshot
+        -c``; ``"r+b"``) and returns its entry. Names need not be unique (ids are)."""
+        self._checkClosed()
+        return self._native.create_snapshot(name)
+
+    def apply_snapshot(self, id_or_name: str) -> None:
+        """Reverts the disk, and its virtual size, to a snapshot (by id, else by name;
+        ``qemu-img snapshot -a``; ``"r+b"``)."""
+        self._checkClosed()
+        self._native.apply_snapshot(id_or_name)
+
+    def delete_snapshot(self, id_or_name: str) -> None:
+        """Deletes a snapshot (by id, else by name; ``qemu-img snapshot -d``; ``"r+b"``):
+        what only it held is freed."""
+        self._checkClosed()
+        self._native.delete_snapshot(id_or_name)
 
     def map(
         self, start_offset: int = 0, max_length: int | None = None, *, with_files: bool = False

@@ -461,7 +461,7 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<QcowFile> {
     let plan = Plan::new(path, opts)?;
     let file = files::install(path, opts, &plan)?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
-    let open = |backing| OpenOptions { writable: true, rebuild: false, backing, force_share: false };
+    let open = |backing| OpenOptions { writable: true, rebuild: false, backing, ..OpenOptions::default() };
     match QcowFile::open_storage(Arc::clone(&storage), path, open(BackingChoice::FromHeader)) {
         // `unsafe_backing`: the backing file need not exist (yet); the handle then reads
         // without it.
@@ -484,7 +484,11 @@ pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow
     plan.layout.write(&StorageSink(&*storage), &plan.header, None).ctx(|| "writing the new image".to_string())?;
     storage.sync().ctx(|| "syncing the new image".to_string())?;
     let backing = if opts.unsafe_backing { BackingChoice::Disabled } else { BackingChoice::FromHeader };
-    QcowFile::open_storage(storage, name, OpenOptions { writable: true, rebuild: false, backing, force_share: false })
+    QcowFile::open_storage(
+        storage,
+        name,
+        OpenOptions { writable: true, rebuild: false, backing, ..OpenOptions::default() },
+    )
 }
 
 #[cfg(test)]

@@ -756,6 +756,23 @@ impl QcowHeader {
         Ok(())
     }
 
+    /// Switches the virtual size and the active L1 table together: bytes 24..48 (`size`,
+    /// `crypt_method`, `l1_size`, `l1_table_offset`) in one write inside the first sector, then
+    /// a sync (the new table must already be durable).
+    pub fn commit_size_and_l1(&mut self, raw: &QcowRawFile, size: u64, l1_size: u32, offset: u64) -> Result<()> {
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&size.to_be_bytes());
+        b[8..12].copy_from_slice(&self.crypt_method.to_be_bytes());
+        b[12..16].copy_from_slice(&l1_size.to_be_bytes());
+        b[16..].copy_from_slice(&offset.to_be_bytes());
+        raw.write_at(&b, fo::SIZE, "header (size, l1_size, l1_table_offset)")?;
+        raw.sync()?;
+        self.size = size;
+        self.l1_size = l1_size;
+        self.l1_table_offset = offset;
+        Ok(())
+    }
+
     /// Writes `compatible_features` (v3 only), then a sync.
     pub fn commit_compatible_features(&mut self, raw: &QcowRawFile, value: u64) -> Result<()> {
         if self.version < 3 || self.compatible_features == value {

@@ -40,6 +40,24 @@ pub struct OpenOptions {
     /// Read-only opens only: take no lock, so an image a running VM holds can be inspected
     /// (`qemu-img -U`); reads may then see a moving target. Applies to the whole chain.
     pub force_share: bool,
+    /// A read-only view of an internal snapshot (its id, else its name): the disk as it was
+    /// when the snapshot was taken, through the snapshot's L1 table, at its size.
+    pub snapshot: Option<String>,
+}
+
+/// The header of a read-only view of snapshot `id_or_name`: its L1 table and size.
+fn snapshot_view(raw: &QcowRawFile, mut h: QcowHeader, id_or_name: &str, writable: bool) -> Result<QcowHeader> {
+    if writable {
+        return Err(Error::ReadOnlyImage("a snapshot can only be opened read-only".into()));
+    }
+    let table = crate::snapshot::read_snapshot_table(raw, &h)?;
+    let (_, sn) = crate::ops::snapshot::find(&table.snapshots, id_or_name)
+        .ok_or_else(|| Error::InvalidArgument(format!("snapshot '{id_or_name}' not found")))?;
+    h.size = crate::ops::snapshot::disk_size(sn, h.size);
+    h.l1_table_offset = sn.l1_table_offset;
+    h.l1_size = sn.l1_size;
+    h.validate_l1(raw.file_len())?;
+    Ok(h)
 }
 
 /// A qcow2 image opened as a guest disk.
@@ -134,6 +152,10 @@ impl QcowFile {
         }
         let id = crate::backing::file_id(&*storage);
         let raw = QcowRawFile::new(storage, header.cluster_size(), header.refcount_order, opts.writable)?;
+        let header = match &opts.snapshot {
+            Some(name) => snapshot_view(&raw, header, name, opts.writable)?,
+            None => header,
+        };
         let refcounts_stale = check::refcounts_stale(&raw, &header);
         let tables = L2Tables::load(&raw, &header)?;
         let data = match header.data_file() {
@@ -202,7 +224,7 @@ impl QcowFile {
 
     /// Re-reads the header, the L1 table and the refcounts after the image changed under the
     /// cached state (a repair).
-    fn reload(&mut self) -> Result<()> {
+    pub(crate) fn reload(&mut self) -> Result<()> {
         self.raw.refresh_len()?;
         self.header = QcowHeader::read_from(&**self.raw.storage())?;
         self.tables = L2Tables::load(&self.raw, &self.header)?;

@@ -223,6 +223,45 @@ pub fn commit_snapshot_table(raw: &QcowRawFile, h: &mut QcowHeader, nb_snapshots
     Ok(())
 }
 
+/// Writes `t` into newly allocated clusters (durable, with their refcounts, before the
+/// header names it), switches the header to it in one write, then frees the old table
+/// (`old_size` bytes): a crash leaves the old or the new table and at most leaked clusters.
+pub(crate) fn replace_snapshot_table(
+    raw: &QcowRawFile,
+    h: &mut QcowHeader,
+    mgr: &mut crate::refcount::RefcountManager,
+    t: &SnapshotTable,
+    old_size: u64,
+) -> Result<()> {
+    let cb = raw.cluster_bits();
+    let cs = raw.cluster_size();
+    let mut bytes = t.to_bytes();
+    let nb = u32::try_from(t.snapshots.len()).unwrap_or(u32::MAX);
+    let new_offset = if bytes.is_empty() {
+        0
+    } else {
+        let clusters = (bytes.len() as u64).div_ceil(cs);
+        bytes.resize(usize::try_from(clusters * cs).unwrap_or(0), 0);
+        let first = mgr.alloc(raw, h, clusters)?;
+        mgr.write_dirty_blocks(raw)?;
+        raw.sync()?;
+        raw.write_at(&bytes, first << cb, "snapshot table")?;
+        raw.sync()?;
+        first << cb
+    };
+    let old = h.snapshots_offset;
+    commit_snapshot_table(raw, h, nb, new_offset)?;
+    if old != 0 && old_size > 0 {
+        for c in (old >> cb)..(old + old_size).div_ceil(cs) {
+            mgr.free_later(c);
+        }
+        mgr.apply_frees(raw, h)?;
+        mgr.write_dirty_blocks(raw)?;
+        raw.sync()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,7 @@ use crate::header::{HeaderExtension, QcowHeader};
 use crate::qcow_file::{OpenOptions, QcowFile};
 use crate::raw_file::QcowRawFile;
 use crate::refcount::RefcountManager;
-use crate::snapshot::{commit_snapshot_table, read_snapshot_table, SnapshotTable};
+use crate::snapshot::read_snapshot_table;
 use crate::storage::{FileStorage, Storage};
 use crate::BackingChoice;
 
@@ -257,7 +257,8 @@ fn upgrade(raw: &QcowRawFile, h: &mut QcowHeader) -> Result<()> {
             s.extra_data_size = extra.len() as u32;
             s.extra = extra;
         }
-        replace_snapshot_table(raw, h, &t, table.size)?;
+        let mut mgr = RefcountManager::load(raw, h)?;
+        crate::snapshot::replace_snapshot_table(raw, h, &mut mgr, &t, table.size)?;
     }
     let mut next = h.clone();
     next.version = 3;
@@ -280,33 +281,6 @@ fn upgrade(raw: &QcowRawFile, h: &mut QcowHeader) -> Result<()> {
         next = with_table;
     }
     rewrite_header(raw, h, next)
-}
-
-/// Writes `t` into newly allocated clusters, switches the header to it, then frees the old
-/// table (`old_size` bytes).
-fn replace_snapshot_table(raw: &QcowRawFile, h: &mut QcowHeader, t: &SnapshotTable, old_size: u64) -> Result<()> {
-    let cb = raw.cluster_bits();
-    let cs = raw.cluster_size();
-    let mut bytes = t.to_bytes();
-    let clusters = (bytes.len() as u64).div_ceil(cs).max(1);
-    bytes.resize(usize::try_from(clusters * cs).unwrap_or(0), 0);
-    let mut mgr = RefcountManager::load(raw, h)?;
-    let first = mgr.alloc(raw, h, clusters)?;
-    mgr.write_dirty_blocks(raw)?;
-    raw.sync()?;
-    raw.write_at(&bytes, first << cb, "snapshot table")?;
-    raw.sync()?;
-    let (old, nb) = (h.snapshots_offset, u32::try_from(t.snapshots.len()).unwrap_or(u32::MAX));
-    commit_snapshot_table(raw, h, nb, first << cb)?;
-    if old != 0 && old_size > 0 {
-        for c in (old >> cb)..(old + old_size).div_ceil(cs) {
-            mgr.free_later(c);
-        }
-        mgr.apply_frees(raw, h)?;
-        mgr.write_dirty_blocks(raw)?;
-        raw.sync()?;
-    }
-    Ok(())
 }
 
 /// The data file name (`data_file=`) and `data_file_raw=off`.

@@ -10,3 +10,4 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
+pub mod snapshot;

@@ -51,7 +51,11 @@ impl PyQcowFile {
     /// Opens the image at `path`. `backing`: True follows the header's backing file, False
     /// opens the image alone, a path uses that file as the backing file.
     #[staticmethod]
-    #[pyo3(signature = (path, writable = false, rebuild = false, backing = None, no_backing = false, force_share = false))]
+    #[pyo3(signature = (
+        path, writable = false, rebuild = false, backing = None, no_backing = false, force_share = false,
+        snapshot = None
+    ))]
+    #[allow(clippy::too_many_arguments)] // one keyword per open option
     fn open(
         py: Python<'_>,
         path: PathBuf,
@@ -60,13 +64,15 @@ impl PyQcowFile {
         backing: Option<PathBuf>,
         no_backing: bool,
         force_share: bool,
+        snapshot: Option<String>,
     ) -> PyResult<Self> {
         let backing = match (backing, no_backing) {
             (_, true) => BackingChoice::Disabled,
             (Some(p), false) => BackingChoice::Path(p),
             (None, false) => BackingChoice::FromHeader,
         };
-        let q = py.detach(|| QcowFile::open(&path, OpenOptions { writable, rebuild, backing, force_share }))?;
+        let q =
+            py.detach(|| QcowFile::open(&path, OpenOptions { writable, rebuild, backing, force_share, snapshot }))?;
         Ok(Self::new(q))
     }
 
@@ -190,6 +196,22 @@ impl PyQcowFile {
     fn snapshots(&self, py: Python<'_>) -> PyResult<Vec<super::info::PySnapshot>> {
         let list = py.detach(|| self.read(QcowFile::snapshots))?;
         Ok(super::info::snapshot_list(&list))
+    }
+
+    /// Records the disk as it is now as internal snapshot `name` (`qemu-img snapshot -c`).
+    fn create_snapshot(&self, py: Python<'_>, name: &str) -> PyResult<super::info::PySnapshot> {
+        let s = py.detach(|| self.write(|q| q.create_snapshot(name)))?;
+        Ok(super::info::PySnapshot::from(&s))
+    }
+
+    /// Reverts the disk (and its size) to a snapshot, by id or name (`qemu-img snapshot -a`).
+    fn apply_snapshot(&self, py: Python<'_>, id_or_name: &str) -> PyResult<()> {
+        py.detach(|| self.write(|q| q.apply_snapshot(id_or_name)))
+    }
+
+    /// Deletes a snapshot, by id or name (`qemu-img snapshot -d`).
+    fn delete_snapshot(&self, py: Python<'_>, id_or_name: &str) -> PyResult<()> {
+        py.detach(|| self.write(|q| q.delete_snapshot(id_or_name)))
     }
 
     /// Reads guest data at `offset` straight into the writable buffer `buf`; returns the bytes
