@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import file_sha256, qemu_img, qemu_info, qemu_io, qemu_map, raw_sha256, requires_qemu
-
 import qcowrs
+from conftest import file_sha256, qemu_img, qemu_info, qemu_io, qemu_map, raw_sha256, requires_qemu
 from qcowrs.cli import main
 
 pytestmark = requires_qemu
@@ -123,7 +122,8 @@ def test_convert_to_qcow2_compares_equal(images: dict[str, tuple[Path, str]], na
     assert main(["convert", "-f", "qcow", "-O", "qcow2", str(img), str(dst)]) == 0
     qemu_img("compare", "-f", fmt, "-F", "qcow2", img, dst)
     check = json.loads(qemu_img("check", "--output=json", dst).stdout)
-    assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0
+    assert check.get("corruptions", 0) == 0
+    assert check.get("leaks", 0) == 0
     dst.unlink()
     assert main(["convert", "-O", "qcow2", "-c", str(img), str(dst)]) == 0
     qemu_img("compare", "-f", fmt, "-F", "qcow2", img, dst)
@@ -167,14 +167,18 @@ def test_info_matches_qemu(images: dict[str, tuple[Path, str]], name: str) -> No
     assert _pick(mine) == _pick(theirs)
     assert list(mine) == [k for k in theirs if k in mine]
     chain = qcowrs.info(images["qcow2_over_qcow"][0], backing_chain=True)
-    assert isinstance(chain, list) and [c["format"] for c in chain] == ["qcow2", "qcow", "qcow"]
+    assert isinstance(chain, list)
+    assert [c["format"] for c in chain] == ["qcow2", "qcow", "qcow"]
 
 
-def test_info_cli_human(images: dict[str, tuple[Path, str]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_cli_human(
+    images: dict[str, tuple[Path, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
     img, _ = images["over_raw"]
     assert main(["info", str(img)]) == 0
     out = capsys.readouterr().out
-    assert "file format: qcow\n" in out and "cluster_size: 512\n" in out
+    assert "file format: qcow\n" in out
+    assert "cluster_size: 512\n" in out
     assert "backing file: base.raw" in out
 
 
@@ -186,7 +190,9 @@ def test_encrypted_is_refused_and_described(tmp_path: Path) -> None:
     )  # fmt: skip
     h = file_sha256(p)
     info = qcowrs.info(p)
-    assert isinstance(info, dict) and info["encrypted"] is True and info["format"] == "qcow"
+    assert isinstance(info, dict)
+    assert info["encrypted"] is True
+    assert info["format"] == "qcow"
     with pytest.raises(qcowrs.UnsupportedFeature, match="crypt_method"):
         qcowrs.convert(p, tmp_path / "out.raw", "raw")
     assert file_sha256(p) == h
@@ -236,7 +242,7 @@ def _damage(src: Path, dst: Path, how: str) -> None:
     elif how == "crypt_method":
         struct.pack_into(">I", b, 36, 1)
     elif how == "compressed_past_eof":
-        at, e = next((at, e) for at, e in _l2_entries(src) if e >> 63)
+        at, _ = next((at, e) for at, e in _l2_entries(src) if e >> 63)
         cb = b[32]
         struct.pack_into(">Q", b, at, 1 << 63 | ((1 << cb) - 1) << (63 - cb) | (len(b) - 10))
     elif how == "data_past_eof":

@@ -212,9 +212,9 @@ def info(
     same keys and values (``virtual-size``, ``actual-size``, ``snapshots``, ``format-specific``,
     ``backing-filename``, ``full-backing-filename``, ``children``, ...), or with
     ``backing_chain=True`` a list of such dicts, the image first. ``format`` is "qcow2",
-    "qcow" (version 1) or "raw" (probed when None); ``force_share`` inspects an image a running VM holds
-    (``qemu-img -U``). Only the headers and tables named by them are read, so an image whose
-    L1 table is damaged is still described."""
+    "qcow" (version 1) or "raw" (probed when None); ``force_share`` inspects an image a
+    running VM holds (``qemu-img -U``). Only the headers and tables named by them are read,
+    so an image whose L1 table is damaged is still described."""
     return info_with_warnings(path, backing_chain, force_share, format)[0]
 
 

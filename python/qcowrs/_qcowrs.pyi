@@ -26,6 +26,7 @@ __all__ = [
     "compare",
     "convert",
     "image_info",
+    "qcow1_info",
     "measure",
     "rebase",
     "rebuild_refcounts",

@@ -229,10 +229,7 @@ impl Qcow1Header {
         let l1_end = h.l1_entries().checked_mul(8).and_then(|n| n.checked_add(h.l1_table_offset));
         if l1_end.is_none_or(|e| e > file_len) {
             return Err(Error::offset(
-                format!(
-                    "L1 table ({} entries, field 'l1_table_offset' at header offset 0x28)",
-                    h.l1_entries()
-                ),
+                format!("L1 table ({} entries, field 'l1_table_offset' at header offset 0x28)", h.l1_entries()),
                 h.l1_table_offset,
                 format!("lies past the end of the file (0x{file_len:x}); the image is truncated or damaged"),
             ));
@@ -548,7 +545,10 @@ impl Qcow1File {
     }
 
     fn read_data(&self, chunk: &mut [u8], host: u64, guest: u64) -> Result<()> {
-        let n = self.storage.read_at(chunk, host).ctx(|| format!("reading data at 0x{host:x} of '{}'", self.path.display()))?;
+        let n = self
+            .storage
+            .read_at(chunk, host)
+            .ctx(|| format!("reading data at 0x{host:x} of '{}'", self.path.display()))?;
         if n < chunk.len() {
             return Err(Error::corrupt(
                 format!(

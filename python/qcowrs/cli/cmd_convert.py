@@ -34,7 +34,9 @@ def register(sub: Any) -> None:
         "standard output (a pipe: raw, or qcow2 laid out metadata first); SRC '-' reads a raw "
         "image from standard input.",
     )
-    add_format(p, help="source format: qcow2, qcow (version 1, read-only) or raw (probed when not given)")
+    add_format(
+        p, help="source format: qcow2, qcow (version 1, read-only) or raw (probed when not given)"
+    )
     p.add_argument(
         "-O",
         dest="out_fmt",

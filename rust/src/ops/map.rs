@@ -306,7 +306,15 @@ impl<'a> Chain<'a> {
                 BackingKind::Qcow1(q) => {
                     next = q.backing_file().map(|b| b.kind());
                     let host = HostFile { storage: &**q.storage(), path: q.path().to_path_buf(), extent: None };
-                    Layer { qcow: None, v1: Some(q), len: q.virtual_size(), below: None, host, prealloc: None, run: None }
+                    Layer {
+                        qcow: None,
+                        v1: Some(q),
+                        len: q.virtual_size(),
+                        below: None,
+                        host,
+                        prealloc: None,
+                        run: None,
+                    }
                 }
                 BackingKind::Raw { storage, len, path } => {
                     let host = HostFile { storage, path: path.to_path_buf(), extent: None };
@@ -406,8 +414,12 @@ impl Layer<'_> {
         let (state, end) = q.run(off, off + bytes)?;
         let st = match state {
             Qcow1State::Data { host } => Status { data: true, allocated: true, host: Some(host), ..Status::default() },
-            Qcow1State::Compressed { .. } => Status { data: true, compressed: true, allocated: true, ..Status::default() },
-            Qcow1State::Unallocated => Status { zero: self.below.is_none_or(|below| off >= below), ..Status::default() },
+            Qcow1State::Compressed { .. } => {
+                Status { data: true, compressed: true, allocated: true, ..Status::default() }
+            }
+            Qcow1State::Unallocated => {
+                Status { zero: self.below.is_none_or(|below| off >= below), ..Status::default() }
+            }
         };
         Ok((st, end - off))
     }
