@@ -81,8 +81,9 @@ def convert(
     target_cache: str = "writeback",
     progress: Callable[[int, int], object] | None = None,
 ) -> None:
-    """Copies the guest content of ``src`` (one image or several, concatenated; qcow2 with its
-    backing chain, or raw) into ``dst`` as ``output_format`` ("raw" or "qcow2"), as
+    """Copies the guest content of ``src`` (one image or several, concatenated; qcow2 or qcow
+    version 1 with its backing chain, or raw; ``source_format`` "qcow2", "qcow" or "raw",
+    probed when None) into ``dst`` as ``output_format`` ("raw" or "qcow2"), as
     ``qemu-img convert`` does.
 
     Only what the sources allocate is read (block status over the whole chain); zero runs of at

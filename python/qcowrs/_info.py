@@ -30,10 +30,13 @@ def size_to_str(value: int) -> str:
 
 
 def probe_format(path: str | os.PathLike[str]) -> str:
-    """``"qcow2"`` if the file starts with the qcow2 magic, else ``"raw"`` (QEMU's probe for
-    the formats qcowrs reads)."""
+    """``"qcow"`` if the file starts with the qcow magic and version 1, ``"qcow2"`` with
+    another version, else ``"raw"`` (QEMU's probe for the formats qcowrs reads)."""
     with open(path, "rb") as fh:
-        return "qcow2" if fh.read(4) == _QCOW2_MAGIC else "raw"
+        head = fh.read(8)
+    if head[:4] != _QCOW2_MAGIC:
+        return "raw"
+    return "qcow" if head[4:8] == b"\0\0\0\1" else "qcow2"
 
 
 def _file_sizes(path: str) -> tuple[int, int]:
@@ -129,6 +132,27 @@ def _qcow2_info(path: str, force_share: bool) -> tuple[dict[str, Any], list[str]
     return d, warnings
 
 
+def _qcow1_info(path: str, force_share: bool) -> dict[str, Any]:
+    """A qcow version 1 image, as qemu-img describes it (no format-specific data)."""
+    facts = _qcowrs.qcow1_info(path, force_share=force_share)
+    length, allocated = _file_sizes(path)
+    d: dict[str, Any] = {
+        "children": [_file_child(path, length, allocated)],
+        "virtual-size": facts["virtual_size"],
+        "filename": path,
+        "cluster-size": facts["cluster_size"],
+        "format": "qcow",
+        "actual-size": allocated,
+    }
+    if facts["encrypted"]:
+        d["encrypted"] = True
+    if facts["backing_file"]:
+        d["full-backing-filename"] = _combine(path, facts["backing_file"])
+        d["backing-filename"] = facts["backing_file"]
+    d["dirty-flag"] = False
+    return d
+
+
 def _raw_info(path: str) -> dict[str, Any]:
     length, allocated = _file_sizes(path)
     return {
@@ -146,9 +170,11 @@ def _one(path: str, fmt: str | None, force_share: bool) -> tuple[dict[str, Any],
         fmt = probe_format(path)
     if fmt == "qcow2":
         return _qcow2_info(path, force_share)
+    if fmt == "qcow":
+        return _qcow1_info(path, force_share), []
     if fmt == "raw":
         return _raw_info(path), []
-    raise ValueError(f"format must be 'qcow2' or 'raw', not {fmt!r}")
+    raise ValueError(f"format must be 'qcow2', 'qcow' or 'raw', not {fmt!r}")
 
 
 def info_with_warnings(
@@ -185,10 +211,10 @@ def info(
     """What ``qemu-img info --output=json`` prints about the image at ``path``: a dict with the
     same keys and values (``virtual-size``, ``actual-size``, ``snapshots``, ``format-specific``,
     ``backing-filename``, ``full-backing-filename``, ``children``, ...), or with
-    ``backing_chain=True`` a list of such dicts, the image first. ``format`` is "qcow2" or
-    "raw" (probed when None); ``force_share`` inspects an image a running VM holds
-    (``qemu-img -U``). Only the headers and tables named by them are read, so an image whose
-    L1 table is damaged is still described."""
+    ``backing_chain=True`` a list of such dicts, the image first. ``format`` is "qcow2",
+    "qcow" (version 1) or "raw" (probed when None); ``force_share`` inspects an image a
+    running VM holds (``qemu-img -U``). Only the headers and tables named by them are read,
+    so an image whose L1 table is damaged is still described."""
     return info_with_warnings(path, backing_chain, force_share, format)[0]
 
 
@@ -251,6 +277,8 @@ def _human_one(d: dict[str, Any]) -> list[str]:
         f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)",
         f"disk size: {size_to_str(d['actual-size'])}",
     ]
+    if d.get("encrypted"):
+        out.append("encrypted: yes")
     if "cluster-size" in d:
         out.append(f"cluster_size: {d['cluster-size']}")
     if d.get("dirty-flag"):

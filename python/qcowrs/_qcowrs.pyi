@@ -27,6 +27,7 @@ __all__ = [
     "convert",
     "image_info",
     "measure",
+    "qcow1_info",
     "rebase",
     "rebuild_refcounts",
     "resize",
@@ -215,6 +216,7 @@ def compare(
     progress: Callable[[int, int], object] | None = None,
 ) -> CompareResult: ...
 def image_info(path: str, force_share: bool = False) -> dict[str, Any]: ...
+def qcow1_info(path: str, force_share: bool = False) -> dict[str, Any]: ...
 def convert(
     sources: list[str],
     target: str,

@@ -1,5 +1,6 @@
 //! Backing files: what an image shows where it holds nothing itself. A [`BackingRead`] is
-//! another qcow2 image (read through its own `QcowFile`, so chains nest) or a raw file; an
+//! another qcow2 image (read through its own `QcowFile`, so chains nest), a qcow version 1
+//! image (`Qcow1File`, with its own chain) or a raw file; an
 //! image may also be opened without its backing file, or with another one
 //! ([`BackingChoice`]).
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::QCOW_MAGIC;
+use crate::qcow1::Qcow1File;
 use crate::qcow_file::{OpenOptions, QcowFile};
 use crate::raw_file::QcowRawFile;
 use crate::storage::{FileStorage, Storage};
@@ -80,6 +82,8 @@ pub(crate) trait BackingRead: Send + Sync + std::fmt::Debug {
 pub(crate) enum BackingKind<'a> {
     /// A qcow2 image (with its own backing chain).
     Qcow2(&'a QcowFile),
+    /// A qcow version 1 image (read-only, with its own backing chain).
+    Qcow1(&'a Qcow1File),
     /// A raw file: guest offset = file offset.
     Raw {
         /// The file.
@@ -144,6 +148,11 @@ pub struct BackingImage(pub(crate) Box<dyn BackingRead>);
 impl BackingImage {
     /// A qcow2 image (read through its own chain).
     pub fn qcow2(image: QcowFile) -> Self {
+        BackingImage(Box::new(image))
+    }
+
+    /// A qcow version 1 image (read through its own chain).
+    pub fn qcow1(image: Qcow1File) -> Self {
         BackingImage(Box::new(image))
     }
 
@@ -217,7 +226,7 @@ pub(crate) fn open_backing_path(
     })
 }
 
-/// Opens `p` read-only as guest data, qcow2 (with its chain) or raw (`format`, or probed),
+/// Opens `p` read-only as guest data, qcow2 or qcow (with its chain) or raw (`format`, or probed),
 /// locked as QEMU locks an image it reads (unless `force_share`): a source of `convert`.
 pub(crate) fn open_image_any(p: &Path, format: Option<&str>, force_share: bool) -> Result<Box<dyn BackingRead>> {
     open_layer(p, format, &[], force_share, "image", || Error::InvalidArgument("no chain to loop in".into()))
@@ -243,28 +252,52 @@ fn open_layer(
             if what == "image" { format!("'{}'", p.display()) } else { format!("backing file '{}'", p.display()) };
         crate::lock::lock_image(f, false, &name)?;
     }
-    let is_qcow2 = match format {
-        Some("qcow2") => true,
-        Some("raw") => false,
+    let layer = match format {
+        Some("qcow2") => Layer::Qcow2,
+        Some("qcow") => Layer::Qcow1,
+        Some("raw") => Layer::Raw,
         Some(other) => {
             return Err(Error::UnsupportedFeature(format!(
-                "backing file '{}' has format '{other}'; qcowrs reads qcow2 and raw backing files",
+                "backing file '{}' has format '{other}'; qcowrs reads qcow2, qcow and raw backing files",
                 p.display()
             )))
         }
-        None => {
-            let mut magic = [0u8; 4];
-            let n = storage.read_at(&mut magic, 0).ctx(|| format!("reading backing file '{}'", p.display()))?;
-            n == 4 && u32::from_be_bytes(magic) == QCOW_MAGIC
-        }
+        None => probe(&*storage, p)?,
     };
-    if is_qcow2 {
-        let opts = OpenOptions { force_share, ..OpenOptions::default() };
-        Ok(Box::new(QcowFile::open_in_chain(storage, p, opts, chain)?))
-    } else {
-        let len = storage.len().ctx(|| format!("reading the length of backing file '{}'", p.display()))?;
-        Ok(Box::new(RawBacking { storage, len, name: p.to_path_buf() }))
+    match layer {
+        Layer::Qcow2 => {
+            let opts = OpenOptions { force_share, ..OpenOptions::default() };
+            Ok(Box::new(QcowFile::open_in_chain(storage, p, opts, chain)?))
+        }
+        Layer::Qcow1 => Ok(Box::new(Qcow1File::open_in_chain(storage, p, chain, force_share)?)),
+        Layer::Raw => {
+            let len = storage.len().ctx(|| format!("reading the length of backing file '{}'", p.display()))?;
+            Ok(Box::new(RawBacking { storage, len, name: p.to_path_buf() }))
+        }
     }
+}
+
+/// The formats of an image layer.
+enum Layer {
+    Qcow2,
+    Qcow1,
+    Raw,
+}
+
+/// QEMU's probe among the formats qcowrs reads: the magic with version 1 is qcow, with any
+/// other version qcow2 (whose open refuses versions it does not know), else raw.
+fn probe(storage: &dyn Storage, p: &Path) -> Result<Layer> {
+    let mut head = [0u8; 8];
+    let n = storage.read_at(&mut head, 0).ctx(|| format!("reading '{}'", p.display()))?;
+    Ok(if n >= 4 && u32::from_be_bytes([head[0], head[1], head[2], head[3]]) == QCOW_MAGIC {
+        if crate::qcow1::is_qcow1(&head[..n]) {
+            Layer::Qcow1
+        } else {
+            Layer::Qcow2
+        }
+    } else {
+        Layer::Raw
+    })
 }
 
 /// The external data file of an image, opened for the image's mode and locked. It may not be

@@ -16,8 +16,9 @@ pub enum Error {
     /// The file does not start with `QFI\xfb`.
     #[error("{0}")]
     InvalidMagic(String),
-    /// The header version is neither 2 nor 3.
-    #[error("unsupported qcow2 version {0} (field 'version' at header offset 0x4); only 2 and 3 exist")]
+    /// The header version is neither 2 nor 3 (1 is qcow version 1: read by `convert`, `info`
+    /// and as a backing file, not by `QcowFile`).
+    #[error("{}", unsupported_version(*.0))]
     UnsupportedVersion(u32),
     /// A feature qcowrs does not implement (encryption, unknown incompatible bits, ...).
     #[error("unsupported feature: {0}")]
@@ -71,6 +72,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+fn unsupported_version(v: u32) -> String {
+    if v == 1 {
+        "unsupported qcow2 version 1 (field 'version' at header offset 0x4): this is a qcow version 1 image, which QcowFile does not open; qcowrs reads it read-only through convert (qcowrs.convert / qcowrs convert -f qcow), info, and as a backing file".into()
+    } else {
+        format!("unsupported qcow2 version {v} (field 'version' at header offset 0x4); only 2 and 3 exist")
+    }
 }
 
 impl Error {

@@ -32,6 +32,7 @@ mod header;
 mod lock;
 mod mapping;
 pub mod ops;
+mod qcow1;
 mod qcow_file;
 mod raw_file;
 mod rebuild;
@@ -56,6 +57,7 @@ pub use ops::compare::{compare, CompareError, CompareOptions, Comparison, Outcom
 pub use ops::convert::{convert, ConvertOptions, OutputFormat};
 pub use ops::map::{map_image, ImageMap, MapEntry};
 pub use ops::measure::{measure, MeasureInput, MeasureOptions, Measurement};
+pub use qcow1::{Qcow1File, Qcow1Header};
 pub use qcow_file::{OpenOptions, QcowFile};
 pub use raw_file::{fail_after_ops, io_ops, QcowRawFile};
 pub use rebuild::{rebuild_refcounts, NewStructure};

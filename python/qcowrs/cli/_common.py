@@ -211,6 +211,10 @@ def add_progress(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The formats qcowrs reads as a source: qcow (version 1) images are read-only.
+READ_FORMATS = ("qcow2", "qcow", "raw")
+
+
 def check_format(fmt: str | None, allowed: tuple[str, ...] = ("qcow2", "raw")) -> None:
     if fmt is not None and fmt not in allowed:
         raise CliError(f"Unknown file format '{fmt}' (qcowrs handles {', '.join(allowed)})")

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from qcowrs.cli._common import (
+    READ_FORMATS,
     CliError,
     Progress,
     add_force_share,
@@ -33,7 +34,9 @@ def register(sub: Any) -> None:
         "standard output (a pipe: raw, or qcow2 laid out metadata first); SRC '-' reads a raw "
         "image from standard input.",
     )
-    add_format(p, help="source format: qcow2 or raw (probed when not given)")
+    add_format(
+        p, help="source format: qcow2, qcow (version 1, read-only) or raw (probed when not given)"
+    )
     p.add_argument(
         "-O",
         dest="out_fmt",
@@ -124,7 +127,7 @@ def _target_options(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> d
     backing_fmt = args.backing_fmt or o.get("backing_fmt")
     if backing:
         if backing_fmt is not None:
-            check_format(backing_fmt)
+            check_format(backing_fmt, READ_FORMATS)
         kw["backing_file"], kw["backing_format"] = backing, backing_fmt
     if args.compress:
         kw["compress"] = options.pop("compression_type")
@@ -135,7 +138,7 @@ def _target_options(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> d
 def run(args: argparse.Namespace) -> int:
     from qcowrs._convert import convert
 
-    check_format(args.fmt)
+    check_format(args.fmt, READ_FORMATS)
     check_format(args.out_fmt)
     pairs = parse_options(args.options)
     if pairs is None:

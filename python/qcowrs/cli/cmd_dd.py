@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from qcowrs.cli._common import (
+    READ_FORMATS,
     CliError,
     Progress,
     add_force_share,
@@ -54,7 +55,7 @@ def _number(key: str, text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from qcowrs._convert import dd
 
-    check_format(args.fmt)
+    check_format(args.fmt, READ_FORMATS)
     check_format(args.out_fmt)
     ops: dict[str, Any] = {"bs": 512, "count": None, "skip": 0}
     paths: dict[str, str] = {}

@@ -10,6 +10,7 @@ from typing import Any
 from qcowrs._errors import QcowError
 from qcowrs._info import format_info_human, info_with_warnings
 from qcowrs.cli._common import (
+    READ_FORMATS,
     CliError,
     add_force_share,
     add_format,
@@ -40,7 +41,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_format(args.fmt)
+    check_format(args.fmt, READ_FORMATS)
     try:
         result, warnings = info_with_warnings(
             args.image,

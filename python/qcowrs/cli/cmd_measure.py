@@ -10,6 +10,7 @@ from typing import Any
 
 from qcowrs._measure import OPTIONS, measure
 from qcowrs.cli._common import (
+    READ_FORMATS,
     CliError,
     add_force_share,
     add_format,
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     # Then, as qemu-img: the source is opened, then the target format and its options are
     # looked at.
     if src is not None:
-        check_format(args.fmt)
+        check_format(args.fmt, READ_FORMATS)
         if not os.path.lexists(src):
             raise CliError(f"Could not open '{src}': No such file or directory")
         if os.path.isdir(src):

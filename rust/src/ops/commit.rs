@@ -98,18 +98,26 @@ impl CommitBase {
     }
 }
 
-/// The path and format of layer `depth` of the chain below `top` (1: its backing file).
-fn layer(top: &QcowFile, depth: usize) -> Option<(PathBuf, bool)> {
-    let mut cur: &dyn BackingRead = top.backing_file()?;
+/// The path and format (qcow2: true, raw: false) of layer `depth` of the chain below `top`
+/// (1: its backing file). A qcow version 1 base is refused: qcowrs reads that format only.
+fn layer(top: &QcowFile, depth: usize) -> Result<(PathBuf, bool)> {
+    let ended = || Error::InvalidArgument("backing chain ended".into());
+    let mut cur: &dyn BackingRead = top.backing_file().ok_or_else(ended)?;
     for _ in 1..depth {
-        match cur.kind() {
-            BackingKind::Qcow2(f) => cur = f.backing_file()?,
-            BackingKind::Raw { .. } => return None,
+        cur = match cur.kind() {
+            BackingKind::Qcow2(f) => f.backing_file(),
+            BackingKind::Qcow1(f) => f.backing_file(),
+            BackingKind::Raw { .. } => None,
         }
+        .ok_or_else(ended)?;
     }
     match cur.kind() {
-        BackingKind::Qcow2(f) => Some((f.path().to_path_buf(), true)),
-        BackingKind::Raw { path, .. } => Some((path.to_path_buf(), false)),
+        BackingKind::Qcow2(f) => Ok((f.path().to_path_buf(), true)),
+        BackingKind::Raw { path, .. } => Ok((path.to_path_buf(), false)),
+        BackingKind::Qcow1(f) => Err(Error::UnsupportedFeature(format!(
+            "the base '{}' is a qcow version 1 image, which qcowrs only reads; convert it to qcow2 first",
+            f.path().display()
+        ))),
     }
 }
 
@@ -144,7 +152,7 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: &dyn Fn(u64, u64) -> 
         let o = OpenOptions { writable: true, backing: BackingChoice::Disabled, ..OpenOptions::default() };
         Some(QcowFile::open(path, o)?)
     };
-    let (base_path, qcow2) = layer(&view, depth).ok_or_else(|| Error::InvalidArgument("backing chain ended".into()))?;
+    let (base_path, qcow2) = layer(&view, depth)?;
     let base = if qcow2 {
         let o = OpenOptions { writable: true, ..OpenOptions::default() };
         CommitBase::Qcow2(Box::new(QcowFile::open(&base_path, o)?))

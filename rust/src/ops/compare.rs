@@ -56,7 +56,6 @@ const OTHER_QEMU_FORMATS: &[&str] = &[
     "host_device",
     "luks",
     "parallels",
-    "qcow",
     "qed",
     "vdi",
     "vhdx",
@@ -150,10 +149,10 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) -> Result<()> + Sync);
 fn open_image(path: &Path, format: Option<&str>, force_share: bool) -> Result<Box<dyn BackingRead>> {
     let name = path.display();
     match format {
-        None | Some("qcow2" | "raw") => {}
+        None | Some("qcow2" | "qcow" | "raw") => {}
         Some(f) if OTHER_QEMU_FORMATS.contains(&f) => {
             return Err(Error::UnsupportedFeature(format!(
-                "Could not open '{name}': format '{f}': qcowrs reads qcow2 and raw images"
+                "Could not open '{name}': format '{f}': qcowrs reads qcow2, qcow and raw images"
             )))
         }
         Some(f) => return Err(Error::InvalidArgument(format!("Could not open '{name}': Unknown driver '{f}'"))),

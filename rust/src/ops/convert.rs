@@ -29,7 +29,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use crate::backing::{file_id, open_image_any, resolve_relative, BackingKind, BackingRead, FileId};
 use crate::create::CreateOptions;
 use crate::error::{Error, IoContext, Result};
-use crate::ops::map::{map_image, raw_extents};
+use crate::ops::map::{map_layers, raw_extents};
 use crate::qcow_file::{OpenOptions, QcowFile};
 
 /// QEMU's sector: raw images are whole sectors long.
@@ -190,6 +190,13 @@ pub(crate) fn layer_ids(image: &dyn BackingRead) -> Vec<Vec<FileId>> {
             }
             out
         }
+        BackingKind::Qcow1(f) => {
+            let mut out = vec![file_id(&**f.storage()).into_iter().collect()];
+            if let Some(b) = f.backing_file() {
+                out.extend(layer_ids(b));
+            }
+            out
+        }
         BackingKind::Raw { storage, .. } => vec![file_id(storage).into_iter().collect()],
     }
 }
@@ -198,6 +205,7 @@ pub(crate) fn layer_ids(image: &dyn BackingRead) -> Vec<Vec<FileId>> {
 fn guest_size(image: &dyn BackingRead) -> u64 {
     match image.kind() {
         BackingKind::Qcow2(f) => f.virtual_size(),
+        BackingKind::Qcow1(f) => f.virtual_size(),
         BackingKind::Raw { len, .. } => len.div_ceil(SECTOR) * SECTOR,
     }
 }
@@ -215,20 +223,20 @@ pub(crate) struct Run {
 
 /// The runs of an image, as `qemu-img map` finds them (`SEEK_DATA`/`SEEK_HOLE` for raw).
 pub(crate) fn status(image: &dyn BackingRead) -> Result<Vec<Run>> {
-    match image.kind() {
-        BackingKind::Qcow2(f) => {
-            let map = map_image(f, 0, None)?;
-            Ok(map
-                .entries
-                .iter()
-                .map(|e| Run { start: e.start, end: e.start + e.length, data: e.data, depth: e.depth })
+    let map = match image.kind() {
+        k @ (BackingKind::Qcow2(_) | BackingKind::Qcow1(_)) => map_layers(k, 0, None)?,
+        BackingKind::Raw { storage, len, .. } => {
+            return Ok(raw_extents(storage, len)
+                .into_iter()
+                .map(|(start, end, hole)| Run { start, end, data: !hole, depth: 0 })
                 .collect())
         }
-        BackingKind::Raw { storage, len, .. } => Ok(raw_extents(storage, len)
-            .into_iter()
-            .map(|(start, end, hole)| Run { start, end, data: !hole, depth: 0 })
-            .collect()),
-    }
+    };
+    Ok(map
+        .entries
+        .iter()
+        .map(|e| Run { start: e.start, end: e.start + e.length, data: e.data, depth: e.depth })
+        .collect())
 }
 
 /// The pieces of one source (guest offsets of the source): `base_depth` is the layer of its

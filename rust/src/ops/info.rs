@@ -10,6 +10,7 @@ use crate::bitmap::{read_bitmap_directory, BitmapEntry};
 use crate::error::Result;
 use crate::format::AUTOCLEAR_BITMAPS;
 use crate::header::QcowHeader;
+use crate::qcow1::Qcow1Header;
 use crate::raw_file::QcowRawFile;
 use crate::snapshot::{read_snapshot_table_lenient, Snapshot};
 use crate::storage::{FileStorage, Storage};
@@ -42,6 +43,17 @@ pub fn image_info(path: &Path, force_share: bool) -> Result<ImageInfo> {
     let header = QcowHeader::read_for_check(&*storage)?;
     let raw = QcowRawFile::new(storage, header.cluster_size(), header.refcount_order, false)?;
     Ok(describe(&raw, header))
+}
+
+/// What `qemu-img info` reports about a qcow version 1 image: its header and backing file
+/// name (no table is read, so a damaged image is still described; an encrypted one too).
+/// Takes QEMU's shared read lock unless `force_share`.
+pub fn qcow1_info(path: &Path, force_share: bool) -> Result<Qcow1Header> {
+    let file = crate::backing::open_image_file(path, false, "image")?;
+    if !force_share {
+        crate::lock::lock_image(&file, false, &format!("'{}'", path.display()))?;
+    }
+    Qcow1Header::read_lenient(&FileStorage::new(file))
 }
 
 /// [`image_info`] on an image already open.

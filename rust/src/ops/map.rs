@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use crate::backing::{resolve_relative, BackingKind};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{l1_entry_l2_offset, ClusterType, L2Entry, L2Geometry, SubclusterState};
+use crate::qcow1::{Qcow1File, Qcow1State};
 use crate::qcow_file::QcowFile;
 use crate::refcount::RefcountView;
 use crate::storage::Storage;
@@ -92,7 +93,12 @@ impl ImageMap {
 
 /// Maps `image` and its backing chain like `qemu-img map [--start-offset S] [--max-length L]`.
 pub fn map_image(image: &QcowFile, start_offset: u64, max_length: Option<u64>) -> Result<ImageMap> {
-    let mut chain = Chain::new(image);
+    map_layers(BackingKind::Qcow2(image), start_offset, max_length)
+}
+
+/// [`map_image`] of a chain whose top is a qcow2 or a qcow version 1 image.
+pub(crate) fn map_layers(top: BackingKind<'_>, start_offset: u64, max_length: Option<u64>) -> Result<ImageMap> {
+    let mut chain = Chain::new(top);
     let end = start_offset.saturating_add(max_length.unwrap_or(u64::MAX)).min(chain.layers[0].len);
     let limit = chain.entry_limit();
     let mut entries = Vec::new();
@@ -113,7 +119,7 @@ pub fn map_image(image: &QcowFile, start_offset: u64, max_length: Option<u64>) -
                     format!(
                         "more than {limit} map entries from files of this size (at guest offset 0x{off:x}): L2 tables are used by several L1 entries"
                     ),
-                    image.header().l1_table_offset,
+                    0,
                 ));
             }
             entries.push(curr);
@@ -260,8 +266,10 @@ impl HostFile<'_> {
 
 /// One image of the chain.
 struct Layer<'a> {
-    /// The qcow2 image, or `None` for a raw file (then `host` is the layer).
+    /// The qcow2 image, or `None` for a raw file (then `host` is the layer) or a qcow v1 image.
     qcow: Option<&'a QcowFile>,
+    /// The qcow version 1 image, if the layer is one.
+    v1: Option<&'a Qcow1File>,
     /// QEMU's length of the layer.
     len: u64,
     /// The length of the layer below it, `None` at the bottom.
@@ -280,9 +288,9 @@ struct Chain<'a> {
 }
 
 impl<'a> Chain<'a> {
-    fn new(image: &'a QcowFile) -> Self {
+    fn new(top: BackingKind<'a>) -> Self {
         let mut layers = Vec::new();
-        let mut next = Some(BackingKind::Qcow2(image));
+        let mut next = Some(top);
         while let Some(kind) = next.take() {
             let layer = match kind {
                 BackingKind::Qcow2(q) => {
@@ -293,12 +301,25 @@ impl<'a> Chain<'a> {
                     };
                     let host = HostFile { storage: host.0, path: host.1, extent: None };
                     let len = q.virtual_size() / SECTOR * SECTOR;
-                    Layer { qcow: Some(q), len, below: None, host, prealloc: None, run: None }
+                    Layer { qcow: Some(q), v1: None, len, below: None, host, prealloc: None, run: None }
+                }
+                BackingKind::Qcow1(q) => {
+                    next = q.backing_file().map(|b| b.kind());
+                    let host = HostFile { storage: &**q.storage(), path: q.path().to_path_buf(), extent: None };
+                    Layer {
+                        qcow: None,
+                        v1: Some(q),
+                        len: q.virtual_size(),
+                        below: None,
+                        host,
+                        prealloc: None,
+                        run: None,
+                    }
                 }
                 BackingKind::Raw { storage, len, path } => {
                     let host = HostFile { storage, path: path.to_path_buf(), extent: None };
                     let len = len.div_ceil(SECTOR) * SECTOR;
-                    Layer { qcow: None, len, below: None, host, prealloc: None, run: None }
+                    Layer { qcow: None, v1: None, len, below: None, host, prealloc: None, run: None }
                 }
             };
             if let Some(above) = layers.last_mut() {
@@ -317,6 +338,9 @@ impl<'a> Chain<'a> {
         for l in &self.layers {
             let host_len = l.host.storage.len().unwrap_or(0);
             budget = budget.saturating_add(host_len / SECTOR);
+            if let Some(q) = l.v1 {
+                budget = budget.saturating_add(q.file_len() / 4);
+            }
             if let Some(q) = l.qcow {
                 let file_len = q.raw_file().file_len();
                 let per_byte = if q.header().extended_l2() { file_len.saturating_mul(4) } else { file_len / 4 };
@@ -357,6 +381,9 @@ impl Layer<'_> {
     /// QEMU's `bdrv_block_status` of this layer alone at `off` (below its length).
     fn status(&mut self, off: u64, bytes: u64) -> Result<(Status, u64)> {
         let bytes = bytes.min(self.len.saturating_sub(off));
+        if let Some(q) = self.v1 {
+            return self.v1_status(q, off, bytes);
+        }
         let Some(q) = self.qcow else {
             let (zero, n) = self.host.status(off, bytes);
             return Ok((Status { data: !zero, zero, compressed: false, allocated: true, host: Some(off) }, n));
@@ -379,6 +406,22 @@ impl Layer<'_> {
             (st.zero, n) = self.host_zero(st.host.unwrap_or(0), n)?;
         }
         Ok((st, n))
+    }
+
+    /// `qcow_co_block_status` (plus the block layer's allocated and zero flags): plain
+    /// clusters are data with their offset, compressed ones data + compressed without one.
+    fn v1_status(&mut self, q: &Qcow1File, off: u64, bytes: u64) -> Result<(Status, u64)> {
+        let (state, end) = q.run(off, off + bytes)?;
+        let st = match state {
+            Qcow1State::Data { host } => Status { data: true, allocated: true, host: Some(host), ..Status::default() },
+            Qcow1State::Compressed { .. } => {
+                Status { data: true, compressed: true, allocated: true, ..Status::default() }
+            }
+            Qcow1State::Unallocated => {
+                Status { zero: self.below.is_none_or(|below| off >= below), ..Status::default() }
+            }
+        };
+        Ok((st, end - off))
     }
 
     /// `block/io.c`'s recursion into the file for a preallocated image: whether the data at

@@ -44,7 +44,7 @@ use crate::create::refcount_metadata_clusters;
 use crate::error::{Error, Result};
 use crate::format::AUTOCLEAR_BITMAPS;
 use crate::ops::convert::OutputFormat;
-use crate::ops::map::{map_image, raw_extents};
+use crate::ops::map::{map_image, map_layers, raw_extents};
 use crate::qcow_file::QcowFile;
 
 /// QEMU's sector: lengths of block nodes are whole sectors.
@@ -302,6 +302,12 @@ fn data_clusters(source: &dyn BackingRead, cluster_size: u64) -> Result<u64> {
             .filter(|e| e.data && !e.zero)
             .map(|e| (e.start, e.start + e.length))
             .collect(),
+        BackingKind::Qcow1(q) => map_layers(BackingKind::Qcow1(q), 0, None)?
+            .entries
+            .iter()
+            .filter(|e| e.data && !e.zero)
+            .map(|e| (e.start, e.start + e.length))
+            .collect(),
         BackingKind::Raw { storage, len, .. } => raw_extents(storage, len)
             .into_iter()
             .filter(|&(_, _, hole)| !hole)
@@ -358,6 +364,7 @@ fn bitmaps_size(q: &QcowFile, cluster_size: u64) -> Result<u64> {
 fn guest_length(source: &dyn BackingRead) -> u64 {
     match source.kind() {
         BackingKind::Qcow2(q) => q.virtual_size() / SECTOR * SECTOR,
+        BackingKind::Qcow1(q) => q.virtual_size(),
         BackingKind::Raw { len, .. } => len.div_ceil(SECTOR) * SECTOR,
     }
 }

@@ -92,6 +92,25 @@ pub fn snapshot_list(snapshots: &[Snapshot]) -> Vec<PySnapshot> {
     snapshots.iter().map(PySnapshot::from).collect()
 }
 
+/// What `qemu-img info` needs about the qcow version 1 image at `path`, as a dict:
+/// `virtual_size`, `size` (the header's), `cluster_size`, `l2_bits`, `l1_table_offset`,
+/// `encrypted`, `mtime`, `backing_file` (str|None).
+#[pyfunction]
+#[pyo3(signature = (path, force_share = false))]
+pub fn qcow1_info(py: Python<'_>, path: PathBuf, force_share: bool) -> PyResult<Bound<'_, PyDict>> {
+    let h = py.detach(|| crate::ops::info::qcow1_info(&path, force_share))?;
+    let d = PyDict::new(py);
+    d.set_item("virtual_size", h.virtual_size())?;
+    d.set_item("size", h.size)?;
+    d.set_item("cluster_size", h.cluster_size())?;
+    d.set_item("l2_bits", h.l2_bits)?;
+    d.set_item("l1_table_offset", h.l1_table_offset)?;
+    d.set_item("encrypted", h.crypt_method != 0)?;
+    d.set_item("mtime", h.mtime)?;
+    d.set_item("backing_file", h.backing_file)?;
+    Ok(d)
+}
+
 /// What `qemu-img info` needs about the qcow2 image at `path`, as a dict: `header`
 /// (QcowHeader), `file_length`, `snapshots` ([Snapshot]), `snapshot_error` (str|None),
 /// `bitmaps` ([{name, granularity, flags}]), `bitmap_warning` (str|None).

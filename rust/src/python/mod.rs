@@ -30,6 +30,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<info::PySnapshot>()?;
     m.add_class::<compare::PyCompareResult>()?;
     m.add_function(wrap_pyfunction!(info::image_info, m)?)?;
+    m.add_function(wrap_pyfunction!(info::qcow1_info, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
     m.add_function(wrap_pyfunction!(resize::resize, m)?)?;
     m.add_function(wrap_pyfunction!(rebase::rebase, m)?)?;

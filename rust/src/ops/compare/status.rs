@@ -33,6 +33,7 @@ use crate::backing::{resolve_relative, BackingKind, BackingRead};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{l1_entry_l2_offset, ClusterType, L2Defect, L2Entry, L2Geometry, SubclusterState};
 use crate::ops::map::{detect_metadata_preallocation, find_allocation, Allocation};
+use crate::qcow1::{Qcow1File, Qcow1State};
 use crate::qcow_file::QcowFile;
 use crate::storage::Storage;
 
@@ -343,13 +344,54 @@ fn refuse_shared_l2_tables(q: &QcowFile) -> Result<()> {
 /// A node of a chain.
 pub(crate) enum Node<'a> {
     Qcow2(QcowNode<'a>),
+    Qcow1(Qcow1Node<'a>),
     Raw(FileNode<'a>),
+}
+
+/// A qcow version 1 image as `qcow_co_block_status` answers: one cluster at a time (the
+/// run found is cached); plain clusters data + offset, compressed ones data + compressed.
+pub(crate) struct Qcow1Node<'a> {
+    q: &'a Qcow1File,
+    len: u64,
+    backing_len: Option<u64>,
+    /// The last run found: its state, `[start, end)`.
+    run: Option<(Qcow1State, u64, u64)>,
+}
+
+impl Qcow1Node<'_> {
+    /// `bulk`: an unallocated run is answered whole, not a cluster at a time.
+    fn status(&mut self, off: u64, bytes: u64, bulk: bool) -> Result<(Flags, u64)> {
+        if off >= self.len {
+            return Ok((Flags::EOF, 0));
+        }
+        let (state, _, end) = match self.run {
+            Some(r) if r.1 <= off && off < r.2 => r,
+            _ => {
+                let (st, end) = self.q.run(off, self.len)?;
+                let r = (st, off, end);
+                self.run = Some(r);
+                r
+            }
+        };
+        let cs = self.q.header().cluster_size();
+        let cluster_end = (off / cs + 1) * cs;
+        let unallocated = state == Qcow1State::Unallocated;
+        let limit = if bulk && unallocated { end } else { end.min(cluster_end) };
+        let n = limit.min(off.saturating_add(bytes)).min(self.len) - off;
+        let flags = match state {
+            Qcow1State::Data { .. } => Flags::DATA.with(Flags::OFFSET_VALID).with(Flags::ALLOCATED),
+            Qcow1State::Compressed { .. } => Flags::DATA.with(Flags::COMPRESSED).with(Flags::ALLOCATED),
+            Qcow1State::Unallocated => Flags::default().when(self.backing_len.is_none_or(|b| off >= b), Flags::ZERO),
+        };
+        Ok((flags.when(off + n == self.len, Flags::EOF), n))
+    }
 }
 
 impl Node<'_> {
     fn status(&mut self, off: u64, bytes: u64, bulk: bool) -> Result<(Flags, u64)> {
         match self {
             Node::Qcow2(n) => n.status(off, bytes, bulk),
+            Node::Qcow1(n) => n.status(off, bytes, bulk),
             Node::Raw(n) => Ok(n.status(off, bytes)),
         }
     }
@@ -357,6 +399,7 @@ impl Node<'_> {
     fn len(&self) -> u64 {
         match self {
             Node::Qcow2(n) => n.len,
+            Node::Qcow1(n) => n.len,
             Node::Raw(n) => n.len,
         }
     }
@@ -386,10 +429,16 @@ impl<'a> Chain<'a> {
                     let len = q.virtual_size() / SECTOR * SECTOR;
                     Node::Qcow2(QcowNode { q, len, backing_len: None, host, prealloc: None, run: None, empty: None })
                 }
+                BackingKind::Qcow1(q) => {
+                    next = q.backing_file().map(|b| b.kind());
+                    Node::Qcow1(Qcow1Node { q, len: q.virtual_size(), backing_len: None, run: None })
+                }
                 BackingKind::Raw { storage, len, .. } => Node::Raw(FileNode::new(storage, len)),
             };
-            if let Some(Node::Qcow2(above)) = nodes.last_mut() {
-                above.backing_len = Some(node.len());
+            match nodes.last_mut() {
+                Some(Node::Qcow2(above)) => above.backing_len = Some(node.len()),
+                Some(Node::Qcow1(above)) => above.backing_len = Some(node.len()),
+                _ => {}
             }
             nodes.push(node);
         }
