@@ -282,14 +282,15 @@ pub(crate) fn set_range_bits(
     }
     let (first, last) = (start >> g, (end - 1) >> g);
     for t in first / bits_per_cluster..=last / bits_per_cluster {
-        if !bufs.contains_key(&t) {
-            let Some(b) = load(t)? else { break };
-            bufs.insert(t, b);
-        }
-        if let Some(buf) = bufs.get_mut(&t) {
-            let base = t * bits_per_cluster;
-            set_bits(buf, first.max(base) - base, last.min(base + bits_per_cluster - 1) - base);
-        }
+        let buf = match bufs.entry(t) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let Some(b) = load(t)? else { break };
+                v.insert(b)
+            }
+        };
+        let base = t * bits_per_cluster;
+        set_bits(buf, first.max(base) - base, last.min(base + bits_per_cluster - 1) - base);
     }
     Ok(())
 }
@@ -545,5 +546,17 @@ mod tests {
         let mut r = vec![(10, 20), (0, 5), (15, 30), (31, 40)];
         merge(&mut r);
         assert_eq!(r, vec![(0, 5), (10, 30), (31, 40)]);
+    }
+
+    #[test]
+    fn bit_runs_become_guest_ranges_cut_at_the_disk_end() {
+        let mut out = Vec::new();
+        // Bits 1..=2 and 8..=23 and the last bit of a 4-byte cluster, 512-byte granularity.
+        push_bit_ranges(&mut out, &[0b0000_0110, 0xff, 0xff, 0x80], 0, 9, 31 * 512 + 100);
+        assert_eq!(out, vec![(512, 1024), (8 * 512, 16 * 512), (31 * 512, 100)]);
+        // The next cluster's first bit continues the run.
+        let mut out = vec![(0, 512)];
+        push_bit_ranges(&mut out, &[1], 1, 9, 1 << 20);
+        assert_eq!(out, vec![(0, 1024)]);
     }
 }
