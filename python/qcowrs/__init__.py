@@ -1,6 +1,7 @@
 """qcowrs: qcow2 disk images from Python — read, write, check and repair, with a Rust core."""
 
 from qcowrs._amend import amend
+from qcowrs._bitmap import bitmap
 from qcowrs._commit import commit
 from qcowrs._compare import compare
 from qcowrs._convert import convert, dd
@@ -22,6 +23,7 @@ from qcowrs._file import QcowFile
 from qcowrs._info import info
 from qcowrs._measure import measure
 from qcowrs._qcowrs import (
+    Bitmap,
     CheckReport,
     CompareResult,
     Problem,
@@ -36,6 +38,7 @@ from qcowrs._rebase import rebase
 from qcowrs._resize import resize
 
 __all__ = [
+    "Bitmap",
     "CheckReport",
     "CompareResult",
     "CorruptImage",
@@ -57,6 +60,7 @@ __all__ = [
     "UnsupportedVersion",
     "__version__",
     "amend",
+    "bitmap",
     "check",
     "commit",
     "compare",

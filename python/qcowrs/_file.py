@@ -348,6 +348,22 @@ class QcowFile(io.RawIOBase):
         self._checkClosed()
         self._native.delete_snapshot(id_or_name)
 
+    def bitmaps(self) -> list[_qcowrs.Bitmap]:
+        """The persistent dirty bitmaps, in directory order (name, granularity, enabled,
+        in_use, persistent), as QEMU loads them: none when a program without bitmap support
+        marked them inconsistent."""
+        self._checkClosed()
+        return list(self._native.bitmaps())
+
+    def dirty_ranges(self, bitmap: str) -> list[tuple[int, int]]:
+        """The guest ranges ``(offset, length)`` the bitmap named ``bitmap`` marks dirty, in
+        order: one per run of set bits, each bit covering the bitmap's granularity, the last
+        one cut at the end of the disk (what ``qemu-nbd -B`` exports). On a handle that has
+        written, the enabled bitmaps include its writes. ``ValueError`` for a bitmap that is
+        not there or is in use (inconsistent)."""
+        self._checkClosed()
+        return list(self._native.dirty_ranges(bitmap))
+
     def map(
         self, start_offset: int = 0, max_length: int | None = None, *, with_files: bool = False
     ) -> list[MapEntry]:

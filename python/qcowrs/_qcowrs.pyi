@@ -9,6 +9,7 @@ from typing_extensions import Buffer
 from qcowrs._map import MapEntry
 
 __all__ = [
+    "Bitmap",
     "CheckReport",
     "CompareResult",
     "Problem",
@@ -21,6 +22,7 @@ __all__ = [
     "_fail_after_ops",
     "_io_ops",
     "amend",
+    "bitmap",
     "check",
     "commit",
     "compare",
@@ -86,6 +88,14 @@ class Snapshot:
     l1_table_offset: int
     @property
     def date(self) -> datetime.datetime: ...
+
+@final
+class Bitmap:
+    name: str
+    granularity: int
+    enabled: bool
+    in_use: bool
+    persistent: bool
 
 @final
 class Problem:
@@ -185,6 +195,8 @@ class QcowFile:
     def create_snapshot(self, name: str) -> Snapshot: ...
     def apply_snapshot(self, id_or_name: str) -> None: ...
     def delete_snapshot(self, id_or_name: str) -> None: ...
+    def bitmaps(self) -> list[Bitmap]: ...
+    def dirty_ranges(self, name: str) -> list[tuple[int, int]]: ...
     def readinto_at(self, buf: Buffer, offset: int) -> int: ...
     def read_at(self, offset: int, length: int) -> bytes: ...
     def allocated_ranges(self) -> list[tuple[int, int, str]]: ...
@@ -298,6 +310,14 @@ def resize(
     shrink: bool = False,
     format: str | None = None,
 ) -> int: ...
+def bitmap(
+    path: str,
+    action: str,
+    name: str,
+    *,
+    granularity: int | None = None,
+    source: str | None = None,
+) -> None: ...
 def _fail_after_ops(n: int | None) -> None: ...
 def _io_ops() -> int: ...
 def _error_for_test(name: str) -> None: ...

@@ -27,6 +27,12 @@ pub struct BitmapEntry {
     /// Bytes of the name as QEMU counts them (`strlen`: up to a NUL byte, whatever the
     /// encoding).
     pub name_len: usize,
+    /// The name's bytes as stored (kept verbatim when the directory is rewritten).
+    pub name_bytes: Vec<u8>,
+    /// The bitmap type (1: dirty tracking, the only one defined).
+    pub bitmap_type: u8,
+    /// Extra data (kept verbatim when the directory is rewritten).
+    pub extra_data: Vec<u8>,
 }
 
 /// Reads the bitmap directory (bounded by the extension's size, itself checked against the file).
@@ -68,16 +74,231 @@ pub fn read_bitmap_directory(raw: &QcowRawFile, h: &QcowHeader) -> Result<Vec<Bi
             granularity_bits: e[17],
             name,
             name_len,
+            name_bytes: name_bytes.to_vec(),
+            bitmap_type: e[16],
+            extra_data: e[24..24 + extra].to_vec(),
         });
         off += end.div_ceil(8) * 8;
     }
     Ok(out)
 }
 
+/// The directory as bytes: each entry (table offset and size, flags, type, granularity, the
+/// name's and extra data's sizes, the extra data, the name) padded to 8 bytes.
+pub(crate) fn encode_directory(entries: &[BitmapEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in entries {
+        out.extend_from_slice(&b.bitmap_table_offset.to_be_bytes());
+        out.extend_from_slice(&b.bitmap_table_size.to_be_bytes());
+        out.extend_from_slice(&b.flags.to_be_bytes());
+        out.push(b.bitmap_type);
+        out.push(b.granularity_bits);
+        out.extend_from_slice(&u16::try_from(b.name_bytes.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(&u32::try_from(b.extra_data.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(&b.extra_data);
+        out.extend_from_slice(&b.name_bytes);
+        out.resize(out.len().div_ceil(8) * 8, 0);
+    }
+    out
+}
+
+/// Bytes of the directory entry of a bitmap named with `name_len` bytes and no extra data
+/// (QEMU's `calc_dir_entry_size`).
+pub(crate) fn dir_entry_size(name_len: usize) -> u64 {
+    (24 + name_len as u64).div_ceil(8) * 8
+}
+
+/// Entries of the bitmap table of a bitmap with 2^`granularity_bits`-byte granularity on a
+/// disk of `disk_size` bytes with `cluster_size`-byte clusters: one per cluster of bits.
+pub(crate) fn table_entries_needed(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+    let bits = disk_size.div_ceil(1u64 << u32::from(granularity_bits).min(63));
+    bits.div_ceil(cluster_size * 8)
+}
+
+/// Why an entry cannot be read as a bitmap (QEMU's `check_dir_entry`), if it cannot.
+pub(crate) fn entry_defect(h: &QcowHeader, b: &BitmapEntry) -> Option<String> {
+    let cs = h.cluster_size();
+    let why = if b.bitmap_type != 1 {
+        format!("type {} is not a dirty tracking bitmap", b.bitmap_type)
+    } else if !(9..=31).contains(&b.granularity_bits) {
+        format!("granularity 2^{} is outside 2^9..2^31", b.granularity_bits)
+    } else if b.bitmap_table_offset == 0 || b.bitmap_table_offset % cs != 0 {
+        format!("bitmap table offset 0x{:x} is not a cluster offset", b.bitmap_table_offset)
+    } else if b.flags & !7 != 0 {
+        format!("reserved flags 0x{:x} are set", b.flags & !7)
+    } else if u64::from(b.bitmap_table_size) != table_entries_needed(h.size, b.granularity_bits, cs) {
+        format!(
+            "the table has {} entries; the disk needs {}",
+            b.bitmap_table_size,
+            table_entries_needed(h.size, b.granularity_bits, cs)
+        )
+    } else {
+        return None;
+    };
+    Some(format!("bitmap '{}' (directory entry at 0x{:x}): {why}", b.name, b.entry_offset))
+}
+
+/// Reads the bitmap table of `b` (its entries checked: data offsets cluster aligned, inside
+/// the file).
+pub(crate) fn read_bitmap_table(raw: &QcowRawFile, b: &BitmapEntry) -> Result<Vec<u64>> {
+    let what = format!("bitmap table of '{}'", b.name);
+    let table = raw.read_u64_table(b.bitmap_table_offset, u64::from(b.bitmap_table_size), &what)?;
+    let cs = raw.cluster_size();
+    for (i, &e) in table.iter().enumerate() {
+        let off = e & L2E_OFFSET_MASK;
+        let bad_flags = e & !L2E_OFFSET_MASK & !1 != 0 || (off != 0 && e & 1 != 0);
+        if bad_flags || off % cs != 0 || off.checked_add(cs).is_none_or(|end| end > raw.file_len()) {
+            return Err(Error::corrupt(
+                format!("bitmap table of '{}': entry {i} (0x{e:x}) is not a valid data cluster", b.name),
+                b.bitmap_table_offset + 8 * i as u64,
+            ));
+        }
+    }
+    Ok(table)
+}
+
+/// What one bitmap table entry holds: a cluster of bits (LSB first in each byte).
+pub(crate) enum BitmapCluster {
+    /// Every bit clear (no data cluster).
+    Zeros,
+    /// Every bit set (no data cluster).
+    Ones,
+    /// The bits in the data cluster at this host offset.
+    Data(u64),
+}
+
+impl BitmapCluster {
+    /// Classifies a bitmap table entry.
+    pub(crate) fn of(entry: u64) -> Self {
+        match entry & L2E_OFFSET_MASK {
+            0 if entry & 1 != 0 => BitmapCluster::Ones,
+            0 => BitmapCluster::Zeros,
+            off => BitmapCluster::Data(off),
+        }
+    }
+
+    /// The cluster's bytes (`cs` of them).
+    pub(crate) fn bytes(&self, raw: &QcowRawFile, name: &str) -> Result<Vec<u8>> {
+        let cs = usize::try_from(raw.cluster_size()).unwrap_or(0);
+        Ok(match self {
+            BitmapCluster::Zeros => vec![0; cs],
+            BitmapCluster::Ones => vec![0xff; cs],
+            BitmapCluster::Data(off) => {
+                let mut buf = vec![0u8; cs];
+                raw.read_table_bytes(*off, &mut buf, &format!("bitmap '{name}' data"))?;
+                buf
+            }
+        })
+    }
+}
+
+/// Appends the runs of set bits of `bytes` (bit `first_bit + i` is bit i, LSB first) as guest
+/// ranges of 2^`g` bytes per bit, cut at `disk_size`, merged with the previous range.
+pub(crate) fn push_bit_ranges(out: &mut Vec<(u64, u64)>, bytes: &[u8], first_bit: u64, g: u32, disk_size: u64) {
+    let mut push = |start_bit: u64, end_bit: u64| {
+        let start = start_bit << g;
+        if start >= disk_size {
+            return;
+        }
+        let end = (end_bit << g).min(disk_size);
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += end - start,
+            _ => out.push((start, end - start)),
+        }
+    };
+    let mut run: Option<u64> = None;
+    for (i, &byte) in bytes.iter().enumerate() {
+        let base = first_bit + 8 * i as u64;
+        match (byte, run) {
+            (0xff, _) => run = run.or(Some(base)),
+            (0, Some(s)) => {
+                push(s, base);
+                run = None;
+            }
+            (0, None) => {}
+            _ => {
+                for k in 0..8 {
+                    let set = byte & (1 << k) != 0;
+                    match (set, run) {
+                        (true, None) => run = Some(base + k),
+                        (false, Some(s)) => {
+                            push(s, base + k);
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    if let Some(s) = run {
+        push(s, first_bit + 8 * bytes.len() as u64);
+    }
+}
+
+/// The guest ranges `b` marks dirty, in order, adjacent ones merged.
+pub(crate) fn read_dirty_ranges(raw: &QcowRawFile, h: &QcowHeader, b: &BitmapEntry) -> Result<Vec<(u64, u64)>> {
+    let table = read_bitmap_table(raw, b)?;
+    let g = u32::from(b.granularity_bits);
+    let bits_per_cluster = raw.cluster_size() * 8;
+    let mut out = Vec::new();
+    for (t, &e) in table.iter().enumerate() {
+        let c = BitmapCluster::of(e);
+        if matches!(c, BitmapCluster::Zeros) {
+            continue;
+        }
+        push_bit_ranges(&mut out, &c.bytes(raw, &b.name)?, t as u64 * bits_per_cluster, g, h.size);
+    }
+    Ok(out)
+}
+
+/// One persistent bitmap as `f.bitmaps()` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bitmap {
+    /// Name.
+    pub name: String,
+    /// Bytes of guest disk one bit covers.
+    pub granularity: u64,
+    /// Tracks writes (the "auto" flag).
+    pub enabled: bool,
+    /// Flagged in use on disk by a writer that did not close: inconsistent, not to be trusted.
+    pub in_use: bool,
+    /// Stored in the image (always, for bitmaps read from it).
+    pub persistent: bool,
+}
+
+/// Sets the bits covering the guest range `[start, end)` in the clusters of a bitmap with
+/// 2^`g`-byte granularity, kept in `bufs` by table index; a cluster not there yet is loaded
+/// by `load(t)` (None: past the table).
+pub(crate) fn set_range_bits(
+    bufs: &mut std::collections::BTreeMap<u64, Vec<u8>>,
+    (start, end): (u64, u64),
+    g: u32,
+    bits_per_cluster: u64,
+    load: &mut dyn FnMut(u64) -> Result<Option<Vec<u8>>>,
+) -> Result<()> {
+    if end <= start {
+        return Ok(());
+    }
+    let (first, last) = (start >> g, (end - 1) >> g);
+    for t in first / bits_per_cluster..=last / bits_per_cluster {
+        let buf = match bufs.entry(t) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let Some(b) = load(t)? else { break };
+                v.insert(b)
+            }
+        };
+        let base = t * bits_per_cluster;
+        set_bits(buf, first.max(base) - base, last.min(base + bits_per_cluster - 1) - base);
+    }
+    Ok(())
+}
+
 /// Bitmap flag: in use (may be inconsistent).
-const FLAG_IN_USE: u32 = 1;
+pub(crate) const FLAG_IN_USE: u32 = 1;
 /// Bitmap flag: enabled, tracks every write.
-const FLAG_AUTO: u32 = 2;
+pub(crate) const FLAG_AUTO: u32 = 2;
 /// Dirty ranges kept before they are merged.
 const MERGE_AT: usize = 4096;
 
@@ -223,6 +444,18 @@ impl BitmapTracker {
         Ok(BitmapStart::Track(BitmapTracker { bitmaps, dirty: Vec::new() }))
     }
 
+    /// Whether this tracker keeps the bitmap named `name` (flagged in use by this writer).
+    pub(crate) fn tracks(&self, name: &str) -> bool {
+        self.bitmaps.iter().any(|b| b.name == name)
+    }
+
+    /// The guest ranges written so far (`(start, end)`, not yet in the bitmaps on disk).
+    pub(crate) fn pending(&self) -> Vec<(u64, u64)> {
+        let mut d = self.dirty.clone();
+        merge(&mut d);
+        d
+    }
+
     /// Records that `[offset, offset+len)` of the guest changed.
     pub fn note(&mut self, offset: u64, len: u64) {
         if len == 0 {
@@ -313,5 +546,17 @@ mod tests {
         let mut r = vec![(10, 20), (0, 5), (15, 30), (31, 40)];
         merge(&mut r);
         assert_eq!(r, vec![(0, 5), (10, 30), (31, 40)]);
+    }
+
+    #[test]
+    fn bit_runs_become_guest_ranges_cut_at_the_disk_end() {
+        let mut out = Vec::new();
+        // Bits 1..=2 and 8..=23 and the last bit of a 4-byte cluster, 512-byte granularity.
+        push_bit_ranges(&mut out, &[0b0000_0110, 0xff, 0xff, 0x80], 0, 9, 31 * 512 + 100);
+        assert_eq!(out, vec![(512, 1024), (8 * 512, 16 * 512), (31 * 512, 100)]);
+        // The next cluster's first bit continues the run.
+        let mut out = vec![(0, 512)];
+        push_bit_ranges(&mut out, &[1], 1, 9, 1 << 20);
+        assert_eq!(out, vec![(0, 1024)]);
     }
 }

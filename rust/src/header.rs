@@ -5,11 +5,11 @@
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
-    align_up, be_u32_at, be_u64_at, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
-    EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
-    INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, INCOMPAT_KNOWN, MAX_BACKING_FILE_NAME,
-    MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MAX_SNAPSHOTS, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
-    QCOW_MAGIC, V2_HEADER_LEN, V3_MIN_HEADER_LEN,
+    align_up, be_u32_at, be_u64_at, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_ZLIB, COMPRESSION_ZSTD, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END,
+    EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+    INCOMPAT_EXTENDED_L2, INCOMPAT_KNOWN, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER,
+    MAX_SNAPSHOTS, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS, QCOW_MAGIC, V2_HEADER_LEN, V3_MIN_HEADER_LEN,
 };
 use crate::raw_file::QcowRawFile;
 use crate::storage::Storage;
@@ -790,6 +790,68 @@ impl QcowHeader {
         raw.sync()?;
         self.size = size;
         Ok(())
+    }
+
+    /// Switches the image to another bitmap directory (`None`: no bitmaps), then a sync; the
+    /// directory and everything it names must already be durable. With bitmaps the autoclear
+    /// bit 0 is set (the extension is consistent), without them it is cleared and the extension
+    /// dropped. When the extension is already there and its 24 bytes lie in one sector, one
+    /// write of them (a sector is written whole); otherwise the header area is rewritten
+    /// (`commit_header_area`, torn-write safe). QEMU's optional feature name table is left out
+    /// when the header would not fit in its cluster otherwise.
+    pub(crate) fn commit_bitmaps_extension(&mut self, raw: &QcowRawFile, ext: Option<BitmapsExtension>) -> Result<()> {
+        let data = ext.map(|e| {
+            let mut d = Vec::with_capacity(24);
+            d.extend_from_slice(&e.nb_bitmaps.to_be_bytes());
+            d.extend_from_slice(&0u32.to_be_bytes());
+            d.extend_from_slice(&e.bitmap_directory_size.to_be_bytes());
+            d.extend_from_slice(&e.bitmap_directory_offset.to_be_bytes());
+            d
+        });
+        let in_place = match (&data, self.extension_offset(EXT_BITMAPS)) {
+            (Some(d), Some(at)) if self.autoclear_features & AUTOCLEAR_BITMAPS != 0 => {
+                let from = at + 8;
+                let len = self.extension(EXT_BITMAPS).map_or(0, <[u8]>::len);
+                (len == d.len() && from / 512 == (from + 23) / 512).then_some((from, d))
+            }
+            _ => None,
+        };
+        if let Some((from, d)) = in_place {
+            raw.write_at(d, from, "header (bitmaps extension)")?;
+            raw.sync()?;
+            if let Some(e) = self.extensions.iter_mut().find(|e| e.kind == EXT_BITMAPS) {
+                e.data.clone_from(d);
+            }
+            return Ok(());
+        }
+        let mut next = self.clone();
+        match data {
+            Some(d) => {
+                next.autoclear_features |= AUTOCLEAR_BITMAPS;
+                if let Some(e) = next.extensions.iter_mut().find(|e| e.kind == EXT_BITMAPS) {
+                    e.data = d;
+                } else {
+                    // QEMU's order: backing format, data file, crypto header, feature table,
+                    // bitmaps.
+                    let at = next
+                        .extensions
+                        .iter()
+                        .position(|e| {
+                            ![EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_CRYPTO, EXT_FEATURE_TABLE].contains(&e.kind)
+                        })
+                        .unwrap_or(next.extensions.len());
+                    next.extensions.insert(at, HeaderExtension { kind: EXT_BITMAPS, data: d });
+                }
+            }
+            None => {
+                next.autoclear_features &= !AUTOCLEAR_BITMAPS;
+                next.extensions.retain(|e| e.kind != EXT_BITMAPS);
+            }
+        }
+        if next.to_bytes().is_err() {
+            next.extensions.retain(|e| e.kind != EXT_FEATURE_TABLE);
+        }
+        self.commit_header_area(raw, &next)
     }
 
     /// Rewrites the header area of cluster 0 (`self` is what is on disk) as `new` describes

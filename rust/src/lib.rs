@@ -47,12 +47,13 @@ mod walk;
 mod python;
 
 pub use backing::{BackingChoice, BackingImage};
-pub use bitmap::BitmapEntry;
+pub use bitmap::{Bitmap, BitmapEntry};
 pub use check::{check_path, check_path_shared, check_raw, Repair};
 pub use create::{create_on, CreateOptions};
 pub use error::{Error, Result};
 pub use header::{field_offset, QcowHeader};
 pub use mapping::ReadPlan;
+pub use ops::bitmap::{bitmap, bitmap_storage, BitmapAction};
 pub use ops::compare::{compare, CompareError, CompareOptions, Comparison, Outcome, Stage};
 pub use ops::convert::{convert, ConvertOptions, OutputFormat};
 pub use ops::map::{map_image, ImageMap, MapEntry};

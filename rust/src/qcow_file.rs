@@ -3,6 +3,7 @@
 //! `mapping.rs`: reads here (`&self`, so one handle serves several threads at once), writes in
 //! `qcow_file/write.rs` (`&mut self`, with the flush ordering).
 
+mod bitmaps;
 mod write;
 
 use std::collections::VecDeque;

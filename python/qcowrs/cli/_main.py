@@ -10,6 +10,7 @@ from qcowrs._errors import QcowError
 from qcowrs._qcowrs import __version__
 from qcowrs.cli import (
     cmd_amend,
+    cmd_bitmap,
     cmd_check,
     cmd_commit,
     cmd_compare,
@@ -38,6 +39,7 @@ _COMMANDS = [
     cmd_rebase,
     cmd_commit,
     cmd_amend,
+    cmd_bitmap,
     cmd_rebuild,
 ]
 

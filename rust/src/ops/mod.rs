@@ -2,6 +2,7 @@
 //! (`QcowFile`), its mapping and its backing chain.
 
 pub mod amend;
+pub mod bitmap;
 pub mod commit;
 pub mod compare;
 pub mod convert;

@@ -214,6 +214,17 @@ impl PyQcowFile {
         py.detach(|| self.write(|q| q.delete_snapshot(id_or_name)))
     }
 
+    /// The persistent dirty bitmaps (`[Bitmap]`, in directory order).
+    fn bitmaps(&self, py: Python<'_>) -> PyResult<Vec<super::bitmap::PyBitmap>> {
+        let list = py.detach(|| self.read(QcowFile::bitmaps))?;
+        Ok(list.into_iter().map(super::bitmap::PyBitmap::from).collect())
+    }
+
+    /// The guest ranges `[(offset, length)]` the bitmap `name` marks dirty, in order.
+    fn dirty_ranges(&self, py: Python<'_>, name: &str) -> PyResult<Vec<(u64, u64)>> {
+        py.detach(|| self.read(|q| q.dirty_ranges(name)))
+    }
+
     /// Reads guest data at `offset` straight into the writable buffer `buf`; returns the bytes
     /// read (short only at the end of the disk). Runs in parallel with other reads.
     fn readinto_at(&self, py: Python<'_>, buf: &Bound<'_, PyAny>, offset: u64) -> PyResult<usize> {

@@ -1,6 +1,7 @@
 //! PyO3 glue: the `qcowrs._qcowrs` extension module. Nothing outside this folder knows Python.
 
 mod amend;
+mod bitmap;
 mod buffer;
 mod commit;
 mod compare;
@@ -29,6 +30,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<report::PyProblem>()?;
     m.add_class::<info::PySnapshot>()?;
     m.add_class::<compare::PyCompareResult>()?;
+    m.add_class::<bitmap::PyBitmap>()?;
     m.add_function(wrap_pyfunction!(info::image_info, m)?)?;
     m.add_function(wrap_pyfunction!(info::qcow1_info, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
@@ -36,6 +38,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rebase::rebase, m)?)?;
     m.add_function(wrap_pyfunction!(commit::commit, m)?)?;
     m.add_function(wrap_pyfunction!(amend::amend, m)?)?;
+    m.add_function(wrap_pyfunction!(bitmap::bitmap, m)?)?;
     m.add_function(wrap_pyfunction!(measure::measure, m)?)?;
     m.add_function(wrap_pyfunction!(compare::compare, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;

@@ -70,6 +70,11 @@ fn durable(raw: &QcowRawFile, refcounts: &mut RefcountManager, data: Option<&Qco
 }
 
 impl QcowFile {
+    /// The enabled bitmaps this handle keeps up to date (flagged in use by it), if any.
+    pub(super) fn bitmap_tracker(&self) -> Option<&BitmapTracker> {
+        self.writer.as_ref().and_then(|w| w.bitmaps.as_ref())
+    }
+
     fn writer(&mut self) -> Result<&mut Writer> {
         self.writer
             .as_mut()
