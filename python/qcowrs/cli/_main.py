@@ -23,6 +23,7 @@ from qcowrs.cli import (
     cmd_rebase,
     cmd_rebuild,
     cmd_resize,
+    cmd_snapshot,
 )
 from qcowrs.cli._common import CliError, os_message
 
@@ -39,6 +40,7 @@ _COMMANDS = [
     cmd_rebase,
     cmd_commit,
     cmd_amend,
+    cmd_snapshot,
     cmd_bitmap,
     cmd_rebuild,
 ]
