@@ -29,8 +29,8 @@ def register(sub: Any) -> None:
 
 
 def _list(image: str, force_share: bool) -> int:
-    from qcowrs._info import _snapshot_dict, _snapshot_line
     from qcowrs._file import QcowFile
+    from qcowrs._info import _snapshot_dict, _snapshot_line
 
     with QcowFile.open(image, force_share=force_share) as f:
         snaps = f.snapshots()
