@@ -13,6 +13,7 @@ list, every snapshot's content intact, the active content old or new, at most le
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -137,9 +138,13 @@ def test_qemu_snapshots_read_applied_deleted_by_qcowrs(
     for name in ("s1", "s2"):
         with qcowrs_mod.QcowFile.open(p, snapshot=name) as v:
             data = v.pread(v.virtual_size, 0)
-        import hashlib
 
         assert hashlib.sha256(data).hexdigest() == digests[name]
+        out = p.parent / f"{name}.raw"
+        r = qcowrs_cli("convert", "-l", f"snapshot.name={name}", "-O", "raw", p, out)
+        assert r.returncode == 0, r.stderr
+        assert file_sha256(out) == digests[name]
+        out.unlink()
     with qcowrs_mod.QcowFile.open(p, "r+b") as f:
         f.apply_snapshot("s1")
     assert raw_sha256(p) == digests["s1"]

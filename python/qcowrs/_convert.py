@@ -105,8 +105,6 @@ def convert(
     if target_cache not in _CACHE_MODES:
         raise ValueError(f"Invalid cache option: {target_cache}")
     unsafe_cache = target_cache == "unsafe"
-    if snapshot is not None:
-        raise ValueError("snapshot: internal snapshots cannot be read yet (convert -l)")
     if output_format not in ("raw", "qcow2"):
         raise ValueError(f"output_format: qcowrs writes raw and qcow2, not {output_format!r}")
     if compress not in (None, "zlib", "zstd"):
@@ -133,6 +131,8 @@ def convert(
         kwargs["compat"] = {"v2": "0.10", "v3": "1.1"}.get(
             str(kwargs["compat"]), str(kwargs["compat"])
         )
+    if snapshot is not None:
+        kwargs["snapshot"] = snapshot
     with contextlib.ExitStack() as stack:
         if "-" in sources:
             if source_format not in (None, "raw"):

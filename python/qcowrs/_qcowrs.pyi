@@ -254,6 +254,7 @@ def convert(
     force_share: bool = False,
     unsafe_cache: bool = False,
     window: tuple[int, int] | None = None,
+    snapshot: str | None = None,
     progress: Callable[[int, int], object] | None = None,
 ) -> None: ...
 def measure(

@@ -232,6 +232,26 @@ pub(crate) fn open_image_any(p: &Path, format: Option<&str>, force_share: bool) 
     open_layer(p, format, &[], force_share, "image", || Error::InvalidArgument("no chain to loop in".into()))
 }
 
+/// Opens a qcow2 image's internal snapshot `snapshot` (id, else name) as a read-only layer
+/// (`qemu-img convert -l`).
+pub(crate) fn open_image_snapshot(
+    p: &Path,
+    format: Option<&str>,
+    force_share: bool,
+    snapshot: &str,
+) -> Result<Box<dyn BackingRead>> {
+    if format.is_some_and(|f| f != "qcow2") {
+        return Err(Error::InvalidArgument("Failed to load snapshot: only qcow2 images have internal snapshots".into()));
+    }
+    let file = open_image_file(p, false, "image")?;
+    if !force_share {
+        crate::lock::lock_image(&file, false, &format!("'{}'", p.display()))?;
+    }
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+    let opts = OpenOptions { force_share, snapshot: Some(snapshot.to_string()), ..OpenOptions::default() };
+    Ok(Box::new(QcowFile::open_in_chain(storage, p, opts, &[])?))
+}
+
 fn open_layer(
     p: &Path,
     format: Option<&str>,

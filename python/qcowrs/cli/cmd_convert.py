@@ -148,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
             "Expecting image file name" if not args.files else "Expecting a target file name"
         )
     *sources, dst = args.files
-    if args.snapshot is not None:
-        raise CliError("Failed to load snapshot: internal snapshots cannot be read yet")
+    snapshot = _snapshot_param(args.snapshot) if args.snapshot is not None else None
     if args.compress and args.out_fmt == "raw":
         raise CliError("Compression not supported for this file format")
     if args.backing and args.out_fmt == "raw":
@@ -186,7 +185,19 @@ def run(args: argparse.Namespace) -> int:
             threads=threads,
             force_share=args.force_share,
             target_cache=args.cache,
+            snapshot=snapshot,
             progress=bar.callback,
             **kw,
         )
     return 0
+
+
+def _snapshot_param(text: str) -> str:
+    """``-l``: ``snapshot.name=NAME``, ``snapshot.id=ID`` or a bare id or name (qemu-img's
+    forms; an id is matched first, then a name, as QEMU does for the bare form)."""
+    for prefix in ("snapshot.name=", "snapshot.id="):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+    if "=" in text and not text.startswith("snapshot."):
+        raise CliError(f"Invalid parameter '{text.split('=')[0]}'")
+    return text

@@ -80,6 +80,8 @@ pub struct ConvertOptions {
     /// Only `len` bytes of the (single) source from `offset` on, which become the target's
     /// bytes from 0 (`qemu-img dd`'s `skip` and `count`).
     pub window: Option<(u64, u64)>,
+    /// `-l`: read this internal snapshot (id, else name) of each (qcow2) source.
+    pub snapshot: Option<String>,
 }
 
 impl Default for ConvertOptions {
@@ -96,6 +98,7 @@ impl Default for ConvertOptions {
             force_share: false,
             unsafe_cache: false,
             window: None,
+            snapshot: None,
         }
     }
 }
@@ -731,7 +734,10 @@ pub fn convert(sources: &[PathBuf], target: &Path, opts: &ConvertOptions, progre
     let mut base_off = 0u64;
     let mut reads: Vec<FileId> = Vec::new();
     for p in sources {
-        let image = open_image_any(p, opts.source_format.as_deref(), opts.force_share)?;
+        let image = match &opts.snapshot {
+            Some(sn) => crate::backing::open_image_snapshot(p, opts.source_format.as_deref(), opts.force_share, sn)?,
+            None => open_image_any(p, opts.source_format.as_deref(), opts.force_share)?,
+        };
         let mut size = guest_size(&*image);
         let mut skip = 0;
         if let Some((offset, len)) = opts.window {

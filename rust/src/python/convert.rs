@@ -20,6 +20,7 @@ use crate::ops::convert::{ConvertOptions, OutputFormat};
     compat = "1.1", lazy_refcounts = false, extended_l2 = false, preallocation = "off",
     data_file = None, data_file_raw = false, threads = 0, force_share = false, unsafe_cache = false,
     window = None,
+    snapshot = None,
     progress = None
 ))]
 #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
@@ -48,6 +49,7 @@ pub fn convert(
     force_share: bool,
     unsafe_cache: bool,
     window: Option<(u64, u64)>,
+    snapshot: Option<String>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<()> {
     let output_format = match output_format {
@@ -85,6 +87,7 @@ pub fn convert(
         force_share,
         unsafe_cache,
         window,
+        snapshot,
     };
     let run = |report: super::progress::Report<'_>| crate::ops::convert::convert(&sources, &target, &opts, report);
     Ok(super::progress::detach_with_progress(py, progress.as_ref(), "convert", run)??)
