@@ -241,7 +241,9 @@ pub(crate) fn open_image_snapshot(
     snapshot: &str,
 ) -> Result<Box<dyn BackingRead>> {
     if format.is_some_and(|f| f != "qcow2") {
-        return Err(Error::InvalidArgument("Failed to load snapshot: only qcow2 images have internal snapshots".into()));
+        return Err(Error::InvalidArgument(
+            "Failed to load snapshot: only qcow2 images have internal snapshots".into(),
+        ));
     }
     let file = open_image_file(p, false, "image")?;
     if !force_share {
