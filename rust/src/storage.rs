@@ -12,7 +12,42 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+
+/// Alignment of buffer address, offset and length that direct (`O_DIRECT`) I/O needs: the
+/// largest logical block size in use (4 KiB), a multiple of every smaller one.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed byte buffer whose start is aligned for direct I/O (no `unsafe`: a `Vec` with room
+/// to spare, used from its first aligned byte).
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    bytes: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn new(len: usize) -> Self {
+        let bytes = vec![0u8; len + DIRECT_ALIGN];
+        let at = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        AlignedBuf { bytes, at, len }
+    }
+    /// Sets the length (at most the capacity it was made with; new bytes unspecified).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.bytes.len() - self.at);
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[self.at..self.at + self.len]
+    }
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.at..self.at + self.len]
+    }
+}
 
 /// Positional byte storage behind an image.
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -38,18 +73,71 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// Asks that later [`Storage::write_data_at`] calls bypass the host's page cache where
+    /// they can (large copies: no page cache to fill, nothing left to write back on sync).
+    /// Returns whether this storage can. Durability is unchanged: such writes are durable
+    /// after `sync`, like any other.
+    fn set_direct_data_writes(&self) -> bool {
+        false
+    }
+    /// Writes guest data: as [`Storage::write_at`], bypassing the page cache when asked to
+    /// and the write is aligned to [`DIRECT_ALIGN`] (buffer, offset and length).
+    fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
 }
 
 /// A host file.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    /// A second descriptor of the same file opened `O_DIRECT` (`None`: the file system refused).
+    direct: OnceLock<Option<File>>,
+    /// Direct data writes are asked for and work.
+    direct_on: AtomicBool,
 }
 
 impl FileStorage {
     /// Wraps an open file.
     pub fn new(file: File) -> Self {
-        FileStorage { file }
+        FileStorage { file, direct: OnceLock::new(), direct_on: AtomicBool::new(false) }
+    }
+
+    /// The data write done directly (`Ok(false)`: it could not be, nothing was written
+    /// directly that matters; the caller writes it through the page cache).
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
+        let Some(Some(d)) = self.direct.get() else { return Ok(false) };
+        let aligned = |n: u64| n % DIRECT_ALIGN as u64 == 0;
+        if !self.direct_on.load(Ordering::Relaxed) || !aligned(offset) || !aligned(buf.len() as u64) {
+            return Ok(false);
+        }
+        let r = if buf.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+            d.write_all_at(buf, offset)
+        } else {
+            // An unaligned buffer goes through an aligned copy, a piece at a time.
+            let mut bounce = AlignedBuf::new(buf.len().min(1 << 20));
+            let mut r = Ok(());
+            for (k, piece) in buf.chunks(1 << 20).enumerate() {
+                bounce.set_len(piece.len());
+                bounce.as_mut_slice().copy_from_slice(piece);
+                r = d.write_all_at(bounce.as_slice(), offset + (k << 20) as u64);
+                if r.is_err() {
+                    break;
+                }
+            }
+            r
+        };
+        match r {
+            Ok(()) => Ok(true),
+            // The file system wants another alignment (or no direct I/O at all): from now on
+            // everything goes through the page cache, this write included (whatever part of
+            // it went out directly is written again).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct_on.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -90,6 +178,26 @@ impl Storage for FileStorage {
     }
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+    fn set_direct_data_writes(&self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        // The same open file again (by its descriptor, whatever its path is now), O_DIRECT.
+        let d = self.direct.get_or_init(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+                .ok()
+        });
+        self.direct_on.store(d.is_some(), Ordering::Relaxed);
+        d.is_some()
+    }
+    fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.write_direct(buf, offset)? {
+            return Ok(());
+        }
+        self.file.write_all_at(buf, offset)
     }
 }
 
@@ -271,6 +379,37 @@ mod tests {
         assert_eq!(&m.to_vec()[10..15], b"h\0\0lo");
         m.set_len(4).unwrap();
         assert_eq!(m.read_at(&mut b, 8).unwrap(), 0);
+    }
+
+    #[test]
+    fn direct_data_writes_read_back_whatever_the_alignment() {
+        // A file system that refuses O_DIRECT (older tmpfs) takes every write through the
+        // page cache: it must read back all the same.
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let f = FileStorage::new(file);
+        f.write_at(&[7u8; 100], 0).unwrap();
+        let direct = f.set_direct_data_writes();
+        let mut aligned = AlignedBuf::new(3 * DIRECT_ALIGN);
+        aligned.as_mut_slice().fill(1);
+        f.write_data_at(aligned.as_slice(), DIRECT_ALIGN as u64).unwrap();
+        // Not aligned in memory (a bounce buffer), then not aligned at all (page cache).
+        let v = vec![2u8; 2 * DIRECT_ALIGN + 1];
+        f.write_data_at(&v[1..], 4 * DIRECT_ALIGN as u64).unwrap();
+        f.write_data_at(&[3u8; 10], 5).unwrap();
+        f.sync().unwrap();
+        let mut back = vec![0u8; 6 * DIRECT_ALIGN];
+        assert_eq!(f.read_at(&mut back, 0).unwrap(), 6 * DIRECT_ALIGN);
+        assert!(back[..5].iter().all(|&b| b == 7) && back[5..15].iter().all(|&b| b == 3));
+        assert!(back[15..100].iter().all(|&b| b == 7) && back[100..DIRECT_ALIGN].iter().all(|&b| b == 0));
+        assert!(back[DIRECT_ALIGN..4 * DIRECT_ALIGN].iter().all(|&b| b == 1), "direct: {direct}");
+        assert!(back[4 * DIRECT_ALIGN..].iter().all(|&b| b == 2));
     }
 
     #[test]

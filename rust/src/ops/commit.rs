@@ -10,17 +10,18 @@
 //! overlay is kept as it is (`-b` implies `-d`, as in qemu-img), and the images in between are
 //! left stale, as QEMU leaves them.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use crate::backing::{BackingChoice, BackingKind, BackingRead, FileId};
 use crate::error::{Error, IoContext, Result};
 use crate::ops::convert::layer_ids;
 use crate::ops::map::map_image;
+use crate::ops::pipeline;
 use crate::qcow_file::{OpenOptions, QcowFile};
+use crate::storage::{AlignedBuf, FileStorage, Storage};
 
-/// Bytes copied at a time.
+/// Bytes copied at a time (at least one cluster of the base).
 const CHUNK: u64 = 1 << 20;
 
 /// Options of [`commit`].
@@ -32,19 +33,25 @@ pub struct CommitOptions {
     pub drop: bool,
 }
 
-/// The image the data goes into.
+/// The image the data goes into. Its data writes bypass the page cache where the file system
+/// allows it: a commit copies the whole overlay, which would otherwise fill the page cache
+/// only for the flush at the end to write it all back.
 enum Base {
     Qcow2(Box<QcowFile>),
-    Raw { file: File, path: PathBuf },
+    Raw { file: FileStorage, path: PathBuf },
 }
 
 impl Base {
     fn size(&self) -> Result<u64> {
         match self {
             Base::Qcow2(f) => Ok(f.virtual_size()),
-            Base::Raw { file, path } => {
-                Ok(file.metadata().ctx(|| format!("reading the length of '{}'", path.display()))?.len())
-            }
+            Base::Raw { file, path } => file.len().ctx(|| format!("reading the length of '{}'", path.display())),
+        }
+    }
+    fn cluster_size(&self) -> u64 {
+        match self {
+            Base::Qcow2(f) => f.cluster_size(),
+            Base::Raw { .. } => 512,
         }
     }
     fn grow(&mut self, size: u64) -> Result<()> {
@@ -57,7 +64,7 @@ impl Base {
         match self {
             Base::Qcow2(f) => f.write_at(data, off),
             Base::Raw { file, path } => {
-                file.write_all_at(data, off).ctx(|| format!("writing '{}' at 0x{off:x}", path.display()))
+                file.write_data_at(data, off).ctx(|| format!("writing '{}' at 0x{off:x}", path.display()))
             }
         }
     }
@@ -65,12 +72,12 @@ impl Base {
         match self {
             Base::Qcow2(f) => f.write_zeroes(off, len),
             Base::Raw { .. } => {
-                let zeros = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
+                let mut zeros = AlignedBuf::new(usize::try_from(len.min(CHUNK)).unwrap_or(0));
                 let mut o = off;
                 while o < off + len {
-                    let n = (off + len - o).min(CHUNK);
-                    self.write(&zeros[..usize::try_from(n).unwrap_or(0)], o)?;
-                    o += n;
+                    zeros.set_len(usize::try_from((off + len - o).min(CHUNK)).unwrap_or(0));
+                    self.write(zeros.as_slice(), o)?;
+                    o += CHUNK;
                 }
                 Ok(())
             }
@@ -79,7 +86,7 @@ impl Base {
     fn finish(self) -> Result<()> {
         match self {
             Base::Qcow2(mut f) => f.close(),
-            Base::Raw { file, path } => file.sync_all().ctx(|| format!("syncing '{}'", path.display())),
+            Base::Raw { file, path } => file.sync().ctx(|| format!("syncing '{}'", path.display())),
         }
     }
 }
@@ -132,10 +139,14 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: &dyn Fn(u64, u64) -> 
     };
     let (base_path, qcow2) = layer(&view, depth).ok_or_else(|| Error::InvalidArgument("backing chain ended".into()))?;
     let mut base = if qcow2 {
-        Base::Qcow2(Box::new(QcowFile::open(&base_path, OpenOptions { writable: true, ..OpenOptions::default() })?))
+        let f = QcowFile::open(&base_path, OpenOptions { writable: true, ..OpenOptions::default() })?;
+        f.set_direct_data_writes();
+        Base::Qcow2(Box::new(f))
     } else {
         let file = crate::backing::open_image_file(&base_path, true, "base image")?;
         crate::lock::lock_image(&file, true, &format!("'{}'", base_path.display()))?;
+        let file = FileStorage::new(file);
+        file.set_direct_data_writes();
         Base::Raw { file, path: base_path }
     };
     if base.size()? < view.virtual_size() {
@@ -150,30 +161,65 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: &dyn Fn(u64, u64) -> 
     Ok(())
 }
 
-/// Copies into `base` everything the layers above it allocate.
+/// A piece of the copy: data to read from the chain and write, or zeros.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    start: u64,
+    end: u64,
+    data: bool,
+}
+
+/// Copies into `base` everything the layers above it allocate: the chain is read by workers
+/// on every core (`read_at(&self)`), a chunk at a time, while this thread writes the chunks
+/// into the base in guest order.
 fn copy_above(view: &QcowFile, depth: usize, base: &mut Base, progress: &dyn Fn(u64, u64) -> Result<()>) -> Result<()> {
     let map = map_image(view, 0, None)?;
-    let above: Vec<_> = map.entries.iter().filter(|e| (e.depth as usize) < depth && e.length > 0).collect();
-    let total: u64 = above.iter().map(|e| e.length).sum();
+    let chunk = CHUNK.max(base.cluster_size());
+    let mut items: Vec<Item> = Vec::new();
+    for e in map.entries.iter().filter(|e| (e.depth as usize) < depth && e.length > 0) {
+        let end = e.start + e.length;
+        if !e.data {
+            items.push(Item { start: e.start, end, data: false });
+            continue;
+        }
+        // Chunks end on multiples of `chunk`, so that they cover whole clusters of the base.
+        let mut off = e.start;
+        while off < end {
+            let next = ((off / chunk + 1) * chunk).min(end);
+            items.push(Item { start: off, end: next, data: true });
+            off = next;
+        }
+    }
+    let total: u64 = items.iter().map(|i| i.end - i.start).sum();
     let mut done = 0;
     progress(0, total)?;
-    let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap_or(0)];
-    for e in above {
-        if !e.data {
-            base.zero(e.start, e.length)?;
-        } else {
-            let mut off = e.start;
-            while off < e.start + e.length {
-                let n = (e.start + e.length - off).min(CHUNK);
-                let len = usize::try_from(n).unwrap_or(0);
-                let got = view.read_at(&mut buf[..len], off)?;
-                buf[got..len].fill(0);
-                base.write(&buf[..len], off)?;
-                off += n;
-            }
+    let pool: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
+    let read = |i: usize| -> Result<Option<AlignedBuf>> {
+        let it = items[i];
+        if !it.data {
+            return Ok(None);
         }
-        done += e.length;
-        progress(done, total)?;
-    }
-    Ok(())
+        let mut buf = pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(usize::try_from(chunk).unwrap_or(0)));
+        let len = usize::try_from(it.end - it.start).unwrap_or(0);
+        buf.set_len(len);
+        let got = view.read_at(buf.as_mut_slice(), it.start)?;
+        buf.as_mut_slice()[got..].fill(0);
+        Ok(Some(buf))
+    };
+    pipeline::run_in_order(items.len(), pipeline::workers(0), read, |i, buf| {
+        let it = items[i];
+        match buf {
+            Some(b) => {
+                base.write(b.as_slice(), it.start)?;
+                pool.lock().unwrap_or_else(PoisonError::into_inner).push(b);
+            }
+            None => base.zero(it.start, it.end - it.start)?,
+        }
+        done += it.end - it.start;
+        progress(done, total)
+    })
 }

@@ -7,5 +7,6 @@ pub mod convert;
 pub mod info;
 pub mod map;
 pub mod measure;
+mod pipeline;
 pub mod rebase;
 pub mod resize;

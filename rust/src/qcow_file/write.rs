@@ -393,8 +393,21 @@ impl QcowFile {
 
     fn write_host(&self, data: &[u8], host: u64) -> Result<()> {
         match &self.data {
-            Some(d) => d.write_at(data, host, "the external data file"),
-            None => self.raw.write_at(data, host, "guest data"),
+            Some(d) => d.write_data_at(data, host, "the external data file"),
+            None => self.raw.write_data_at(data, host, "guest data"),
+        }
+    }
+
+    /// Guest data written from now on bypasses the host's page cache where it can (whole
+    /// clusters at aligned offsets from an aligned buffer, e.g. [`crate::storage::AlignedBuf`]):
+    /// for bulk copies, which then neither fill the page cache nor leave it all to write back
+    /// on the next flush. Metadata is unaffected and the flush ordering is the same. Returns
+    /// whether the host file allows it.
+    pub fn set_direct_data_writes(&self) -> bool {
+        let image = self.raw.set_direct_data_writes();
+        match &self.data {
+            Some(d) => d.set_direct_data_writes(),
+            None => image,
         }
     }
 
@@ -662,30 +675,56 @@ impl QcowFile {
         }
         let l1 = self.tables.take_dirty_l1();
         if !l1.is_empty() {
-            let l1_offset = self.tables.l1_offset();
-            for (i, e) in l1 {
-                self.raw.write_at(&e.to_be_bytes(), l1_offset + 8 * i as u64, "L1 entry")?;
-            }
+            self.write_l1_entries(&l1)?;
             self.raw.sync()?;
         }
         let Some(w) = self.writer.as_mut() else { return Ok(()) };
         if w.refcounts.has_pending_frees() {
             let freed = w.refcounts.apply_frees(&self.raw, &mut self.header)?;
             durable(&self.raw, &mut w.refcounts, self.data.as_ref())?;
-            let cb = self.header.cluster_bits;
-            // Contiguous clusters in one punch (clusters smaller than the file system's blocks
-            // are only given back that way).
-            let mut freed = freed;
-            freed.sort_unstable();
-            let mut i = 0;
-            while i < freed.len() {
-                let mut j = i + 1;
-                while j < freed.len() && freed[j] == freed[j - 1] + 1 {
-                    j += 1;
-                }
-                self.raw.punch_hole(freed[i] << cb, ((j - i) as u64) << cb)?;
-                i = j;
+            self.give_back(freed)?;
+        }
+        Ok(())
+    }
+
+    /// Writes changed L1 entries, each run of consecutive ones in one write (the entries are
+    /// independent: a torn write leaves each one old or new, as separate writes would).
+    fn write_l1_entries(&self, l1: &[(usize, u64)]) -> Result<()> {
+        let l1_offset = self.tables.l1_offset();
+        let mut i = 0;
+        while i < l1.len() {
+            let mut j = i + 1;
+            while j < l1.len() && l1[j].0 == l1[j - 1].0 + 1 {
+                j += 1;
             }
+            let bytes: Vec<u8> = l1[i..j].iter().flat_map(|(_, e)| e.to_be_bytes()).collect();
+            self.raw.write_at(&bytes, l1_offset + 8 * l1[i].0 as u64, "L1 entry")?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Gives freed clusters (refcount 0, durable) back to the host file system: contiguous
+    /// clusters in one punch (clusters smaller than the file system's blocks are only given
+    /// back that way); a run that reaches the end of the file is cut off instead, as QEMU
+    /// shortens the file (cheaper than a punch, and the file no longer keeps the length).
+    fn give_back(&self, mut freed: Vec<u64>) -> Result<()> {
+        let cb = self.header.cluster_bits;
+        freed.sort_unstable();
+        freed.dedup();
+        let mut i = 0;
+        while i < freed.len() {
+            let mut j = i + 1;
+            while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                j += 1;
+            }
+            let (start, end) = (freed[i] << cb, (freed[j - 1] + 1) << cb);
+            if end >= self.raw.file_len() && start < self.raw.file_len() {
+                self.raw.set_len(start)?;
+            } else {
+                self.raw.punch_hole(start, end - start)?;
+            }
+            i = j;
         }
         Ok(())
     }
