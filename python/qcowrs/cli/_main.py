@@ -5,39 +5,28 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from importlib import import_module
 
 from qcowrs._errors import QcowError
 from qcowrs._qcowrs import __version__
-from qcowrs.cli import (
-    cmd_check,
-    cmd_commit,
-    cmd_compare,
-    cmd_convert,
-    cmd_create,
-    cmd_dd,
-    cmd_info,
-    cmd_map,
-    cmd_measure,
-    cmd_rebase,
-    cmd_rebuild,
-    cmd_resize,
-)
 from qcowrs.cli._common import CliError, os_message
 
-_COMMANDS = [
-    cmd_info,
-    cmd_check,
-    cmd_map,
-    cmd_create,
-    cmd_convert,
-    cmd_compare,
-    cmd_dd,
-    cmd_measure,
-    cmd_resize,
-    cmd_rebase,
-    cmd_commit,
-    cmd_rebuild,
-]
+# Each subcommand and its module (imported only when needed: a call names one command, and
+# only `qcowrs --help` and mistakes need them all).
+_COMMANDS = {
+    "info": "cmd_info",
+    "check": "cmd_check",
+    "map": "cmd_map",
+    "create": "cmd_create",
+    "convert": "cmd_convert",
+    "compare": "cmd_compare",
+    "dd": "cmd_dd",
+    "measure": "cmd_measure",
+    "resize": "cmd_resize",
+    "rebase": "cmd_rebase",
+    "commit": "cmd_commit",
+    "rebuild": "cmd_rebuild",
+}
 
 
 _NEGATIVE = {f"-{d}" for d in "0123456789"}
@@ -53,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{command}: {message}" if command else message)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser: with only the subcommand `argv` names, if it names one, else all of them."""
     p = _Parser(
         prog="qcowrs",
         description="qcow2 disk images: the qemu-img commands, plus rebuild. "
@@ -61,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"qcowrs version {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for mod in _COMMANDS:
-        mod.register(sub)
+    names = [argv[0]] if argv and argv[0] in _COMMANDS else list(_COMMANDS)
+    for name in names:
+        import_module(f"qcowrs.cli.{_COMMANDS[name]}").register(sub)
     return p
 
 
@@ -73,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         # As qemu-img: the last argument of resize is the size, "-1G" included.
         argv.insert(len(argv) - 1, "--")
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(argv).parse_args(argv)
         return int(args.func(args))
     except CliError as e:
         print(f"qcowrs: {e}", file=sys.stderr)
