@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import sys
 from importlib import import_module
 
 from qcowrs._errors import QcowError
 from qcowrs._qcowrs import __version__
 from qcowrs.cli._common import CliError, os_message
+
+# typing only for the checker (importing it costs a command-line call milliseconds).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Each subcommand and its module (imported only when needed: a call names one command, and
 # only `qcowrs --help` and mistakes need them all).
@@ -40,6 +45,26 @@ class _Parser(argparse.ArgumentParser):
         # own errors ("unrecognized arguments: ...") need no name before them.
         command = self.prog.removeprefix("qcowrs").strip()
         raise CliError(f"{command}: {message}" if command else message)
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse's own asks shutil for the width, and importing shutil (bz2, lzma, ...)
+        # costs every call milliseconds: add_argument makes formatters too, not only --help.
+        formatter: Any = self.formatter_class
+        return formatter(prog=self.prog, width=_help_width())  # type: ignore[no-any-return]
+
+
+def _help_width() -> int:
+    """The width argparse's formatter takes: shutil.get_terminal_size's columns, less 2."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -74,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("qcowrs: interrupted", file=sys.stderr)
+        import signal
+
         return 128 + signal.SIGINT
     except BrokenPipeError:
         # The reader went away (`qcowrs map ... | head`): not an error worth a traceback.
