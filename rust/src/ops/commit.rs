@@ -86,7 +86,9 @@ impl Base {
     fn finish(self) -> Result<()> {
         match self {
             Base::Qcow2(mut f) => f.close(),
-            Base::Raw { file, path } => file.sync().ctx(|| format!("syncing '{}'", path.display())),
+            Base::Raw { file, path } => {
+                file.file().map_or(Ok(()), std::fs::File::sync_all).ctx(|| format!("syncing '{}'", path.display()))
+            }
         }
     }
 }
