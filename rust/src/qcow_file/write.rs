@@ -584,7 +584,7 @@ impl QcowFile {
             }
         }
         self.drop_tables_from(keep)?;
-        self.flush()
+        self.flush_cutting_tail(true)
     }
 
     /// Unlinks the L2 tables of L1 entries `keep..` from the active tree: a private table's
@@ -623,7 +623,7 @@ impl QcowFile {
             b.note(0, size);
         }
         self.drop_tables_from(0)?;
-        self.flush()
+        self.flush_cutting_tail(true)
     }
 
     /// Moves the L1 table to a new place with room for `entries`, switching the header to it
@@ -662,6 +662,12 @@ impl QcowFile {
     /// crash at any point: guest data and refcounts (synced) before L2 tables (synced) before
     /// L1 entries (synced); references dropped before the refcounts of what they pointed at.
     pub fn flush(&mut self) -> Result<()> {
+        self.flush_cutting_tail(false)
+    }
+
+    /// [`QcowFile::flush`]; with `cut_tail` (shrink and make-empty, where QEMU shortens the
+    /// file too) freed clusters that reach the end of the file are cut off rather than punched.
+    fn flush_cutting_tail(&mut self, cut_tail: bool) -> Result<()> {
         if !self.raw.writable() || self.writer.is_none() {
             return Ok(());
         }
@@ -682,7 +688,7 @@ impl QcowFile {
         if w.refcounts.has_pending_frees() {
             let freed = w.refcounts.apply_frees(&self.raw, &mut self.header)?;
             durable(&self.raw, &mut w.refcounts, self.data.as_ref())?;
-            self.give_back(freed)?;
+            self.give_back(freed, cut_tail)?;
         }
         Ok(())
     }
@@ -706,9 +712,9 @@ impl QcowFile {
 
     /// Gives freed clusters (refcount 0, durable) back to the host file system: contiguous
     /// clusters in one punch (clusters smaller than the file system's blocks are only given
-    /// back that way); a run that reaches the end of the file is cut off instead, as QEMU
-    /// shortens the file (cheaper than a punch, and the file no longer keeps the length).
-    fn give_back(&self, mut freed: Vec<u64>) -> Result<()> {
+    /// back that way); with `cut_tail`, a run that reaches the end of the file is cut off
+    /// instead (the file no longer keeps the length, as after QEMU's shrink and make-empty).
+    fn give_back(&self, mut freed: Vec<u64>, cut_tail: bool) -> Result<()> {
         let cb = self.header.cluster_bits;
         freed.sort_unstable();
         freed.dedup();
@@ -719,7 +725,7 @@ impl QcowFile {
                 j += 1;
             }
             let (start, end) = (freed[i] << cb, (freed[j - 1] + 1) << cb);
-            if end >= self.raw.file_len() && start < self.raw.file_len() {
+            if cut_tail && end >= self.raw.file_len() && start < self.raw.file_len() {
                 self.raw.set_len(start)?;
             } else {
                 self.raw.punch_hole(start, end - start)?;
