@@ -61,4 +61,4 @@ pub use raw_file::{fail_after_ops, io_ops, QcowRawFile};
 pub use rebuild::{rebuild_refcounts, NewStructure};
 pub use report::{CheckReport, Counts, Problem, ProblemLog};
 pub use snapshot::Snapshot;
-pub use storage::{replay, AlignedBuf, FileStorage, MemStorage, RecordingStorage, Storage, StorageOp};
+pub use storage::{replay, FileStorage, MemStorage, RecordingStorage, Storage, StorageOp};

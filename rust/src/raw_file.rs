@@ -277,8 +277,8 @@ impl QcowRawFile {
         Ok(())
     }
 
-    /// Writes guest data at `offset`: as [`QcowRawFile::write_at`], bypassing the page cache
-    /// after [`QcowRawFile::set_direct_data_writes`] where the write is aligned.
+    /// Writes guest data at `offset`: as [`QcowRawFile::write_at`], its write-back started at
+    /// once after [`QcowRawFile::set_write_behind`].
     pub fn write_data_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnlyImage(format!("cannot write {what} at 0x{offset:x}")));
@@ -292,12 +292,12 @@ impl QcowRawFile {
         Ok(())
     }
 
-    /// Large writes of guest data from now on bypass the host's page cache (`O_DIRECT`) where
-    /// the storage allows it (a bulk copy such as commit's: no page cache to fill and write
-    /// back). Ordering and durability are unchanged (`sync` covers them). Returns whether
-    /// the storage can.
-    pub fn set_direct_data_writes(&self) -> bool {
-        self.writable && self.storage.set_direct_data_writes()
+    /// Writes of guest data from now on start their write-back at once (a bulk copy such as
+    /// commit's: the device writes overlap the copy instead of all waiting for the final
+    /// flush). Ordering and durability are unchanged (`sync` covers them). Returns whether the
+    /// storage does.
+    pub fn set_write_behind(&self) -> bool {
+        self.writable && self.storage.set_write_behind()
     }
 
     /// QEMU's `cache=unsafe`: from now on `sync` does nothing, so nothing written is known to

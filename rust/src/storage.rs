@@ -13,41 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
-
-/// Alignment of buffer address, offset and length that direct (`O_DIRECT`) I/O needs: the
-/// largest logical block size in use (4 KiB), a multiple of every smaller one.
-pub const DIRECT_ALIGN: usize = 4096;
-
-/// A zeroed byte buffer whose start is aligned for direct I/O (no `unsafe`: a `Vec` with room
-/// to spare, used from its first aligned byte).
-#[derive(Debug, Default)]
-pub struct AlignedBuf {
-    bytes: Vec<u8>,
-    at: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// `len` zero bytes.
-    pub fn new(len: usize) -> Self {
-        let bytes = vec![0u8; len + DIRECT_ALIGN];
-        let at = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        AlignedBuf { bytes, at, len }
-    }
-    /// Sets the length (at most the capacity it was made with; new bytes unspecified).
-    pub fn set_len(&mut self, len: usize) {
-        self.len = len.min(self.bytes.len() - self.at);
-    }
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        &self.bytes[self.at..self.at + self.len]
-    }
-    /// The bytes, writable.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.at..self.at + self.len]
-    }
-}
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// Positional byte storage behind an image.
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -73,15 +39,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
-    /// Asks that later [`Storage::write_data_at`] calls bypass the host's page cache where
-    /// they can (large copies: no page cache to fill, nothing left to write back on sync).
-    /// Returns whether this storage can. Durability is unchanged: such writes are durable
-    /// after `sync`, like any other.
-    fn set_direct_data_writes(&self) -> bool {
+    /// Asks that later [`Storage::write_data_at`] calls start writing their data back to the
+    /// disk at once (write-behind), so that a bulk copy's device writes overlap the copy
+    /// instead of all waiting for the flush at the end. Returns whether this storage does.
+    /// Durability is unchanged: the data is durable after `sync`, like any other write.
+    fn set_write_behind(&self) -> bool {
         false
     }
-    /// Writes guest data: as [`Storage::write_at`], bypassing the page cache when asked to
-    /// and the write is aligned to [`DIRECT_ALIGN`] (buffer, offset and length).
+    /// Writes guest data: as [`Storage::write_at`], its write-back started at once when asked
+    /// to (see [`Storage::set_write_behind`]).
     fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)
     }
@@ -91,53 +57,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
-    /// A second descriptor of the same file opened `O_DIRECT` (`None`: the file system refused).
-    direct: OnceLock<Option<File>>,
-    /// Direct data writes are asked for and work.
-    direct_on: AtomicBool,
+    /// Data writes start their write-back at once.
+    write_behind: AtomicBool,
 }
 
 impl FileStorage {
     /// Wraps an open file.
     pub fn new(file: File) -> Self {
-        FileStorage { file, direct: OnceLock::new(), direct_on: AtomicBool::new(false) }
-    }
-
-    /// The data write done directly (`Ok(false)`: it could not be, nothing was written
-    /// directly that matters; the caller writes it through the page cache).
-    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<bool> {
-        let Some(Some(d)) = self.direct.get() else { return Ok(false) };
-        let aligned = |n: u64| n % DIRECT_ALIGN as u64 == 0;
-        if !self.direct_on.load(Ordering::Relaxed) || !aligned(offset) || !aligned(buf.len() as u64) {
-            return Ok(false);
-        }
-        let r = if buf.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
-            d.write_all_at(buf, offset)
-        } else {
-            // An unaligned buffer goes through an aligned copy, a piece at a time.
-            let mut bounce = AlignedBuf::new(buf.len().min(1 << 20));
-            let mut r = Ok(());
-            for (k, piece) in buf.chunks(1 << 20).enumerate() {
-                bounce.set_len(piece.len());
-                bounce.as_mut_slice().copy_from_slice(piece);
-                r = d.write_all_at(bounce.as_slice(), offset + (k << 20) as u64);
-                if r.is_err() {
-                    break;
-                }
-            }
-            r
-        };
-        match r {
-            Ok(()) => Ok(true),
-            // The file system wants another alignment (or no direct I/O at all): from now on
-            // everything goes through the page cache, this write included (whatever part of
-            // it went out directly is written again).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.direct_on.store(false, Ordering::Relaxed);
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
+        FileStorage { file, write_behind: AtomicBool::new(false) }
     }
 }
 
@@ -179,25 +106,22 @@ impl Storage for FileStorage {
     fn file(&self) -> Option<&File> {
         Some(&self.file)
     }
-    fn set_direct_data_writes(&self) -> bool {
-        use std::os::unix::fs::OpenOptionsExt;
-        use std::os::unix::io::AsRawFd;
-        // The same open file again (by its descriptor, whatever its path is now), O_DIRECT.
-        let d = self.direct.get_or_init(|| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-                .ok()
-        });
-        self.direct_on.store(d.is_some(), Ordering::Relaxed);
-        d.is_some()
+    fn set_write_behind(&self) -> bool {
+        self.write_behind.store(true, Ordering::Relaxed);
+        true
     }
     fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.write_direct(buf, offset)? {
-            return Ok(());
+        self.file.write_all_at(buf, offset)?;
+        if self.write_behind.load(Ordering::Relaxed) {
+            use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+            // POSIX_FADV_DONTNEED starts the write-back of the range's dirty pages without
+            // waiting for it (and drops none of them until they are written). Only a hint:
+            // whatever it does not do, the next sync does.
+            if let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(buf.len())) {
+                let _ = posix_fadvise(&self.file, o, l, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+            }
         }
-        self.file.write_all_at(buf, offset)
+        Ok(())
     }
 }
 
@@ -382,9 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn direct_data_writes_read_back_whatever_the_alignment() {
-        // A file system that refuses O_DIRECT (older tmpfs) takes every write through the
-        // page cache: it must read back all the same.
+    fn write_behind_data_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -395,21 +317,14 @@ mod tests {
             .unwrap();
         let f = FileStorage::new(file);
         f.write_at(&[7u8; 100], 0).unwrap();
-        let direct = f.set_direct_data_writes();
-        let mut aligned = AlignedBuf::new(3 * DIRECT_ALIGN);
-        aligned.as_mut_slice().fill(1);
-        f.write_data_at(aligned.as_slice(), DIRECT_ALIGN as u64).unwrap();
-        // Not aligned in memory (a bounce buffer), then not aligned at all (page cache).
-        let v = vec![2u8; 2 * DIRECT_ALIGN + 1];
-        f.write_data_at(&v[1..], 4 * DIRECT_ALIGN as u64).unwrap();
+        assert!(f.set_write_behind());
+        f.write_data_at(&[1u8; 3 * 4096], 4096).unwrap();
         f.write_data_at(&[3u8; 10], 5).unwrap();
-        f.sync().unwrap();
-        let mut back = vec![0u8; 6 * DIRECT_ALIGN];
-        assert_eq!(f.read_at(&mut back, 0).unwrap(), 6 * DIRECT_ALIGN);
+        let mut back = vec![0u8; 4 * 4096];
+        assert_eq!(f.read_at(&mut back, 0).unwrap(), 4 * 4096);
         assert!(back[..5].iter().all(|&b| b == 7) && back[5..15].iter().all(|&b| b == 3));
-        assert!(back[15..100].iter().all(|&b| b == 7) && back[100..DIRECT_ALIGN].iter().all(|&b| b == 0));
-        assert!(back[DIRECT_ALIGN..4 * DIRECT_ALIGN].iter().all(|&b| b == 1), "direct: {direct}");
-        assert!(back[4 * DIRECT_ALIGN..].iter().all(|&b| b == 2));
+        assert!(back[15..100].iter().all(|&b| b == 7) && back[100..4096].iter().all(|&b| b == 0));
+        assert!(back[4096..].iter().all(|&b| b == 1));
     }
 
     #[test]

@@ -11,9 +11,9 @@
 //! left stale, as QEMU leaves them.
 //!
 //! Speed: the chain is read by workers on every core while this thread writes into the base in
-//! guest order (`ops/pipeline.rs`), and the base's data goes out with direct I/O (no page
-//! cache to fill, nothing left for the base's final flush to write back); the ordering of the
-//! base's flush is unchanged.
+//! guest order (`ops/pipeline.rs`), and the base's data writes start their write-back at once
+//! (write-behind: the device writes overlap the copy, little is left for the base's final
+//! flush); the ordering of the base's flush is unchanged.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
@@ -24,7 +24,7 @@ use crate::ops::convert::layer_ids;
 use crate::ops::map::map_image;
 use crate::ops::pipeline;
 use crate::qcow_file::{OpenOptions, QcowFile};
-use crate::storage::{AlignedBuf, FileStorage, Storage};
+use crate::storage::{FileStorage, Storage};
 
 /// Bytes copied at a time (at least one cluster of the base).
 const CHUNK: u64 = 1 << 20;
@@ -38,9 +38,9 @@ pub struct CommitOptions {
     pub drop: bool,
 }
 
-/// The image the data goes into. Its data writes bypass the page cache where the file system
-/// allows it: a commit copies the whole overlay, which would otherwise fill the page cache
-/// only for the flush at the end to write it all back.
+/// The image the data goes into. Its data writes start their write-back at once: a commit
+/// copies the whole overlay, which would otherwise sit in the page cache until the flush at
+/// the end writes it all back.
 enum Base {
     Qcow2(Box<QcowFile>),
     Raw { file: FileStorage, path: PathBuf },
@@ -77,12 +77,12 @@ impl Base {
         match self {
             Base::Qcow2(f) => f.write_zeroes(off, len),
             Base::Raw { .. } => {
-                let mut zeros = AlignedBuf::new(usize::try_from(len.min(CHUNK)).unwrap_or(0));
+                let zeros = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(0)];
                 let mut o = off;
                 while o < off + len {
-                    zeros.set_len(usize::try_from((off + len - o).min(CHUNK)).unwrap_or(0));
-                    self.write(zeros.as_slice(), o)?;
-                    o += CHUNK;
+                    let n = (off + len - o).min(CHUNK);
+                    self.write(&zeros[..usize::try_from(n).unwrap_or(0)], o)?;
+                    o += n;
                 }
                 Ok(())
             }
@@ -147,13 +147,13 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: &dyn Fn(u64, u64) -> 
     let (base_path, qcow2) = layer(&view, depth).ok_or_else(|| Error::InvalidArgument("backing chain ended".into()))?;
     let mut base = if qcow2 {
         let f = QcowFile::open(&base_path, OpenOptions { writable: true, ..OpenOptions::default() })?;
-        f.set_direct_data_writes();
+        f.set_write_behind();
         Base::Qcow2(Box::new(f))
     } else {
         let file = crate::backing::open_image_file(&base_path, true, "base image")?;
         crate::lock::lock_image(&file, true, &format!("'{}'", base_path.display()))?;
         let file = FileStorage::new(file);
-        file.set_direct_data_writes();
+        file.set_write_behind();
         Base::Raw { file, path: base_path }
     };
     if base.size()? < view.virtual_size() {
@@ -200,28 +200,23 @@ fn copy_above(view: &QcowFile, depth: usize, base: &mut Base, progress: &dyn Fn(
     let total: u64 = items.iter().map(|i| i.end - i.start).sum();
     let mut done = 0;
     progress(0, total)?;
-    let pool: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
-    let read = |i: usize| -> Result<Option<AlignedBuf>> {
+    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let read = |i: usize| -> Result<Option<Vec<u8>>> {
         let it = items[i];
         if !it.data {
             return Ok(None);
         }
-        let mut buf = pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-            .unwrap_or_else(|| AlignedBuf::new(usize::try_from(chunk).unwrap_or(0)));
-        let len = usize::try_from(it.end - it.start).unwrap_or(0);
-        buf.set_len(len);
-        let got = view.read_at(buf.as_mut_slice(), it.start)?;
-        buf.as_mut_slice()[got..].fill(0);
+        let mut buf = pool.lock().unwrap_or_else(PoisonError::into_inner).pop().unwrap_or_default();
+        buf.resize(usize::try_from(it.end - it.start).unwrap_or(0), 0);
+        let got = view.read_at(&mut buf, it.start)?;
+        buf[got..].fill(0);
         Ok(Some(buf))
     };
     pipeline::run_in_order(items.len(), pipeline::workers(0), read, |i, buf| {
         let it = items[i];
         match buf {
             Some(b) => {
-                base.write(b.as_slice(), it.start)?;
+                base.write(&b, it.start)?;
                 pool.lock().unwrap_or_else(PoisonError::into_inner).push(b);
             }
             None => base.zero(it.start, it.end - it.start)?,

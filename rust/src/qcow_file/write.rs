@@ -398,15 +398,13 @@ impl QcowFile {
         }
     }
 
-    /// Guest data written from now on bypasses the host's page cache where it can (whole
-    /// clusters at aligned offsets from an aligned buffer, e.g. [`crate::storage::AlignedBuf`]):
-    /// for bulk copies, which then neither fill the page cache nor leave it all to write back
-    /// on the next flush. Metadata is unaffected and the flush ordering is the same. Returns
-    /// whether the host file allows it.
-    pub fn set_direct_data_writes(&self) -> bool {
-        let image = self.raw.set_direct_data_writes();
+    /// Guest data written from now on starts its write-back to the disk at once (bulk copies:
+    /// the device writes overlap the copy instead of all waiting for the next flush). Metadata
+    /// is unaffected and the flush ordering is the same. Returns whether the host file does.
+    pub fn set_write_behind(&self) -> bool {
+        let image = self.raw.set_write_behind();
         match &self.data {
-            Some(d) => d.set_direct_data_writes(),
+            Some(d) => d.set_write_behind(),
             None => image,
         }
     }
