@@ -22,6 +22,9 @@ setup: $(VENV)/.installed ## create .venv with the build and test tools (and qem
 dev: setup ## build the Rust extension (release) and install the package into .venv
 	rm -f python/qcowrs/*.so
 	$(VENV)/bin/maturin develop --release --quiet
+	@# Bytecode compiled now, as pip does for an installed wheel: the editable install runs
+	@# from python/, and with PYTHONDONTWRITEBYTECODE every command-line call would compile it.
+	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q python/qcowrs
 
 test-rust: ## cargo test (pure Rust core, no Python)
 	cargo test --quiet

@@ -277,6 +277,29 @@ impl QcowRawFile {
         Ok(())
     }
 
+    /// Writes guest data at `offset`: as [`QcowRawFile::write_at`], its write-back started at
+    /// once after [`QcowRawFile::set_write_behind`].
+    pub fn write_data_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnlyImage(format!("cannot write {what} at 0x{offset:x}")));
+        }
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::offset(what, offset, "plus its length overflows 64 bits"))?;
+        fault_point(what, offset)?;
+        self.storage.write_data_at(buf, offset).ctx(|| format!("writing {what} at 0x{offset:x}"))?;
+        self.file_len.fetch_max(end, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Writes of guest data from now on start their write-back at once (a bulk copy such as
+    /// commit's: the device writes overlap the copy instead of all waiting for the final
+    /// flush). Ordering and durability are unchanged (`sync` covers them). Returns whether the
+    /// storage does.
+    pub fn set_write_behind(&self) -> bool {
+        self.writable && self.storage.set_write_behind()
+    }
+
     /// QEMU's `cache=unsafe`: from now on `sync` does nothing, so nothing written is known to
     /// be durable and a power cut can leave anything (what `qemu-img convert` does by default;
     /// qcowrs only on request, `convert -t unsafe`).

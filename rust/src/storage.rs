@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// Positional byte storage behind an image.
@@ -38,18 +39,32 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// Asks that later [`Storage::write_data_at`] calls start writing their data back to the
+    /// disk at once (write-behind), so that a bulk copy's device writes overlap the copy
+    /// instead of all waiting for the flush at the end. Returns whether this storage does.
+    /// Durability is unchanged: the data is durable after `sync`, like any other write.
+    fn set_write_behind(&self) -> bool {
+        false
+    }
+    /// Writes guest data: as [`Storage::write_at`], its write-back started at once when asked
+    /// to (see [`Storage::set_write_behind`]).
+    fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
 }
 
 /// A host file.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    /// Data writes start their write-back at once.
+    write_behind: AtomicBool,
 }
 
 impl FileStorage {
     /// Wraps an open file.
     pub fn new(file: File) -> Self {
-        FileStorage { file }
+        FileStorage { file, write_behind: AtomicBool::new(false) }
     }
 }
 
@@ -90,6 +105,23 @@ impl Storage for FileStorage {
     }
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+    fn set_write_behind(&self) -> bool {
+        self.write_behind.store(true, Ordering::Relaxed);
+        true
+    }
+    fn write_data_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)?;
+        if self.write_behind.load(Ordering::Relaxed) {
+            use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+            // POSIX_FADV_DONTNEED starts the write-back of the range's dirty pages without
+            // waiting for it (and drops none of them until they are written). Only a hint:
+            // whatever it does not do, the next sync does.
+            if let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(buf.len())) {
+                let _ = posix_fadvise(&self.file, o, l, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -271,6 +303,28 @@ mod tests {
         assert_eq!(&m.to_vec()[10..15], b"h\0\0lo");
         m.set_len(4).unwrap();
         assert_eq!(m.read_at(&mut b, 8).unwrap(), 0);
+    }
+
+    #[test]
+    fn write_behind_data_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let f = FileStorage::new(file);
+        f.write_at(&[7u8; 100], 0).unwrap();
+        assert!(f.set_write_behind());
+        f.write_data_at(&[1u8; 3 * 4096], 4096).unwrap();
+        f.write_data_at(&[3u8; 10], 5).unwrap();
+        let mut back = vec![0u8; 4 * 4096];
+        assert_eq!(f.read_at(&mut back, 0).unwrap(), 4 * 4096);
+        assert!(back[..5].iter().all(|&b| b == 7) && back[5..15].iter().all(|&b| b == 3));
+        assert!(back[15..100].iter().all(|&b| b == 7) && back[100..4096].iter().all(|&b| b == 0));
+        assert!(back[4096..].iter().all(|&b| b == 1));
     }
 
     #[test]

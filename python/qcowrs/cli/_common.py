@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from qcowrs._errors import QcowError
+
+# typing only for the checker (importing it costs a command-line call milliseconds).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "CliError",
@@ -248,11 +251,13 @@ class Progress:
         if not self._enabled:
             return
         if self._bar is None:
+            from shutil import get_terminal_size
+
             from tqdm import tqdm  # type: ignore[import-untyped]
 
             # A terminal that reports no size (a bare pty) still gets an 80x24 bar (tqdm hides
             # bars below a 0-line screen).
-            cols, rows = shutil.get_terminal_size()
+            cols, rows = get_terminal_size()
             self._bar = tqdm(
                 total=total,
                 unit="B",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from qcowrs.cli._common import (
     CliError,
@@ -13,6 +12,11 @@ from qcowrs.cli._common import (
     add_quiet,
     check_format,
 )
+
+# typing only for the checker (importing it costs a command-line call milliseconds).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from qcowrs.cli._common import CliError, add_format, add_quiet, check_format
+
+# typing only for the checker (importing it costs a command-line call milliseconds).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:

@@ -19,17 +19,16 @@
 //! is built beside it and renamed over it by `create`), and a target that is one of the files
 //! the sources read (an image of a chain, a data file, the new backing file) is refused.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use crate::backing::{file_id, open_image_any, resolve_relative, BackingKind, BackingRead, FileId};
 use crate::create::CreateOptions;
 use crate::error::{Error, IoContext, Result};
 use crate::ops::map::{map_layers, raw_extents};
+use crate::ops::pipeline;
 use crate::qcow_file::{OpenOptions, QcowFile};
 
 /// QEMU's sector: raw images are whole sectors long.
@@ -868,88 +867,25 @@ fn convert_to_stream(
 
 /// Runs the items: workers examine units in parallel, this thread applies them in order.
 fn run(shared: &Shared<'_>, items: &[Item], out: &mut Target, threads: usize, progress: Progress<'_>) -> Result<()> {
-    let workers =
-        if threads == 0 { std::thread::available_parallelism().map_or(2, std::num::NonZero::get) } else { threads };
-    let total: u64 = items
-        .iter()
-        .map(|i| match *i {
-            Item::Unit { start, end } | Item::Zero { start, end } | Item::Fill { start, end } => end - start,
-        })
-        .sum();
-    let window = 2 * workers + 2;
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let applied = (Mutex::new(0usize), Condvar::new());
-    let (tx, rx) = mpsc::channel::<(usize, Result<Done>)>();
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            let tx = tx.clone();
-            let (next, stop, applied) = (&next, &stop, &applied);
-            scope.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= items.len() || stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                // Bounded memory: at most `window` items ahead of the writer.
-                let mut done = applied.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                while i >= *done + window && !stop.load(Ordering::Relaxed) {
-                    done = applied.1.wait(done).unwrap_or_else(std::sync::PoisonError::into_inner);
-                }
-                drop(done);
-                let r = match items[i] {
-                    Item::Unit { start, end } => shared.unit(start, end),
-                    _ => Ok(Done { buf: Vec::new(), ops: Vec::new() }),
-                };
-                if tx.send((i, r)).is_err() {
-                    break;
-                }
-            });
-        }
-        drop(tx);
-        let r = apply_in_order(shared, items, out, &rx, &applied, total, progress);
-        stop.store(true, Ordering::Relaxed);
-        applied.1.notify_all();
-        r
-    })
-}
-
-fn apply_in_order(
-    shared: &Shared<'_>,
-    items: &[Item],
-    out: &mut Target,
-    rx: &mpsc::Receiver<(usize, Result<Done>)>,
-    applied: &(Mutex<usize>, Condvar),
-    total: u64,
-    progress: Progress<'_>,
-) -> Result<()> {
-    let mut pending: BTreeMap<usize, Result<Done>> = BTreeMap::new();
+    let len = |item: &Item| match *item {
+        Item::Unit { start, end } | Item::Zero { start, end } | Item::Fill { start, end } => end - start,
+    };
+    let total: u64 = items.iter().map(len).sum();
     let mut done_bytes = 0u64;
     progress(0, total)?;
-    for (i, item) in items.iter().enumerate() {
-        let done = loop {
-            if let Some(r) = pending.remove(&i) {
-                break r;
-            }
-            match rx.recv() {
-                Ok((k, r)) => {
-                    pending.insert(k, r);
-                }
-                Err(_) => return Err(Error::InvalidArgument("convert workers stopped".into())),
-            }
-        }?;
-        out.apply_item(*item)?;
+    let work = |i: usize| match items[i] {
+        Item::Unit { start, end } => shared.unit(start, end),
+        _ => Ok(Done { buf: Vec::new(), ops: Vec::new() }),
+    };
+    pipeline::run_in_order(items.len(), pipeline::workers(threads), work, |i, done: Done| {
+        out.apply_item(items[i])?;
         for op in &done.ops {
             out.apply(op, &done.buf)?;
         }
         shared.give(done.buf);
-        *applied.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = i + 1;
-        applied.1.notify_all();
-        done_bytes += match *item {
-            Item::Unit { start, end } | Item::Zero { start, end } | Item::Fill { start, end } => end - start,
-        };
-        progress(done_bytes, total)?;
-    }
-    Ok(())
+        done_bytes += len(&items[i]);
+        progress(done_bytes, total)
+    })
 }
 
 mod stream;

@@ -9,6 +9,7 @@ pub mod convert;
 pub mod info;
 pub mod map;
 pub mod measure;
+mod pipeline;
 pub mod rebase;
 pub mod resize;
 pub mod snapshot;

@@ -398,8 +398,19 @@ impl QcowFile {
 
     fn write_host(&self, data: &[u8], host: u64) -> Result<()> {
         match &self.data {
-            Some(d) => d.write_at(data, host, "the external data file"),
-            None => self.raw.write_at(data, host, "guest data"),
+            Some(d) => d.write_data_at(data, host, "the external data file"),
+            None => self.raw.write_data_at(data, host, "guest data"),
+        }
+    }
+
+    /// Guest data written from now on starts its write-back to the disk at once (bulk copies:
+    /// the device writes overlap the copy instead of all waiting for the next flush). Metadata
+    /// is unaffected and the flush ordering is the same. Returns whether the host file does.
+    pub fn set_write_behind(&self) -> bool {
+        let image = self.raw.set_write_behind();
+        match &self.data {
+            Some(d) => d.set_write_behind(),
+            None => image,
         }
     }
 
@@ -561,7 +572,7 @@ impl QcowFile {
         self.header.commit_size(&self.raw, new_size)?;
         self.decompressed.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
         self.drop_references_past(new_size)?;
-        self.flush()
+        self.flush_cutting_tail(true)
     }
 
     /// Removes the active tree's references to the clusters wholly past `size`: the partial
@@ -626,7 +637,7 @@ impl QcowFile {
             b.note(0, size);
         }
         self.drop_tables_from(0)?;
-        self.flush()
+        self.flush_cutting_tail(true)
     }
 
     /// Moves the L1 table to a new place with room for `entries`, switching the header to it
@@ -665,6 +676,12 @@ impl QcowFile {
     /// crash at any point: guest data and refcounts (synced) before L2 tables (synced) before
     /// L1 entries (synced); references dropped before the refcounts of what they pointed at.
     pub fn flush(&mut self) -> Result<()> {
+        self.flush_cutting_tail(false)
+    }
+
+    /// [`QcowFile::flush`]; with `cut_tail` (shrink and make-empty, where QEMU shortens the
+    /// file too) freed clusters that reach the end of the file are cut off rather than punched.
+    fn flush_cutting_tail(&mut self, cut_tail: bool) -> Result<()> {
         if !self.raw.writable() || self.writer.is_none() {
             return Ok(());
         }
@@ -678,30 +695,56 @@ impl QcowFile {
         }
         let l1 = self.tables.take_dirty_l1();
         if !l1.is_empty() {
-            let l1_offset = self.tables.l1_offset();
-            for (i, e) in l1 {
-                self.raw.write_at(&e.to_be_bytes(), l1_offset + 8 * i as u64, "L1 entry")?;
-            }
+            self.write_l1_entries(&l1)?;
             self.raw.sync()?;
         }
         let Some(w) = self.writer.as_mut() else { return Ok(()) };
         if w.refcounts.has_pending_frees() {
             let freed = w.refcounts.apply_frees(&self.raw, &mut self.header)?;
             durable(&self.raw, &mut w.refcounts, self.data.as_ref())?;
-            let cb = self.header.cluster_bits;
-            // Contiguous clusters in one punch (clusters smaller than the file system's blocks
-            // are only given back that way).
-            let mut freed = freed;
-            freed.sort_unstable();
-            let mut i = 0;
-            while i < freed.len() {
-                let mut j = i + 1;
-                while j < freed.len() && freed[j] == freed[j - 1] + 1 {
-                    j += 1;
-                }
-                self.raw.punch_hole(freed[i] << cb, ((j - i) as u64) << cb)?;
-                i = j;
+            self.give_back(freed, cut_tail)?;
+        }
+        Ok(())
+    }
+
+    /// Writes changed L1 entries, each run of consecutive ones in one write (the entries are
+    /// independent: a torn write leaves each one old or new, as separate writes would).
+    fn write_l1_entries(&self, l1: &[(usize, u64)]) -> Result<()> {
+        let l1_offset = self.tables.l1_offset();
+        let mut i = 0;
+        while i < l1.len() {
+            let mut j = i + 1;
+            while j < l1.len() && l1[j].0 == l1[j - 1].0 + 1 {
+                j += 1;
             }
+            let bytes: Vec<u8> = l1[i..j].iter().flat_map(|(_, e)| e.to_be_bytes()).collect();
+            self.raw.write_at(&bytes, l1_offset + 8 * l1[i].0 as u64, "L1 entry")?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Gives freed clusters (refcount 0, durable) back to the host file system: contiguous
+    /// clusters in one punch (clusters smaller than the file system's blocks are only given
+    /// back that way); with `cut_tail`, a run that reaches the end of the file is cut off
+    /// instead (the file no longer keeps the length, as after QEMU's shrink and make-empty).
+    fn give_back(&self, mut freed: Vec<u64>, cut_tail: bool) -> Result<()> {
+        let cb = self.header.cluster_bits;
+        freed.sort_unstable();
+        freed.dedup();
+        let mut i = 0;
+        while i < freed.len() {
+            let mut j = i + 1;
+            while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                j += 1;
+            }
+            let (start, end) = (freed[i] << cb, (freed[j - 1] + 1) << cb);
+            if cut_tail && end >= self.raw.file_len() && start < self.raw.file_len() {
+                self.raw.set_len(start)?;
+            } else {
+                self.raw.punch_hole(start, end - start)?;
+            }
+            i = j;
         }
         Ok(())
     }
