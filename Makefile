@@ -12,12 +12,16 @@ help: ## list the targets
 $(VENV)/.installed:
 	@command -v qemu-img >/dev/null || { echo "qemu-img missing: installing qemu-utils"; \
 	  (apt-get update -qq && apt-get install -y -qq qemu-utils) >/dev/null; }
+	@# The FUSE export's tests: fusermount3 (fuse3), mkfs.ext4/e2fsck/debugfs (e2fsprogs).
+	@{ command -v fusermount3 && command -v mkfs.ext4 && command -v e2fsck && command -v debugfs; } \
+	  >/dev/null || { echo "fuse3/e2fsprogs missing: installing"; \
+	  (apt-get update -qq && apt-get install -y -qq fuse3 e2fsprogs) >/dev/null; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_PACKAGES)
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv with the build and test tools (and qemu-utils if missing)
+setup: $(VENV)/.installed ## create .venv with the build and test tools (and qemu-utils, fuse3, e2fsprogs if missing)
 
 dev: setup ## build the Rust extension (release) and install the package into .venv
 	rm -f python/qcowrs/*.so

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from qcowrs._file import QcowFile
     from qcowrs._info import info
     from qcowrs._measure import measure
+    from qcowrs._mount import mount
     from qcowrs._rebase import rebase
     from qcowrs._resize import resize
 
@@ -53,6 +54,7 @@ _LAZY = {
     "dd": "qcowrs._convert",
     "info": "qcowrs._info",
     "measure": "qcowrs._measure",
+    "mount": "qcowrs._mount",
     "rebase": "qcowrs._rebase",
     "resize": "qcowrs._resize",
 }
@@ -104,6 +106,7 @@ __all__ = [
     "dd",
     "info",
     "measure",
+    "mount",
     "rebase",
     "rebuild_refcounts",
     "resize",

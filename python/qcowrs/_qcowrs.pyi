@@ -257,6 +257,7 @@ def convert(
     snapshot: str | None = None,
     progress: Callable[[int, int], object] | None = None,
 ) -> None: ...
+def mount(path: str, mountpoint: str, *, writable: bool = False) -> None: ...
 def measure(
     size: int | None,
     source: str | None,

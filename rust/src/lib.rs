@@ -27,6 +27,7 @@ mod compression;
 mod count;
 mod create;
 mod error;
+pub mod export;
 mod format;
 mod header;
 mod lock;

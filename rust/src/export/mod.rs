@@ -1,0 +1,4 @@
+//! Exports: an open image served to other programs as a plain disk. `fuse`: the guest disk as
+//! one raw file, over a regular file (QEMU's FUSE-export convention).
+
+pub mod fuse;
