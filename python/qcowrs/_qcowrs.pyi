@@ -29,6 +29,7 @@ __all__ = [
     "convert",
     "image_info",
     "measure",
+    "mount",
     "qcow1_info",
     "rebase",
     "rebuild_refcounts",
