@@ -153,6 +153,23 @@ def test_read_only_mount_reads_as_qemu(builder: ImageBuilder, make: object) -> N
     assert file_sha256(image) == before
 
 
+def test_parallel_reads(builder: ImageBuilder) -> None:
+    """Readers on several threads at once (the export serves on several threads too)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    builder.create("par.qcow2", "32M")
+    image = builder.io("par.qcow2", *(f"write -P {i + 1} {i}M 1M" for i in range(0, 32, 2)))
+    expected = raw_bytes(image)
+    with mounted(image) as (mnt, _):
+        fd = os.open(mnt, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                chunks = list(pool.map(lambda i: os.pread(fd, MiB, i * MiB), range(32)))
+        finally:
+            os.close(fd)
+    assert b"".join(chunks) == expected
+
+
 def test_read_only_mount_refuses_writers_of_the_mountpoint(builder: ImageBuilder) -> None:
     image = builder.create("ro.qcow2", "4M")
     with mounted(image) as (mnt, _):
