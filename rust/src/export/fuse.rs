@@ -17,9 +17,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner,
-    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyOpen,
-    ReplyWrite, Request, Session, SessionUnmounter, WriteFlags,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner, MountOption,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyOpen, ReplyWrite, Request, Session,
+    SessionUnmounter, WriteFlags,
 };
 
 use crate::error::{Error, Result};
@@ -77,9 +77,8 @@ impl FuseExport {
             MountOption::Subtype("qcowrs".into()),
             if writable { MountOption::RW } else { MountOption::RO },
         ];
-        config.n_threads = Some(
-            std::thread::available_parallelism().map_or(MAX_THREADS, |n| n.get().clamp(2, MAX_THREADS)),
-        );
+        config.n_threads =
+            Some(std::thread::available_parallelism().map_or(MAX_THREADS, |n| n.get().clamp(2, MAX_THREADS)));
         config.clone_fd = true;
         let mut session = Session::new(fs, mountpoint, &config)
             .map_err(|e| Error::io(format!("mounting '{}'", mountpoint.display()), e))?;
@@ -418,5 +417,31 @@ impl Filesystem for DiskFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_answer_with_their_errno() {
+        let io = Error::io("reading", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(errno(&io), Errno::ENOSPC);
+        assert_eq!(errno(&Error::io("x", std::io::Error::other("no errno"))), Errno::EIO);
+        assert_eq!(errno(&Error::ReadOnlyImage("ro".into())), Errno::EROFS);
+        assert_eq!(errno(&Error::InvalidArgument("bad".into())), Errno::EINVAL);
+        assert_eq!(errno(&Error::ImageLocked("held".into())), Errno::EAGAIN);
+        assert_eq!(errno(&Error::corrupt("L2 table", 0x30000)), Errno::EIO);
+    }
+
+    #[test]
+    fn mountpoint_must_be_a_regular_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("a.qcow2");
+        let opts = crate::CreateOptions { virtual_size: 1 << 20, ..crate::CreateOptions::default() };
+        let f = QcowFile::create(&image, &opts).expect("create");
+        let e = FuseExport::mount(f, dir.path()).expect_err("a directory is refused");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 }
