@@ -12,6 +12,8 @@ help: ## list the targets
 $(VENV)/.installed:
 	@command -v qemu-img >/dev/null || { echo "qemu-img missing: installing qemu-utils"; \
 	  (apt-get update -qq && apt-get install -y -qq qemu-utils) >/dev/null; }
+	@command -v nbdinfo >/dev/null || { echo "nbdinfo missing: installing libnbd-bin"; \
+	  (apt-get update -qq && apt-get install -y -qq libnbd-bin) >/dev/null || true; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_PACKAGES)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from qcowrs._measure import measure
     from qcowrs._rebase import rebase
     from qcowrs._resize import resize
+    from qcowrs._serve import serve
 
 _LAZY = {
     "QcowFile": "qcowrs._file",
@@ -55,6 +56,7 @@ _LAZY = {
     "measure": "qcowrs._measure",
     "rebase": "qcowrs._rebase",
     "resize": "qcowrs._resize",
+    "serve": "qcowrs._serve",
 }
 
 
@@ -107,4 +109,5 @@ __all__ = [
     "rebase",
     "rebuild_refcounts",
     "resize",
+    "serve",
 ]

@@ -31,6 +31,7 @@ mod format;
 mod header;
 mod lock;
 mod mapping;
+pub mod export;
 pub mod ops;
 mod qcow1;
 mod qcow_file;

@@ -34,6 +34,7 @@ _COMMANDS = {
     "snapshot": "cmd_snapshot",
     "bitmap": "cmd_bitmap",
     "rebuild": "cmd_rebuild",
+    "serve": "cmd_serve",
 }
 
 
