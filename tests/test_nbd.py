@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from conftest import (
     assert_qemu_clean,
+    file_sha256,
     merge,
     qemu_check,
     qemu_img,
@@ -62,7 +63,7 @@ def served(image: Path, *args: str) -> Iterator[Path]:
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         shutil.rmtree(d, ignore_errors=True)
     assert proc.returncode == 0, err.decode()
     assert not sock.exists()
@@ -101,7 +102,9 @@ def _chain(d: Path) -> Path:
 def _extended(d: Path) -> Path:
     img = d / "ext.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", img, "8M")
-    qemu_io(img, "write -P 0x77 4k 4k", "write -P 0x78 70k 8k", "write -z 1M 64k", "write -P 1 3M 1M")
+    qemu_io(
+        img, "write -P 0x77 4k 4k", "write -P 0x78 70k 8k", "write -z 1M 64k", "write -P 1 3M 1M"
+    )
     return img
 
 
@@ -116,8 +119,6 @@ def test_read_and_map_match_the_image(kind: str, tmp_path: Path) -> None:
     with served(img) as sock:
         out = tmp_path / "out.raw"
         qemu_img("convert", "-f", "raw", "-O", "raw", _url(sock), out)
-        from conftest import file_sha256
-
         assert file_sha256(out) == want_sha
         opts = f"driver=nbd,server.type=unix,server.path={sock}"
         got_map = json.loads(qemu_img("map", "--output=json", "--image-opts", opts).stdout)
@@ -127,7 +128,12 @@ def test_read_and_map_match_the_image(kind: str, tmp_path: Path) -> None:
             for line in text.splitlines():
                 start, length, state = (int(x) for x in line.split()[:3])
                 nbd_entries.append(
-                    {"start": start, "length": length, "data": not state & 1, "zero": bool(state & 2)}
+                    {
+                        "start": start,
+                        "length": length,
+                        "data": not state & 1,
+                        "zero": bool(state & 2),
+                    }
                 )
             assert _data_zero(nbd_entries) == _data_zero(want_map)
     assert _data_zero(got_map) == _data_zero(want_map)
@@ -144,7 +150,8 @@ def test_writes_land_in_the_image(tmp_path: Path) -> None:
         qemu_io(_url(sock), *cmds, fmt="raw")
         # The image is locked for its writer.
         r = qemu_io(img, "write 0 512", check=False)
-        assert r.returncode != 0 and "lock" in (r.stdout + r.stderr)
+        assert r.returncode != 0
+        assert "lock" in (r.stdout + r.stderr)
     qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ref, img)
     assert_qemu_clean(img, "after serving writes")
     qemu_io(img, "write 0 512")  # the locks are gone with the server

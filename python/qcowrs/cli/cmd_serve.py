@@ -20,11 +20,15 @@ def register(sub: Any) -> None:
         "flushes and closes the image. Clients use nbd+unix:///?socket=PATH with --socket, else "
         "nbd://ADDR:PORT (127.0.0.1:10809 by default). Read-only unless --rw.",
     )
-    p.add_argument("--rw", action="store_true", help="accept writes (the export is read-only otherwise)")
+    p.add_argument(
+        "--rw", action="store_true", help="accept writes (the export is read-only otherwise)"
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="listen on a Unix socket at PATH")
     where.add_argument("--port", type=int, default=None, metavar="N", help="TCP port (10809)")
-    p.add_argument("--bind", metavar="ADDR", default=None, help="TCP address to listen on (127.0.0.1)")
+    p.add_argument(
+        "--bind", metavar="ADDR", default=None, help="TCP address to listen on (127.0.0.1)"
+    )
     p.add_argument(
         "--shared", type=int, default=8, metavar="N", help="serve at most N clients at once (8)"
     )

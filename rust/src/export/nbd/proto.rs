@@ -3,8 +3,8 @@
 //! stopping).
 
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 

@@ -5,10 +5,10 @@ use std::sync::{PoisonError, RwLock};
 
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::proto::{
-    End, Put, Wire, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH,
-    CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, REPLY_FLAG_DONE,
-    REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC,
+    End, Put, Wire, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
+    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE_HOLE,
+    STATE_ZERO, STRUCTURED_REPLY_MAGIC,
 };
 use super::MAX_PAYLOAD;
 use crate::error::Error;
@@ -275,9 +275,7 @@ fn extents(image: &Image, req: Request) -> Result<Vec<(u32, u32)>, u32> {
 
 /// `NBD_CMD_BLOCK_STATUS` for `base:allocation` (the image's map over its backing chain).
 fn block_status(wire: &mut Wire<'_>, image: &Image, session: Session, req: Request) -> Result<(), End> {
-    let result = if !session.structured || !session.base_allocation {
-        Err(EINVAL)
-    } else if req.length == 0 {
+    let result = if !session.structured || !session.base_allocation || req.length == 0 {
         Err(EINVAL)
     } else {
         in_bounds(image, req, EINVAL).and_then(|()| extents(image, req))
