@@ -33,6 +33,7 @@ __all__ = [
     "rebase",
     "rebuild_refcounts",
     "resize",
+    "serve",
 ]
 
 __version__: str

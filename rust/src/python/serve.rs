@@ -15,12 +15,12 @@ use crate::qcow_file::{OpenOptions, QcowFile};
 /// clients' current requests finish, the image is flushed and closed, and the exception is
 /// raised. See `qcowrs.serve`.
 #[pyfunction]
-#[pyo3(signature = (path, *, socket = None, host = "127.0.0.1".to_owned(), port = 10809, writable = false, shared = 8))]
+#[pyo3(signature = (path, *, socket = None, host = "127.0.0.1", port = 10809, writable = false, shared = 8))]
 pub fn serve(
     py: Python<'_>,
     path: PathBuf,
     socket: Option<PathBuf>,
-    host: String,
+    host: &str,
     port: u16,
     writable: bool,
     shared: usize,
@@ -31,7 +31,7 @@ pub fn serve(
     let image = py.detach(|| QcowFile::open(&path, OpenOptions { writable, ..OpenOptions::default() }))?;
     let listener = py.detach(|| match &socket {
         Some(p) => Listener::unix(p),
-        None => Listener::tcp(&host, port),
+        None => Listener::tcp(host, port),
     })?;
     let raised: Mutex<Option<PyErr>> = Mutex::new(None);
     let stop = || {

@@ -238,3 +238,22 @@ fn meta_context(wire: &mut Wire<'_>, option: u32, data: &[u8], session: &mut Ses
     }
     reply(wire, option, REP_ACK, &[])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_meta;
+
+    #[test]
+    fn meta_requests_are_parsed_exactly() {
+        let mut d = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 15];
+        d.extend_from_slice(b"base:allocation");
+        let (name, queries) = parse_meta(&d).unwrap();
+        assert!(name.is_empty());
+        assert_eq!(queries, vec![&b"base:allocation"[..]]);
+        assert!(parse_meta(&d[..d.len() - 1]).is_none());
+        d.push(0);
+        assert!(parse_meta(&d).is_none());
+        // A query count far beyond the data is refused without allocating for it.
+        assert!(parse_meta(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_none());
+    }
+}

@@ -295,3 +295,17 @@ fn block_status(wire: &mut Wire<'_>, image: &Image, session: Session, req: Reque
     }
     wire.send(&[&head])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::zero_runs;
+
+    #[test]
+    fn zero_runs_split_whole_granules_and_merge_neighbours() {
+        let mut buf = vec![0u8; 5 * 4096 + 100];
+        buf[4096 + 7] = 1;
+        buf[2 * 4096] = 2;
+        assert_eq!(zero_runs(&buf), vec![(0, 4096, true), (4096, 3 * 4096, false), (3 * 4096, 5 * 4096 + 100, true)]);
+        assert!(zero_runs(&[]).is_empty());
+    }
+}
