@@ -16,6 +16,8 @@ $(VENV)/.installed:
 	@{ command -v fusermount3 && command -v mkfs.ext4 && command -v e2fsck && command -v debugfs; } \
 	  >/dev/null || { echo "fuse3/e2fsprogs missing: installing"; \
 	  (apt-get update -qq && apt-get install -y -qq fuse3 e2fsprogs) >/dev/null; }
+	@command -v nbdinfo >/dev/null || { echo "nbdinfo missing: installing libnbd-bin"; \
+	  (apt-get update -qq && apt-get install -y -qq libnbd-bin) >/dev/null || true; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_PACKAGES)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from qcowrs._mount import mount
     from qcowrs._rebase import rebase
     from qcowrs._resize import resize
+    from qcowrs._serve import serve
 
 _LAZY = {
     "QcowFile": "qcowrs._file",
@@ -57,6 +58,7 @@ _LAZY = {
     "mount": "qcowrs._mount",
     "rebase": "qcowrs._rebase",
     "resize": "qcowrs._resize",
+    "serve": "qcowrs._serve",
 }
 
 
@@ -110,4 +112,5 @@ __all__ = [
     "rebase",
     "rebuild_refcounts",
     "resize",
+    "serve",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "rebase",
     "rebuild_refcounts",
     "resize",
+    "serve",
 ]
 
 __version__: str
@@ -304,6 +305,15 @@ def rebase(
     *,
     unsafe: bool = False,
     progress: Callable[[int, int], object] | None = None,
+) -> None: ...
+def serve(
+    path: str,
+    *,
+    socket: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 10809,
+    writable: bool = False,
+    shared: int = 8,
 ) -> None: ...
 def resize(
     path: str,

@@ -35,6 +35,7 @@ _COMMANDS = {
     "bitmap": "cmd_bitmap",
     "rebuild": "cmd_rebuild",
     "mount": "cmd_mount",
+    "serve": "cmd_serve",
 }
 
 

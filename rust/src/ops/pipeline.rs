@@ -88,10 +88,15 @@ mod tests {
     #[test]
     fn results_are_applied_in_order_and_the_first_error_stops() {
         let mut seen = Vec::new();
-        run_in_order(100, 3, |i| Ok(i * 2), |i, x| {
-            seen.push((i, x));
-            Ok(())
-        })
+        run_in_order(
+            100,
+            3,
+            |i| Ok(i * 2),
+            |i, x| {
+                seen.push((i, x));
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(seen, (0..100).map(|i| (i, i * 2)).collect::<Vec<_>>());
         let mut applied = 0;

@@ -16,6 +16,7 @@ mod progress;
 mod rebase;
 mod report;
 mod resize;
+mod serve;
 mod types;
 
 use pyo3::prelude::*;
@@ -36,6 +37,7 @@ fn _qcowrs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(info::qcow1_info, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert, m)?)?;
     m.add_function(wrap_pyfunction!(resize::resize, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::serve, m)?)?;
     m.add_function(wrap_pyfunction!(rebase::rebase, m)?)?;
     m.add_function(wrap_pyfunction!(commit::commit, m)?)?;
     m.add_function(wrap_pyfunction!(amend::amend, m)?)?;
