@@ -18,7 +18,7 @@ pub fn image_path() -> &'static Path {
 
 /// Open options for a fuzzed image: never a backing file.
 pub fn open_options(writable: bool, rebuild: bool) -> OpenOptions {
-    OpenOptions { writable, rebuild, backing: BackingChoice::Disabled, force_share: false }
+    OpenOptions { writable, rebuild, backing: BackingChoice::Disabled, ..OpenOptions::default() }
 }
 
 /// Whether `QcowFile::open_storage` may be called on the image: false if its header names an
