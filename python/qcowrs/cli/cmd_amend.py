@@ -11,11 +11,8 @@ from qcowrs.cli._common import (
     add_format,
     add_progress,
     add_quiet,
-    bool_option,
     check_option_list,
-    number_option,
     parse_options,
-    size_option,
 )
 
 # qemu-img 10's amend options for qcow2 (the encrypt.* ones need an encrypted image, which
@@ -74,24 +71,16 @@ def _help() -> int:
 
 
 def _typed(pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
+    """create's typed parsing of ``-o`` values, after amend's own refusal of create-only
+    options."""
+    from qcowrs.cli.cmd_create import _typed as typed
+
+    for key, _ in pairs:
         if key in _CREATE_ONLY:
             raise CliError(
                 f"Invalid parameter '{key}'. This option is only supported for image creation"
             )
-        if key not in _OPTIONS:
-            raise CliError(f"Invalid parameter '{key}'")
-        kind = _OPTIONS[key][0]
-        if kind == "size":
-            out[key] = size_option(key, value)
-        elif kind == "num":
-            out[key] = number_option(key, value)
-        elif kind == "bool":
-            out[key] = bool_option(key, value)
-        else:
-            out[key] = value
-    return out
+    return typed(_OPTIONS, pairs)
 
 
 def run(args: argparse.Namespace) -> int:
