@@ -265,21 +265,16 @@ impl QcowRawFile {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-        if !self.writable {
-            return Err(Error::ReadOnlyImage(format!("cannot write {what} at 0x{offset:x}")));
-        }
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .ok_or_else(|| Error::offset(what, offset, "plus its length overflows 64 bits"))?;
-        fault_point(what, offset)?;
-        self.storage.write_at(buf, offset).ctx(|| format!("writing {what} at 0x{offset:x}"))?;
-        self.file_len.fetch_max(end, Ordering::SeqCst);
-        Ok(())
+        self.write_checked(buf, offset, what, false)
     }
 
     /// Writes guest data at `offset`: as [`QcowRawFile::write_at`], its write-back started at
     /// once after [`QcowRawFile::set_write_behind`].
     pub fn write_data_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+        self.write_checked(buf, offset, what, true)
+    }
+
+    fn write_checked(&self, buf: &[u8], offset: u64, what: &str, data: bool) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnlyImage(format!("cannot write {what} at 0x{offset:x}")));
         }
@@ -287,7 +282,8 @@ impl QcowRawFile {
             .checked_add(buf.len() as u64)
             .ok_or_else(|| Error::offset(what, offset, "plus its length overflows 64 bits"))?;
         fault_point(what, offset)?;
-        self.storage.write_data_at(buf, offset).ctx(|| format!("writing {what} at 0x{offset:x}"))?;
+        let written = if data { self.storage.write_data_at(buf, offset) } else { self.storage.write_at(buf, offset) };
+        written.ctx(|| format!("writing {what} at 0x{offset:x}"))?;
         self.file_len.fetch_max(end, Ordering::SeqCst);
         Ok(())
     }
@@ -325,6 +321,15 @@ impl QcowRawFile {
         self.storage.set_len(len).ctx(|| format!("resizing the image file to 0x{len:x}"))?;
         self.file_len.store(len, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Before a range that was synced and that nothing references any more is cut off or
+    /// punched: lets the storage drop its cached pages first, on every core (a hint).
+    pub fn drop_cached(&self, offset: u64, len: u64) {
+        // Without syncs (`set_unsafe_cache`) the pages may be dirty: the hint would write them.
+        if self.writable && !self.no_sync {
+            self.storage.drop_cached(offset, len);
+        }
     }
 
     /// Deallocates `[offset, offset+len)` of the host file (best effort; it then reads as

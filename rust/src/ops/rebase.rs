@@ -128,6 +128,8 @@ fn copy_differences(
         }
     }
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+    // The copies are a bulk write flushed at the end: their write-back starts as they go.
+    f.set_write_behind();
     let mut done = 0;
     progress(0, total)?;
     let mut old_buf = vec![0u8; usize::try_from(CHUNK).unwrap_or(0)];

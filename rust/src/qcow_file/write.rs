@@ -739,9 +739,12 @@ impl QcowFile {
                 j += 1;
             }
             let (start, end) = (freed[i] << cb, (freed[j - 1] + 1) << cb);
+            // `durable` above synced the file: the freed clusters' cached pages are clean.
             if cut_tail && end >= self.raw.file_len() && start < self.raw.file_len() {
+                self.raw.drop_cached(start, self.raw.file_len() - start);
                 self.raw.set_len(start)?;
             } else {
+                self.raw.drop_cached(start, end - start);
                 self.raw.punch_hole(start, end - start)?;
             }
             i = j;
