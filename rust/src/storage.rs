@@ -77,6 +77,10 @@ impl FileStorage {
     pub fn new(file: File) -> Self {
         FileStorage { file, write_behind: AtomicBool::new(false), behind: Mutex::new((VecDeque::new(), 0)) }
     }
+    /// The file.
+    pub fn as_file(&self) -> &File {
+        &self.file
+    }
 }
 
 impl Storage for FileStorage {
