@@ -601,7 +601,9 @@ impl Target {
     fn finish(self) -> Result<()> {
         match self {
             Target::Qcow2(mut f) => f.close(),
-            Target::Raw { file, path, sync: true } => file.as_file().sync_all().ctx(|| format!("syncing '{}'", path.display())),
+            Target::Raw { file, path, sync: true } => {
+                file.as_file().sync_all().ctx(|| format!("syncing '{}'", path.display()))
+            }
             Target::Raw { sync: false, .. } => Ok(()),
             Target::Record { .. } => Ok(()),
             Target::Stream { s, .. } => s.finish(),
