@@ -37,7 +37,9 @@ MiB = 1 << 20
 
 
 def run(*cmd: str | Path, cwd: Path | None = None) -> None:
-    subprocess.run([os.fspath(c) for c in cmd], check=True, capture_output=True, cwd=cwd)
+    p = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True, cwd=cwd)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))}: exit {p.returncode}: {p.stderr.strip()}")
 
 
 def qcowrs_cmd() -> list[str]:

@@ -10,8 +10,8 @@ exactly the fully allocated size.
 
 Intended differences, each asserted where it shows: qemu-img's errors of several lines are one
 line here ("Invalid options for file format 'qcow2': Invalid parameter 'foo'"); formats other
-than raw and qcow2 are "Unknown file format"; internal snapshots (-l) are refused as not
-readable yet; a missing source is "Could not open 'x': No such file or directory" once.
+than raw and qcow2 are "Unknown file format"; a missing source is "Could not open 'x': No such
+file or directory" once; a missing snapshot (-l) is named in "Can't find snapshot 'x'".
 """
 
 from __future__ import annotations
@@ -44,6 +44,14 @@ def qemu_error(p: subprocess.CompletedProcess[str]) -> list[str]:
     return [
         ln.removeprefix("qemu-img: ") for ln in p.stderr.splitlines() if ln.startswith("qemu-img: ")
     ]
+
+
+def cli_convert(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> int:
+    from qcowrs.cli._main import main
+
+    rc = main(["convert", *(str(a) for a in argv)])
+    capsys.readouterr()
+    return rc
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str | Path | int) -> tuple[int, str, str]:
@@ -411,6 +419,98 @@ def test_source_equals_qemu(
     assert cli(capsys, *target, src) == (0, qh.stdout, "")
 
 
+SNAPSHOT_FORMS = [
+    "snapshot.name=first",
+    "snapshot.id=2",
+    "first",
+    "2",
+    "snapshot.id=1,snapshot.name=first",
+]
+
+
+@pytest.fixture(scope="module")
+def snapshot_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three internal snapshots of different content: two of the disk's size now (16 MiB), and
+    "big" of a 40 MiB disk with data past 16 MiB."""
+    b = ImageBuilder(tmp_path_factory.mktemp("measure-snap"))
+    p = b.create("sn.qcow2", "16M")
+    b.io("sn.qcow2", "write -P 1 0 2M")
+    qemu_img("snapshot", "-c", "first", str(p))
+    b.io("sn.qcow2", "write -P 2 4M 3M", "write -z 0 512k")
+    qemu_img("snapshot", "-c", "second", str(p))
+    qemu_img("resize", str(p), "40M")
+    b.io("sn.qcow2", "write -P 3 30M 6M")
+    qemu_img("snapshot", "-c", "big", str(p))  # id 3, at 40M
+    qemu_img("resize", "--shrink", str(p), "16M")
+    b.io("sn.qcow2", "write -P 4 12M 1M")
+    return p
+
+
+@pytest.mark.parametrize("target", TARGETS[:3], ids=[" ".join(t[1:]) for t in TARGETS[:3]])
+@pytest.mark.parametrize("form", SNAPSHOT_FORMS)
+def test_snapshot_equals_qemu(
+    snapshot_source: Path,
+    qcowrs_mod: Any,
+    capsys: pytest.CaptureFixture[str],
+    form: str,
+    target: list[str],
+) -> None:
+    """-l: every form of qemu-img's (snapshots of the disk's size now)."""
+    q = qemu_measure(*target, "-l", form, "--output=json", snapshot_source)
+    assert q.returncode == 0, q.stderr
+    assert cli(capsys, *target, "-l", form, "--output=json", snapshot_source) == (0, q.stdout, "")
+    qh = qemu_measure(*target, "-l", form, snapshot_source)
+    assert cli(capsys, *target, "-l", form, snapshot_source) == (0, qh.stdout, "")
+    # The API takes the id or the name.
+    sn = form.split(",")[0].partition("=")[2] or form
+    fmt, opts = options_of(target)
+    got = qcowrs_mod.measure(source=snapshot_source, output_format=fmt, options=opts, snapshot=sn)
+    assert got == json.loads(q.stdout)
+
+
+def test_snapshot_measures_what_convert_l_writes(
+    snapshot_source: Path, qcowrs_mod: Any, tmp_path: Path
+) -> None:
+    """The snapshot's content, not the disk's: each converted snapshot fits in `required`,
+    and the snapshots measure differently from each other and from the current disk."""
+    seen = set()
+    for name in ("first", "second"):
+        got = qcowrs_mod.measure(source=snapshot_source, output_format="qcow2", snapshot=name)
+        out = tmp_path / f"{name}.qcow2"
+        qemu_img("convert", "-O", "qcow2", "-l", f"snapshot.name={name}", snapshot_source, out)
+        assert out.stat().st_size <= got["required"]
+        seen.add(got["required"])
+    seen.add(qcowrs_mod.measure(source=snapshot_source, output_format="qcow2")["required"])
+    assert len(seen) == 3
+
+
+def test_snapshot_of_another_size_is_measured_whole(
+    snapshot_source: Path, qcowrs_mod: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Intended difference: QEMU measures (and `convert -l` copies) a snapshot at the disk's
+    size *now*, so a snapshot of a larger disk loses its data past that size; qcowrs measures
+    the snapshot at its own size, as `qcowrs convert -l` writes it whole."""
+    mib = 1 << 20
+    q = qemu_measure("-O", "raw", "-l", "big", "--output=json", snapshot_source)
+    assert json.loads(q.stdout)["required"] == 16 * mib  # QEMU: the current size
+    assert qcowrs_mod.measure(source=snapshot_source, output_format="raw", snapshot="big") == {
+        "required": 40 * mib,
+        "fully-allocated": 40 * mib,
+    }
+    ours = qcowrs_mod.measure(source=snapshot_source, output_format="qcow2", snapshot="big")
+    out = tmp_path / "big.raw"
+    assert cli_convert(capsys, "-O", "raw", "-l", "snapshot.name=big", snapshot_source, out) == 0
+    data = out.read_bytes()
+    assert len(data) == 40 * mib
+    assert data[30 * mib : 36 * mib] == b"\x03" * (6 * mib)  # past the current 16 MiB
+    theirs = tmp_path / "big-qemu.raw"
+    qemu_img("convert", "-O", "raw", "-l", "snapshot.name=big", snapshot_source, theirs)
+    assert theirs.read_bytes() == data[: 16 * mib]
+    packed = tmp_path / "big.qcow2"
+    qemu_img("convert", "-O", "qcow2", "-f", "raw", out, packed)
+    assert packed.stat().st_size <= ours["required"]
+
+
 def test_what_qemu_reports_for_each_kind(sources: dict[str, Path], qcowrs_mod: Any) -> None:
     """The rules behind the numbers, spelled out on a few sources (64 KiB target clusters)."""
     m = qcowrs_mod.measure
@@ -566,18 +666,13 @@ ERRORS: list[tuple[list[str], str | None]] = [
         "Could not open 'missing.qcow2': No such file or directory",
     ),
     (["-O", "vdi", "missing.qcow2"], "Could not open 'missing.qcow2': No such file or directory"),
-    (
-        ["-O", "qcow2", "-l", "snap", "SRC"],
-        "Failed to load snapshot: internal snapshots cannot be read yet",
-    ),
-    (
-        ["-O", "qcow2", "-l", "snapshot.name=x", "SRC"],
-        "Failed to load snapshot: internal snapshots cannot be read yet",
-    ),
-    (
-        ["-O", "qcow2", "-o", "foo=1", "-l", "x", "SRC"],
-        "Failed to load snapshot: internal snapshots cannot be read yet",
-    ),
+    (["-O", "qcow2", "-l", "snap", "SRC"], None),
+    (["-O", "qcow2", "-l", "snapshot.name=x", "SRC"], None),
+    (["-O", "qcow2", "-l", "snapshot.id=1", "SRC"], None),
+    (["-O", "qcow2", "-l", "x=1", "SRC"], None),
+    # qemu-img loads the snapshot before it looks at the target's options.
+    (["-O", "qcow2", "-o", "foo=1", "-l", "x", "SRC"], None),
+    (["-O", "qcow2", "-l", "x"], None),
     (["--size", "1G", "-O", "vmdk"], "Unknown file format 'vmdk'"),
     (["--size", "1G", "-O", "foo"], "Unknown file format 'foo'"),
     (["-f", "vmdk", "SRC"], "Unknown file format 'vmdk'"),
@@ -624,7 +719,7 @@ def test_api_arguments(sources: dict[str, Path], qcowrs_mod: Any) -> None:
         m()
     with pytest.raises(ValueError, match="exactly one"):
         m(1 << 20, src)
-    with pytest.raises(ValueError, match="snapshot"):
+    with pytest.raises(ValueError, match="Can't find snapshot 'first'"):
         m(source=src, snapshot="first")
     with pytest.raises(ValueError, match="output_format"):
         m(1 << 20, output_format="vmdk")

@@ -109,13 +109,12 @@ def measure(
     the other creation options are accepted and change nothing, as in qemu-img. ``compress``
     ("zlib" or "zstd": the image will be written compressed) is accepted for symmetry with
     ``convert`` and changes nothing: like qemu-img, a compressed cluster is counted whole.
-    ``force_share`` reads a source another process holds (qemu-img ``-U``); ``snapshot`` (an
-    internal snapshot of the source) cannot be read yet and is refused.
+    ``force_share`` reads a source another process holds (qemu-img ``-U``); ``snapshot``
+    measures an internal snapshot of a qcow2 source instead of its current content (its id,
+    else its name: qemu-img ``-l``).
     """
     if (size is None) == (source is None):
         raise ValueError("measure: give either size or source (exactly one)")
-    if snapshot is not None:
-        raise ValueError("snapshot: internal snapshots cannot be read yet (measure -l)")
     if output_format not in OPTIONS:
         raise ValueError(f"output_format: qcowrs measures raw and qcow2, not {output_format!r}")
     if compress not in (None, "zlib", "zstd"):
@@ -149,6 +148,7 @@ def measure(
         output_format,
         source_format=source_format,
         force_share=force_share,
+        snapshot=snapshot,
         **kwargs,
     )
     out: dict[str, int] = {}

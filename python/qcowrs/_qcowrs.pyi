@@ -276,6 +276,7 @@ def measure(
     encrypt_key_secret: str | None = None,
     source_format: str | None = None,
     force_share: bool = False,
+    snapshot: str | None = None,
 ) -> tuple[int, int, int | None]: ...
 def rebuild_refcounts(path: str) -> CheckReport: ...
 def amend(

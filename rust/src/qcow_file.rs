@@ -52,8 +52,9 @@ fn snapshot_view(raw: &QcowRawFile, mut h: QcowHeader, id_or_name: &str, writabl
         return Err(Error::ReadOnlyImage("a snapshot can only be opened read-only".into()));
     }
     let table = crate::snapshot::read_snapshot_table(raw, &h)?;
-    let (_, sn) = crate::ops::snapshot::find(&table.snapshots, id_or_name)
-        .ok_or_else(|| Error::InvalidArgument(format!("snapshot '{id_or_name}' not found")))?;
+    let (_, sn) = crate::ops::snapshot::find(&table.snapshots, id_or_name).ok_or_else(|| {
+        Error::InvalidArgument(format!("Failed to load snapshot: Can't find snapshot '{id_or_name}'"))
+    })?;
     h.size = crate::ops::snapshot::disk_size(sn, h.size);
     h.l1_table_offset = sn.l1_table_offset;
     h.l1_size = sn.l1_size;

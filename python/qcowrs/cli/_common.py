@@ -31,6 +31,7 @@ __all__ = [
     "parse_options",
     "parse_size",
     "size_option",
+    "snapshot_param",
     "split_option_list",
 ]
 
@@ -270,3 +271,19 @@ class Progress:
         self._bar.total = total
         self._bar.n = done
         self._bar.refresh()
+
+
+def snapshot_param(text: str) -> str:
+    """``-l`` of convert and measure as qemu-img reads it: ``snapshot.id=ID``,
+    ``snapshot.name=NAME`` (both: the id is used) or else the whole text as an id or name (an
+    id is matched first, then a name, as QEMU does for that form)."""
+    if not text.startswith("snapshot."):
+        return text
+    found: dict[str, str] = {}
+    for item in split_option_list(text):
+        key, _, value = item.partition("=")
+        if item and key not in ("snapshot.id", "snapshot.name"):
+            raise CliError(f"Failed in parsing snapshot param '{text}': Invalid parameter '{key}'")
+        if item:
+            found[key] = value
+    return found.get("snapshot.id", found.get("snapshot.name", ""))

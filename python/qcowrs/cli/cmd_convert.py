@@ -19,6 +19,7 @@ from qcowrs.cli._common import (
     number_option,
     parse_options,
     parse_size,
+    snapshot_param,
 )
 from qcowrs.cli.cmd_create import _QCOW2, _help, _qcow2_semantics, _typed
 
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             "Expecting image file name" if not args.files else "Expecting a target file name"
         )
     *sources, dst = args.files
-    snapshot = _snapshot_param(args.snapshot) if args.snapshot is not None else None
+    snapshot = snapshot_param(args.snapshot) if args.snapshot is not None else None
     if args.compress and args.out_fmt == "raw":
         raise CliError("Compression not supported for this file format")
     if args.backing and args.out_fmt == "raw":
@@ -190,14 +191,3 @@ def run(args: argparse.Namespace) -> int:
             **kw,
         )
     return 0
-
-
-def _snapshot_param(text: str) -> str:
-    """``-l``: ``snapshot.name=NAME``, ``snapshot.id=ID`` or a bare id or name (qemu-img's
-    forms; an id is matched first, then a name, as QEMU does for the bare form)."""
-    for prefix in ("snapshot.name=", "snapshot.id="):
-        if text.startswith(prefix):
-            return text[len(prefix) :]
-    if "=" in text and not text.startswith("snapshot."):
-        raise CliError(f"Invalid parameter '{text.split('=')[0]}'")
-    return text

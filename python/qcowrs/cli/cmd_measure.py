@@ -21,6 +21,7 @@ from qcowrs.cli._common import (
     number_option,
     parse_size,
     size_option,
+    snapshot_param,
     split_option_list,
 )
 
@@ -58,8 +59,8 @@ def register(sub: Any) -> None:
         "-l",
         dest="snapshot",
         metavar="SNAPSHOT",
-        help="measure an internal snapshot of SRC (snapshot.name=NAME, snapshot.id=ID or a "
-        "name): not readable yet, refused",
+        help="measure an internal snapshot of SRC (snapshot.name=NAME, snapshot.id=ID, or an "
+        "id or name)",
     )
     add_force_share(p)
     p.add_argument(
@@ -75,16 +76,6 @@ def register(sub: Any) -> None:
         "chain, or raw)",
     )
     p.set_defaults(func=run)
-
-
-def _check_snapshot_param(text: str) -> None:
-    """``-l snapshot.id=ID,snapshot.name=NAME`` (or a bare name) as qemu-img parses it."""
-    if not text.startswith("snapshot."):
-        return
-    for item in split_option_list(text):
-        key = item.partition("=")[0]
-        if item and key not in ("snapshot.id", "snapshot.name"):
-            raise CliError(f"Failed in parsing snapshot param '{text}': Invalid parameter '{key}'")
 
 
 def _options(out_fmt: str, values: list[str] | None) -> dict[str, Any]:
@@ -115,9 +106,16 @@ def _options(out_fmt: str, values: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _open_source(src: str, args: argparse.Namespace) -> None:
-    """Opens SRC the way the measure does (its chain too), for its errors only."""
-    measure(source=src, output_format="raw", source_format=args.fmt, force_share=args.force_share)
+def _open_source(src: str, args: argparse.Namespace, snapshot: str | None) -> None:
+    """Opens SRC (and loads the -l snapshot) the way the measure does (its chain too), for its
+    errors only."""
+    measure(
+        source=src,
+        output_format="raw",
+        source_format=args.fmt,
+        force_share=args.force_share,
+        snapshot=snapshot,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
     for text in args.options or []:
         check_option_list(text)
     size = parse_size(args.size) if args.size is not None else None
-    if args.snapshot is not None:
-        _check_snapshot_param(args.snapshot)
+    snapshot = snapshot_param(args.snapshot) if args.snapshot is not None else None
     if len(args.files) > 1:
         raise CliError("At most one filename argument is allowed.")
     src: str | None = args.files[0] if args.files else None
@@ -148,10 +145,8 @@ def run(args: argparse.Namespace) -> int:
         options, problem = _options(args.out_fmt, args.options), None
     except CliError as e:
         options, problem = {}, e
-    if src is not None and (problem is not None or args.snapshot is not None):
-        _open_source(src, args)
-        if args.snapshot is not None:
-            raise CliError("Failed to load snapshot: internal snapshots cannot be read yet")
+    if src is not None and problem is not None:
+        _open_source(src, args, snapshot)
     if problem is not None:
         raise problem
     result = measure(
@@ -161,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         source_format=args.fmt,
         output_format=args.out_fmt,
         force_share=args.force_share,
+        snapshot=snapshot,
     )
     if args.output == "json":
         print(json.dumps(result, indent=4))

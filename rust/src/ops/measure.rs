@@ -38,7 +38,7 @@
 
 use std::path::Path;
 
-use crate::backing::{open_image_any, BackingKind, BackingRead};
+use crate::backing::{open_image_any, open_image_snapshot, BackingKind, BackingRead};
 use crate::bitmap::read_bitmap_directory;
 use crate::create::refcount_metadata_clusters;
 use crate::error::{Error, Result};
@@ -105,6 +105,8 @@ pub struct MeasureOptions {
     pub source_format: Option<String>,
     /// `-U`: read a source another process holds open.
     pub force_share: bool,
+    /// `-l`: measure this internal snapshot (id, else name) of the (qcow2) source.
+    pub snapshot: Option<String>,
 }
 
 impl Default for MeasureOptions {
@@ -122,6 +124,7 @@ impl Default for MeasureOptions {
             encrypt_key_secret: None,
             source_format: None,
             force_share: false,
+            snapshot: None,
         }
     }
 }
@@ -144,7 +147,10 @@ pub struct Measurement {
 /// orders its errors.
 pub fn measure(input: MeasureInput<'_>, opts: &MeasureOptions) -> Result<Measurement> {
     let source = match input {
-        MeasureInput::Source(p) => Some(open_image_any(p, opts.source_format.as_deref(), opts.force_share)?),
+        MeasureInput::Source(p) => Some(match &opts.snapshot {
+            Some(sn) => open_image_snapshot(p, opts.source_format.as_deref(), opts.force_share, sn)?,
+            None => open_image_any(p, opts.source_format.as_deref(), opts.force_share)?,
+        }),
         MeasureInput::Size(_) => None,
     };
     let size = match input {

@@ -11,13 +11,15 @@ use crate::ops::measure::{MeasureInput, MeasureOptions};
 
 /// Measures a new image of `output_format` ("raw" or "qcow2") for a disk of `size` bytes or
 /// for the guest content of `source` (exactly one of them); see `qcowrs.measure`. The other
-/// arguments are qemu-img's `-o` options (`size_option` is `-o size=`), `-f` and `-U`.
+/// arguments are qemu-img's `-o` options (`size_option` is `-o size=`), `-f`, `-U` and `-l`
+/// (`snapshot`: an internal snapshot's id, else name).
 /// Returns `(required, fully_allocated, bitmaps)`, `bitmaps` None where qemu-img prints none.
 #[pyfunction]
 #[pyo3(signature = (
     size, source, output_format, *, size_option = None, cluster_size = 65536, compat = None,
     refcount_bits = 16, extended_l2 = false, preallocation = None, backing_file = None,
-    encrypt_format = None, encrypt_key_secret = None, source_format = None, force_share = false
+    encrypt_format = None, encrypt_key_secret = None, source_format = None, force_share = false,
+    snapshot = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn measure(
@@ -36,6 +38,7 @@ pub fn measure(
     encrypt_key_secret: Option<String>,
     source_format: Option<String>,
     force_share: bool,
+    snapshot: Option<String>,
 ) -> PyResult<(u64, u64, Option<u64>)> {
     let output_format = match output_format {
         "raw" => OutputFormat::Raw,
@@ -57,6 +60,7 @@ pub fn measure(
         encrypt_key_secret,
         source_format,
         force_share,
+        snapshot,
     };
     let m = py.detach(|| match (size, &source) {
         (Some(n), None) => crate::ops::measure::measure(MeasureInput::Size(n), &opts),
