@@ -280,6 +280,56 @@ def test_client_dropped_mid_write_keeps_flushed_writes(tmp_path: Path) -> None:
     assert "verification failed" not in r.stdout
 
 
+def _simple_reply(c: _Client, lengths: dict[int, int]) -> tuple[int, int, bytes]:
+    """One simple reply: (cookie, error, data), the data as long as that cookie's read."""
+    magic, err, cookie = struct.unpack(">IIQ", c._recv(16))
+    assert magic == 0x67446698
+    return cookie, err, c._recv(lengths.get(cookie, 0)) if err == 0 else b""
+
+
+def test_pipelined_requests(tmp_path: Path) -> None:
+    """Requests sent without waiting (as nbdcopy and qemu do): every read answered with its own
+    data (answers may come in any order), a write applied after the reads sent before it and
+    before those sent after it, and the reads in flight at a disconnect still answered."""
+    img = tmp_path / "pipe.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+    qemu_io(img, *(f"write -P {k + 1} {k}M 1M" for k in range(16)))
+    with served(img, "--rw") as sock, _Client(sock) as c:
+        lengths = {c.send(0, k * M, length=M): k for k in range(16)}
+        got = {}
+        for _ in range(16):
+            cookie, err, data = _simple_reply(c, dict.fromkeys(lengths, M))
+            assert err == 0
+            got[cookie] = data
+        assert sorted(got) == sorted(lengths)
+        for cookie, k in lengths.items():
+            assert got[cookie] == bytes([k + 1]) * M, k
+        # read, write, read of the same range, all in flight at once
+        before = c.send(0, 3 * M, length=4096)
+        wrote = c.send(1, 3 * M, b"\xee" * 4096)
+        after = c.send(0, 3 * M, length=4096)
+        replies = {}
+        for _ in range(3):
+            cookie, err, data = _simple_reply(c, {before: 4096, after: 4096})
+            assert err == 0
+            replies[cookie] = data
+        assert replies[before] == b"\x04" * 4096
+        assert replies[wrote] == b""
+        assert replies[after] == b"\xee" * 4096
+        # reads then a disconnect: every read is answered before the server closes
+        tail = {c.send(0, k * M, length=M): k for k in range(8, 12)}
+        c.send(2, 0)  # NBD_CMD_DISC
+        for _ in range(4):
+            cookie, err, data = _simple_reply(c, dict.fromkeys(tail, M))
+            assert err == 0
+            assert data == bytes([tail[cookie] + 1]) * M
+        assert c.s.recv(1) == b""
+    r = qemu_io(img, "read -P 0xee 3M 4k", "read -P 4 3149824 1044480")
+    assert "verification failed" not in r.stdout
+    rc, _, err = qemu_check(img)
+    assert rc == 0, err
+
+
 def test_second_server_on_the_same_image_is_refused(tmp_path: Path) -> None:
     img = tmp_path / "lock.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "1M")

@@ -6,6 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// "NBDMAGIC": the first eight bytes the server sends.
@@ -148,6 +149,13 @@ pub enum Stream {
 }
 
 impl Stream {
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
     fn set_timeouts(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
@@ -257,6 +265,28 @@ impl<'a> Wire<'a> {
     pub fn send(&mut self, parts: &[&[u8]]) -> Result<(), End> {
         for p in parts {
             self.stream.write_all(p)?;
+        }
+        Ok(())
+    }
+
+    /// The sending half of the connection, for the transmission phase's threads.
+    pub fn replies(&self) -> Result<Replies, End> {
+        Ok(Replies(Mutex::new(self.stream.try_clone()?)))
+    }
+}
+
+/// The sending half of a connection, shared by the threads answering its requests: each
+/// [`Replies::send`] is written whole before another starts, so messages never interleave
+/// (a structured reply's chunks may interleave with another request's, as the protocol
+/// allows).
+pub struct Replies(Mutex<Stream>);
+
+impl Replies {
+    /// Writes all of `parts`, in order, as one message.
+    pub fn send(&self, parts: &[&[u8]]) -> Result<(), End> {
+        let mut stream = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in parts {
+            stream.write_all(p)?;
         }
         Ok(())
     }

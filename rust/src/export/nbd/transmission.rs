@@ -1,11 +1,17 @@
-//! The transmission phase: requests read one at a time, each answered before the next is read
-//! (reads of several connections run in parallel; writes take the image's write lock).
+//! The transmission phase. One thread reads the connection's requests in order; reads and
+//! block-status queries go to [`WORKERS`] threads of the connection, so that a client keeping
+//! several requests in flight (nbdcopy, qemu) has them served in parallel while the next ones
+//! are read. Every other request (write, flush, trim, write-zeroes, disconnect) first waits
+//! until no read is in flight, then runs on the reading thread: a write never races a read of
+//! the same connection, and a flush covers every write answered before it. Reads of several
+//! connections run in parallel too; writes take the image's write lock.
 
-use std::sync::{PoisonError, RwLock};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Condvar, Mutex, PoisonError, RwLock};
 
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::proto::{
-    End, Put, Wire, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
+    End, Put, Replies, Wire, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
     CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
     REPLY_TYPE_ERROR, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE_HOLE,
     STATE_ZERO, STRUCTURED_REPLY_MAGIC,
@@ -13,6 +19,11 @@ use super::proto::{
 use super::MAX_PAYLOAD;
 use crate::error::Error;
 use crate::qcow_file::QcowFile;
+
+/// Threads answering one connection's reads.
+const WORKERS: usize = 4;
+/// Reads queued for them before the reading thread waits.
+const QUEUED: usize = 16;
 
 /// Granularity at which a structured read reply sends zeros as holes.
 const HOLE_GRANULE: usize = 4096;
@@ -53,8 +64,89 @@ fn errno(e: &Error) -> u32 {
 #[derive(Debug, Default)]
 pub struct Dirty(pub bool);
 
+/// The reads of a connection in flight (queued or being answered), and how the first failed
+/// answer ended the connection.
+#[derive(Default)]
+struct InFlight {
+    state: Mutex<(usize, Option<End>)>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn start(&self) {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).0 += 1;
+    }
+    fn done(&self, result: Result<(), End>) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.0 -= 1;
+        if let (Err(e), None) = (result, &st.1) {
+            st.1 = Some(e);
+        }
+        if st.0 == 0 {
+            self.idle.notify_all();
+        }
+    }
+    /// How an answer ended the connection, if one did.
+    fn failure(&self) -> Result<(), End> {
+        match self.state.lock().unwrap_or_else(PoisonError::into_inner).1.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+    /// Waits until no read is in flight.
+    fn wait_idle(&self) -> Result<(), End> {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while st.0 > 0 {
+            st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        match st.1.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Serves requests until the client disconnects (or breaks the protocol, or the server stops).
+/// The reads still in flight then are answered before it returns (a disconnect's rule).
 pub fn transmit(wire: &mut Wire<'_>, image: &Image, session: Session, dirty: &mut Dirty) -> Result<(), End> {
+    let out = wire.replies()?;
+    let flight = InFlight::default();
+    let (queue, rx) = sync_channel::<Request>(QUEUED);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|s| {
+        for _ in 0..WORKERS {
+            s.spawn(|| answer_reads(&rx, &out, image, session, &flight));
+        }
+        let r = requests(wire, &out, image, dirty, |req| {
+            flight.failure()?;
+            flight.start();
+            queue.send(req).map_err(|_| End::Broken("the read workers ended".into()))
+        }, &flight);
+        drop(queue); // the workers answer what is queued, then end
+        r
+    })
+}
+
+/// A worker: answers queued reads until the queue closes.
+fn answer_reads(rx: &Mutex<Receiver<Request>>, out: &Replies, image: &Image, session: Session, flight: &InFlight) {
+    loop {
+        let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok(req) = next else { return };
+        let r = if req.kind == CMD_READ { read(out, image, session, req) } else { block_status(out, image, session, req) };
+        flight.done(r);
+    }
+}
+
+/// The reading thread's loop: `queue_read` hands a read or block-status request over; every
+/// other request waits for the reads in flight and runs here.
+fn requests(
+    wire: &mut Wire<'_>,
+    out: &Replies,
+    image: &Image,
+    dirty: &mut Dirty,
+    mut queue_read: impl FnMut(Request) -> Result<(), End>,
+    flight: &InFlight,
+) -> Result<(), End> {
     loop {
         let mut h = [0; 28];
         wire.read_full(&mut h, true)?;
@@ -69,32 +161,39 @@ pub fn transmit(wire: &mut Wire<'_>, image: &Image, session: Session, dirty: &mu
             offset: u64::from_be_bytes(h[16..24].try_into().unwrap_or_default()),
             length: u32::from_be_bytes([h[24], h[25], h[26], h[27]]),
         };
+        if matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS) {
+            queue_read(req)?;
+            continue;
+        }
+        if req.kind == CMD_WRITE {
+            // The payload follows the header at once: read it before waiting.
+            let payload = write_payload(wire, image, req)?;
+            flight.wait_idle()?;
+            let r = payload.and_then(|buf| write(image, req, &buf, dirty));
+            simple(out, req, r)?;
+            continue;
+        }
+        flight.wait_idle()?;
         match req.kind {
-            CMD_READ => read(wire, image, session, req)?,
-            CMD_WRITE => {
-                let r = write(wire, image, req, dirty)?;
-                simple(wire, req, r)?;
-            }
             CMD_DISC => return Err(End::Closed),
             CMD_FLUSH => {
                 let r = flush(image, dirty);
-                simple(wire, req, r)?;
+                simple(out, req, r)?;
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 let r = zero(image, req, dirty);
-                simple(wire, req, r)?;
+                simple(out, req, r)?;
             }
-            CMD_BLOCK_STATUS => block_status(wire, image, session, req)?,
-            _ => simple(wire, req, Err(EINVAL))?,
+            _ => simple(out, req, Err(EINVAL))?,
         }
     }
 }
 
 /// A simple reply: the request's result without data.
-fn simple(wire: &mut Wire<'_>, req: Request, result: Result<(), u32>) -> Result<(), End> {
+fn simple(out: &Replies, req: Request, result: Result<(), u32>) -> Result<(), End> {
     let mut msg = Vec::with_capacity(16);
     msg.put32(SIMPLE_REPLY_MAGIC).put32(result.err().unwrap_or(0)).put64(req.cookie);
-    wire.send(&[&msg])
+    out.send(&[&msg])
 }
 
 /// The header of one structured reply chunk.
@@ -106,10 +205,10 @@ fn chunk_header(req: Request, flags: u16, kind: u16, len: usize) -> Result<Vec<u
 }
 
 /// A structured error chunk ending the reply.
-fn structured_error(wire: &mut Wire<'_>, req: Request, err: u32) -> Result<(), End> {
+fn structured_error(out: &Replies, req: Request, err: u32) -> Result<(), End> {
     let mut head = chunk_header(req, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6)?;
     head.put32(err).put16(0);
-    wire.send(&[&head])
+    out.send(&[&head])
 }
 
 /// Checks that the request lies inside the disk (`err` otherwise).
@@ -121,7 +220,7 @@ fn in_bounds(image: &Image, req: Request, err: u32) -> Result<(), u32> {
 }
 
 /// `NBD_CMD_READ`: simple reply with the data, or structured: data and hole chunks.
-fn read(wire: &mut Wire<'_>, image: &Image, session: Session, req: Request) -> Result<(), End> {
+fn read(out: &Replies, image: &Image, session: Session, req: Request) -> Result<(), End> {
     let data = if req.length > MAX_PAYLOAD {
         Err(EINVAL)
     } else {
@@ -133,14 +232,14 @@ fn read(wire: &mut Wire<'_>, image: &Image, session: Session, req: Request) -> R
         })
     };
     match (data, session.structured) {
-        (Err(e), true) => structured_error(wire, req, e),
-        (Err(e), false) => simple(wire, req, Err(e)),
+        (Err(e), true) => structured_error(out, req, e),
+        (Err(e), false) => simple(out, req, Err(e)),
         (Ok(buf), false) => {
             let mut msg = Vec::with_capacity(16);
             msg.put32(SIMPLE_REPLY_MAGIC).put32(0).put64(req.cookie);
-            wire.send(&[&msg, &buf])
+            out.send(&[&msg, &buf])
         }
-        (Ok(buf), true) => structured_read(wire, req, &buf),
+        (Ok(buf), true) => structured_read(out, req, &buf),
     }
 }
 
@@ -160,12 +259,12 @@ fn zero_runs(buf: &[u8]) -> Vec<(usize, usize, bool)> {
 
 /// A structured read reply: `NBD_REPLY_TYPE_OFFSET_DATA` chunks, zeros as
 /// `NBD_REPLY_TYPE_OFFSET_HOLE`, the last chunk flagged done.
-fn structured_read(wire: &mut Wire<'_>, req: Request, buf: &[u8]) -> Result<(), End> {
+fn structured_read(out: &Replies, req: Request, buf: &[u8]) -> Result<(), End> {
     let runs = zero_runs(buf);
     if runs.is_empty() {
         // A zero-length read: one empty data chunk would be invalid; answer with no chunk.
         let head = chunk_header(req, REPLY_FLAG_DONE, super::proto::REPLY_TYPE_NONE, 0)?;
-        return wire.send(&[&head]);
+        return out.send(&[&head]);
     }
     let last = runs.len() - 1;
     for (i, &(start, end, zero)) in runs.iter().enumerate() {
@@ -174,18 +273,19 @@ fn structured_read(wire: &mut Wire<'_>, req: Request, buf: &[u8]) -> Result<(), 
         if zero {
             let mut head = chunk_header(req, flags, REPLY_TYPE_OFFSET_HOLE, 12)?;
             head.put64(offset).put32(u32::try_from(end - start).unwrap_or(u32::MAX));
-            wire.send(&[&head])?;
+            out.send(&[&head])?;
         } else {
             let mut head = chunk_header(req, flags, REPLY_TYPE_OFFSET_DATA, 8 + end - start)?;
             head.put64(offset);
-            wire.send(&[&head, &buf[start..end]])?;
+            out.send(&[&head, &buf[start..end]])?;
         }
     }
     Ok(())
 }
 
-/// `NBD_CMD_WRITE`: the payload is read first (a payload too long ends the connection).
-fn write(wire: &mut Wire<'_>, image: &Image, req: Request, dirty: &mut Dirty) -> Result<Result<(), u32>, End> {
+/// `NBD_CMD_WRITE`'s payload, read whole first (a payload too long ends the connection); the
+/// write's error if it cannot be applied.
+fn write_payload(wire: &mut Wire<'_>, image: &Image, req: Request) -> Result<Result<Vec<u8>, u32>, End> {
     if req.length > MAX_PAYLOAD {
         return Err(End::Broken(format!("a write of {} bytes", req.length)));
     }
@@ -194,16 +294,18 @@ fn write(wire: &mut Wire<'_>, image: &Image, req: Request, dirty: &mut Dirty) ->
     if !image.writable {
         return Ok(Err(EPERM));
     }
-    if let Err(e) = in_bounds(image, req, ENOSPC) {
-        return Ok(Err(e));
-    }
+    Ok(in_bounds(image, req, ENOSPC).map(|()| buf))
+}
+
+/// `NBD_CMD_WRITE` of a payload read whole.
+fn write(image: &Image, req: Request, buf: &[u8], dirty: &mut Dirty) -> Result<(), u32> {
     let mut file = image.file.write().unwrap_or_else(PoisonError::into_inner);
     dirty.0 = true;
-    let mut r = file.write_at(&buf, req.offset);
+    let mut r = file.write_at(buf, req.offset);
     if r.is_ok() && req.flags & CMD_FLAG_FUA != 0 {
         r = file.flush();
     }
-    Ok(r.map_err(|e| errno(&e)))
+    r.map_err(|e| errno(&e))
 }
 
 /// `NBD_CMD_FLUSH`.
@@ -274,7 +376,7 @@ fn extents(image: &Image, req: Request) -> Result<Vec<(u32, u32)>, u32> {
 }
 
 /// `NBD_CMD_BLOCK_STATUS` for `base:allocation` (the image's map over its backing chain).
-fn block_status(wire: &mut Wire<'_>, image: &Image, session: Session, req: Request) -> Result<(), End> {
+fn block_status(out: &Replies, image: &Image, session: Session, req: Request) -> Result<(), End> {
     let result = if !session.structured || !session.base_allocation || req.length == 0 {
         Err(EINVAL)
     } else {
@@ -282,8 +384,8 @@ fn block_status(wire: &mut Wire<'_>, image: &Image, session: Session, req: Reque
     };
     let mut ext = match result {
         Ok(ext) => ext,
-        Err(e) if session.structured => return structured_error(wire, req, e),
-        Err(e) => return simple(wire, req, Err(e)),
+        Err(e) if session.structured => return structured_error(out, req, e),
+        Err(e) => return simple(out, req, Err(e)),
     };
     if req.flags & CMD_FLAG_REQ_ONE != 0 {
         ext.truncate(1);
@@ -293,7 +395,7 @@ fn block_status(wire: &mut Wire<'_>, image: &Image, session: Session, req: Reque
     for (len, flags) in ext {
         head.put32(len).put32(flags);
     }
-    wire.send(&[&head])
+    out.send(&[&head])
 }
 
 #[cfg(test)]
