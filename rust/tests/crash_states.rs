@@ -354,6 +354,10 @@ struct Recorded {
     /// A shrink from this size: a state left smaller must read zeros past its last cluster
     /// once grown back to it (no reference past the end survives to reappear).
     regrow: Option<u64>,
+    /// An operation that replaces the whole guest content (applying a snapshot): every state
+    /// must read wholly the content before it or wholly this one (the completed one: this
+    /// one), never a mix; the model's promises are not used.
+    either: Option<(Disk, u64)>,
 }
 
 fn record(name: &str, base: &[u8], op: impl FnOnce(&mut Ctx)) -> Recorded {
@@ -381,6 +385,7 @@ fn record_with_disk(name: &str, base: &[u8], (disk, size): (Disk, u64), op: impl
         watch: Vec::new(),
         above: None,
         regrow: None,
+        either: None,
     }
 }
 
@@ -773,6 +778,9 @@ fn check_regrow(repaired: &[u8], size: u64) -> Result<(), String> {
 /// Guest bytes: flushed writes read back exactly; sectors written since the last completed
 /// flush read as one of the values they held since; everything else as before.
 fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
+    if let Some(new) = &rec.either {
+        return check_either(rec, e, new, f);
+    }
     let m = &rec.model;
     let p = m.promises.iter().rev().find(|p| p.pos <= e).unwrap();
     let mut sizes = vec![p.size];
@@ -806,6 +814,38 @@ fn check_guest(rec: &Recorded, e: usize, f: &QcowFile) -> Result<(), String> {
     let n = bad.len();
     bad.truncate(6);
     Err(format!("{n} guest sector(s) differ: {}", bad.join("; ")))
+}
+
+/// [`Recorded::either`]: the guest is wholly the content before the operation or wholly `new`
+/// (only `new` once the operation completed).
+fn check_either(rec: &Recorded, e: usize, new: &(Disk, u64), f: &QcowFile) -> Result<(), String> {
+    let old = &rec.model.promises[0];
+    let mut options = vec![(&new.0, new.1, "new")];
+    if e < rec.log.len() {
+        options.push((&*old.disk, old.size, "old"));
+    }
+    let mut why = Vec::new();
+    for (disk, size, name) in options {
+        if f.virtual_size() != size {
+            why.push(format!("not the {name} content (virtual size {} != {size})", f.virtual_size()));
+            continue;
+        }
+        let mut sectors: BTreeSet<u64> = disk.0.keys().copied().collect();
+        add_ranges(&mut sectors, f, &rec.watch)?;
+        let mut first_bad = None;
+        read_sectors(f, sectors, |s, got| {
+            if first_bad.is_none() && got != disk.get(s) {
+                first_bad = Some((s, summary(got), summary(disk.get(s))));
+            }
+        })?;
+        match first_bad {
+            None => return Ok(()),
+            Some((s, got, want)) => {
+                why.push(format!("not the {name} content (guest 0x{:x} reads {got}, not {want})", s * SECTOR));
+            }
+        }
+    }
+    Err(why.join("; "))
 }
 
 /// The sectors of what `f` allocates itself and of the `watch` ranges.
@@ -2016,6 +2056,7 @@ fn phase(name: &str, base: &[u8], log: Vec<StorageOp>, model: Model) -> Recorded
         watch: Vec::new(),
         above: None,
         regrow: None,
+        either: None,
     }
 }
 
@@ -2255,7 +2296,8 @@ fn amend_refcount_width_512b_clusters() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Internal snapshots: create and delete (the active disk never changes; the base's own
+// Internal snapshots: apply (the whole guest content replaced: old or new, never a mix;
+// `Recorded::either`), create and delete (the active disk never changes; the base's own
 // snapshot keeps its content, checked with qemu-img).
 
 fn snapshot_op(name: &str, op: impl Fn(&mut QcowFile)) {
@@ -2275,6 +2317,33 @@ fn snapshot_op(name: &str, op: impl Fn(&mut QcowFile)) {
         ctx.close(f);
     });
     assert_safe(&crash_states(&rec, true), name);
+}
+
+/// Applying the base's snapshot: the active disk (written after the snapshot) is replaced by
+/// the snapshot's content. Every crash state reads wholly one or the other.
+#[test]
+fn snapshot_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_base(
+        dir.path(),
+        "snapshot-apply.qcow2",
+        "cluster_size=65536",
+        "64M",
+        &["write -P 0x71 0 256k", "write -c -P 0x72 1M 128k", "write -z 2M 128k"],
+        Some(&["write -P 0x73 64k 64k", "write -P 0x74 8M 64k", "write -z 1M 64k"]),
+    );
+    let mut rec = record("snapshot-apply", &base, |ctx| {
+        let mut f = ctx.open();
+        let _ = ctx.pos();
+        f.apply_snapshot("snap1").unwrap();
+        ctx.close(f);
+    });
+    let snap =
+        open_mem(base.clone(), OpenOptions { snapshot: Some("snap1".into()), ..OpenOptions::default() }).unwrap();
+    let new = guest_disk_of(&snap, &[]);
+    assert!(new.0 .0 != guest_disk(&base).0 .0, "the snapshot must differ from the active disk");
+    rec.either = Some(new);
+    assert_safe(&crash_states(&rec, true), "snapshot-apply");
 }
 
 #[test]

@@ -11,10 +11,10 @@ use std::sync::{Condvar, Mutex, PoisonError, RwLock};
 
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::proto::{
-    End, Put, Replies, Wire, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ,
-    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
-    REPLY_TYPE_ERROR, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE_HOLE,
-    STATE_ZERO, STRUCTURED_REPLY_MAGIC,
+    End, Put, Replies, Wire, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH,
+    CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC,
 };
 use super::MAX_PAYLOAD;
 use crate::error::Error;
@@ -117,11 +117,18 @@ pub fn transmit(wire: &mut Wire<'_>, image: &Image, session: Session, dirty: &mu
         for _ in 0..WORKERS {
             s.spawn(|| answer_reads(&rx, &out, image, session, &flight));
         }
-        let r = requests(wire, &out, image, dirty, |req| {
-            flight.failure()?;
-            flight.start();
-            queue.send(req).map_err(|_| End::Broken("the read workers ended".into()))
-        }, &flight);
+        let r = requests(
+            wire,
+            &out,
+            image,
+            dirty,
+            |req| {
+                flight.failure()?;
+                flight.start();
+                queue.send(req).map_err(|_| End::Broken("the read workers ended".into()))
+            },
+            &flight,
+        );
         drop(queue); // the workers answer what is queued, then end
         r
     })
@@ -132,7 +139,8 @@ fn answer_reads(rx: &Mutex<Receiver<Request>>, out: &Replies, image: &Image, ses
     loop {
         let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
         let Ok(req) = next else { return };
-        let r = if req.kind == CMD_READ { read(out, image, session, req) } else { block_status(out, image, session, req) };
+        let r =
+            if req.kind == CMD_READ { read(out, image, session, req) } else { block_status(out, image, session, req) };
         flight.done(r);
     }
 }
