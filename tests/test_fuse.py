@@ -24,6 +24,7 @@ import pytest
 from conftest import (
     ImageBuilder,
     file_sha256,
+    merge,
     qemu_img,
     qemu_info,
     qemu_io,
@@ -151,6 +152,48 @@ def test_read_only_mount_reads_as_qemu(builder: ImageBuilder, make: object) -> N
         assert writer.returncode != 0
         assert "lock" in writer.stderr
     assert file_sha256(image) == before
+
+
+def _seek_extents(f: int, size: int) -> list[tuple[int, int]]:
+    """The data extents a sparse-aware reader finds with SEEK_DATA / SEEK_HOLE."""
+    out: list[tuple[int, int]] = []
+    at = 0
+    while at < size:
+        try:
+            start = os.lseek(f, at, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after `at`
+                raise
+            break
+        end = os.lseek(f, start, os.SEEK_HOLE)
+        assert start < end <= size
+        out.append((start, end))
+        at = end
+    return out
+
+
+@pytest.mark.parametrize("make", [_compressed, _overlay, _extended_l2])
+def test_seek_data_and_hole_follow_qemu_map(builder: ImageBuilder, make: object) -> None:
+    """SEEK_DATA/SEEK_HOLE answer from the image's map: the data extents are qemu-img map's
+    (data, through the backing chain; zero clusters are holes); `cp --sparse=always` then
+    copies the disk exactly and as sparse."""
+    image = make(builder)  # type: ignore[operator]
+    size = int(qemu_info(image)["virtual-size"])
+    want = merge([(e["start"], e["start"] + e["length"]) for e in qemu_map(image) if e["data"]])
+    with mounted(image) as (mnt, _):
+        f = os.open(mnt, os.O_RDONLY)
+        try:
+            assert _seek_extents(f, size) == want
+            end_in_data = bool(want) and want[-1][1] == size
+            assert os.lseek(f, size - 1, os.SEEK_HOLE) == (size if end_in_data else size - 1)
+            with pytest.raises(OSError, match="No such device or address"):
+                os.lseek(f, size, os.SEEK_DATA)
+        finally:
+            os.close(f)
+        copy = builder.path("copy.raw")
+        run(["cp", "--sparse=always", mnt, copy])
+    assert file_sha256(copy) == raw_sha256(image)
+    assert copy.stat().st_blocks * 512 <= sum(b - a for a, b in want) + 64 * 1024
 
 
 def test_parallel_reads(builder: ImageBuilder) -> None:

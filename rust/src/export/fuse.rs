@@ -6,7 +6,8 @@
 //! Requests are served by several threads. Reads take the image's read lock and run in
 //! parallel (`QcowFile::read_at(&self)`); writes, `fallocate` (punch hole → discard, zero
 //! range → write zeroes) and `fsync`/`flush` (→ the image's flush, which makes everything
-//! written so far durable) take the write lock. The export ends when the file system is
+//! written so far durable) take the write lock. `lseek` with `SEEK_DATA`/`SEEK_HOLE` answers
+//! from the image's map, so `cp --sparse`, `qemu-img convert` and `tar -S` see its holes. The export ends when the file system is
 //! unmounted (`fusermount3 -u`, or [`FuseExport::unmount`]); [`FuseExport::finish`] then
 //! closes the image, leaving it consistent and every write durable.
 
@@ -18,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner, MountOption,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyOpen, ReplyWrite, Request, Session,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyLseek, ReplyOpen, ReplyWrite, Request, Session,
     SessionUnmounter, WriteFlags,
 };
 
@@ -235,6 +236,28 @@ impl DiskFs {
         (offset < self.size).then(|| len.min(self.size - offset))
     }
 
+    /// `lseek` with `SEEK_DATA` or `SEEK_HOLE` (the kernel answers the other kinds itself):
+    /// data is what the image's map says reads data (through the backing chain), holes are
+    /// unallocated and zero clusters; the end of the disk is a hole, as in a sparse file.
+    fn seek(&self, offset: i64, whence: i32) -> std::result::Result<i64, Errno> {
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(Errno::EINVAL),
+        };
+        let Ok(off) = u64::try_from(offset) else { return Err(Errno::ENXIO) };
+        if off >= self.size {
+            return Err(Errno::ENXIO);
+        }
+        let map = crate::ops::map::map_image(&self.read_image(), off, None).map_err(|e| errno(&e))?;
+        let found = map.entries.iter().find(|e| e.start + e.length > off && e.data == data).map(|e| e.start.max(off));
+        match (found, data) {
+            (Some(at), _) => i64::try_from(at).map_err(|_| Errno::EOVERFLOW),
+            (None, false) => i64::try_from(self.size).map_err(|_| Errno::EOVERFLOW),
+            (None, true) => Err(Errno::ENXIO),
+        }
+    }
+
     /// `fallocate` on the disk: punch hole (with keep size) → discard, the range reading as
     /// zeros afterwards; zero range → write zeroes; plain allocation within the disk → done
     /// (a disk has no holes to fill).
@@ -415,6 +438,13 @@ impl Filesystem for DiskFs {
     ) {
         match DiskFs::fallocate(self, offset, length, mode) {
             Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        match self.seek(offset, whence) {
+            Ok(at) => reply.offset(at),
             Err(e) => reply.error(e),
         }
     }
