@@ -370,8 +370,8 @@ mod tests {
         assert_eq!(m.read_at(&mut b, 8).unwrap(), 0);
     }
 
-    #[test]
-    fn write_behind_data_reads_back() {
+    /// A new empty file (in a directory that lives as long as the first value).
+    fn temp_file_storage() -> (tempfile::TempDir, FileStorage) {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -380,7 +380,12 @@ mod tests {
             .truncate(true)
             .open(dir.path().join("f"))
             .unwrap();
-        let f = FileStorage::new(file);
+        (dir, FileStorage::new(file))
+    }
+
+    #[test]
+    fn write_behind_data_reads_back() {
+        let (_dir, f) = temp_file_storage();
         f.write_at(&[7u8; 100], 0).unwrap();
         assert!(f.set_write_behind());
         f.write_data_at(&[1u8; 3 * 4096], 4096).unwrap();
@@ -397,15 +402,7 @@ mod tests {
         // Past DROP_BEHIND bytes of data writes the oldest ranges are dropped from the page
         // cache, unsynced (still dirty: the hint must not lose them) and after a sync; a
         // large synced range is then dropped on several threads. Every byte still reads back.
-        let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
-        let f = FileStorage::new(file);
+        let (_dir, f) = temp_file_storage();
         assert!(f.set_write_behind());
         let piece = 1u64 << 20;
         let pieces = 3 * DROP_BEHIND / piece;
