@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -30,6 +31,14 @@ QEMU_IO = shutil.which("qemu-io")
 HAVE_QEMU = QEMU_IMG is not None and QEMU_IO is not None
 
 requires_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img/qemu-io not installed")
+
+# A suite started in the background of a non-interactive shell (`make test &` in a script)
+# inherits SIGINT ignored, and so would every command it starts (an ignored signal stays
+# ignored across exec): the tests that interrupt a command with SIGINT would see nothing
+# happen. A handler here is reset to the default by exec, so the commands get Python's usual
+# Ctrl-C behaviour, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Per-test watchdog (seconds): a hang dumps every thread's stack and kills the run instead of
 # blocking CI forever. Works even while the GIL is released
