@@ -4,23 +4,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
 
 from qcowrs import _qcowrs
-
-# typing only for the checker (importing it costs a command-line call milliseconds).
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from types import FrameType
-
-
-class _Terminated(BaseException):
-    """Raised by the SIGTERM handler ``mount`` installs: ends the export like an unmount."""
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
+from qcowrs._sigterm import until_sigterm
 
 
 def mount(
@@ -47,12 +33,4 @@ def mount(
             "mount(foreground=False) is not supported: call mount in a thread or a process "
             "of its own"
         )
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
-    try:
-        _qcowrs.mount(os.fspath(path), os.fspath(mountpoint), writable=writable)
-    except _Terminated:
-        pass
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+    until_sigterm(lambda: _qcowrs.mount(os.fspath(path), os.fspath(mountpoint), writable=writable))

@@ -3,23 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
 
 from qcowrs import _qcowrs
-
-# typing only for the checker.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from types import FrameType
-
-
-class _Terminated(Exception):
-    """Raised by the SIGTERM handler installed while serving: the server stops."""
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
+from qcowrs._sigterm import until_sigterm
 
 
 def serve(
@@ -45,20 +31,14 @@ def serve(
         raise ValueError("shared must be at least 1")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be between 0 and 65535, not {port}")
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        _qcowrs.serve(
+    until_sigterm(
+        lambda: _qcowrs.serve(
             os.fspath(path),
             socket=None if socket is None else os.fspath(socket),
             host=host,
             port=port,
             writable=writable,
             shared=shared,
-        )
-    except (KeyboardInterrupt, _Terminated):
-        pass
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        ),
+        quiet=(KeyboardInterrupt,),
+    )
